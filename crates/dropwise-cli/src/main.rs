@@ -1,0 +1,271 @@
+//! `dropwise`: the command-line program. Every subcommand is a thin layer over the library;
+//! errors end as one line on stderr and a non-zero exit, never a panic trace.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dropwise::bench;
+use dropwise::data;
+use dropwise::eval::{self, EvalResult};
+use dropwise::formats::gguf::WriteDType;
+use dropwise::inspect;
+use dropwise::util::human;
+
+#[derive(Parser)]
+#[command(name = "dropwise", version, about = "Drop what a pretrained network does not need; measure what it costs and saves.")]
+struct Cli {
+    /// Worker threads for matmuls and scoring (default: RAYON_NUM_THREADS or all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for WriteDType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => WriteDType::F32,
+            DTypeArg::F16 => WriteDType::F16,
+            DTypeArg::Bf16 => WriteDType::BF16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Architecture, shapes, parameter count, bytes by dtype, FLOPs per token.
+    Inspect {
+        /// A GGUF file or an HF model folder.
+        model: PathBuf,
+        /// Sequence length for the FLOPs-per-token figure.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity (and KL / top-1 agreement against a reference) on the austen protocol.
+    Eval {
+        model: PathBuf,
+        /// Text files, tokenized and concatenated in order.
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Number of consecutive windows from the start of the text.
+        #[arg(long, default_value_t = 64)]
+        windows: usize,
+        /// A model to compare against on the same windows (KL divergence, top-1 agreement).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between GGUF and an HF folder (an output ending in .gguf is GGUF, else a folder).
+    Convert {
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+    /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
+    Bench {
+        model: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    // Errors are reported as one line; a panic is a bug, but it still gets one line, not a trace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        eprintln!("error: internal error: {}", msg.replace('\n', " "));
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(1)
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}
+
+fn set_threads(n: Option<usize>) -> Result<usize> {
+    if let Some(n) = n {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's matmul reads RAYON_NUM_THREADS; the global pool serves everything else.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    Ok(rayon::current_num_threads())
+}
+
+fn progress(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} elapsed, eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = set_threads(cli.threads)?;
+    match cli.cmd {
+        Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
+        Cmd::Eval { model, data, seq_len, windows, reference, json } => {
+            cmd_eval(model, data, seq_len, windows, reference, json, threads)
+        }
+        Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
+        Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
+    }
+}
+
+fn cmd_inspect(model: PathBuf, seq_len: usize, json: bool) -> Result<()> {
+    let m = dropwise::load(&model)?;
+    let r = inspect::inspect(&m, seq_len);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let c = &r.config;
+    println!("model        {} ({}, {})", r.path, r.format, if r.name.is_empty() { "unnamed" } else { &r.name });
+    println!("architecture {} — {} layers, hidden {}, {} heads / {} KV heads (head dim {}), FFN {}, vocab {}",
+        c.arch.name(), c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.vocab_size);
+    println!("             rope theta {}, rms eps {:e}, tied embeddings {}, qkv bias {}", c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.attention_bias);
+    println!("tokenizer    {}", r.tokenizer);
+    println!("parameters   {} ({} as f32)", human(r.parameters as f64), human(r.f32_bytes as f64) + "B");
+    println!("FLOPs/token  {} at seq len {}", human(r.flops_per_token), r.seq_len);
+    println!("stored       {}B", human(r.stored_bytes as f64));
+    println!("  {:<8} {:>8} {:>14} {:>12}", "dtype", "tensors", "elements", "bytes");
+    for (d, b) in &r.bytes_by_dtype {
+        println!("  {:<8} {:>8} {:>14} {:>12}", d, b.tensors, b.elements, b.bytes);
+    }
+    Ok(())
+}
+
+fn load_windows(m: &dropwise::LoadedModel, data: &[PathBuf], seq_len: usize, windows: usize) -> Result<Vec<Vec<u32>>> {
+    let ids = data::tokenize_files(&m.tokenizer, data)?;
+    data::eval_windows(&ids, seq_len, windows)
+}
+
+fn print_eval_table(r: &EvalResult, threads: usize) {
+    println!("{:<22} {}", "protocol", format!("{} ({} windows × {} tokens, {} scored)", r.protocol, r.windows, r.seq_len, r.tokens));
+    println!("{:<22} {:.4}", "perplexity", r.perplexity);
+    println!("{:<22} {:.5}", "mean NLL", r.nll);
+    if let (Some(kl), Some(t1)) = (r.kl_divergence, r.top1_agreement) {
+        println!("{:<22} {:.5}", "KL divergence", kl);
+        println!("{:<22} {:.4}", "top-1 agreement", t1);
+    }
+    println!("{:<22} {:.1} ({} threads)", "tokens/s", r.tokens_per_second, threads);
+    println!("{:<22} {:.1} GFLOP/s ({} FLOPs/token)", "achieved", r.achieved_gflops, human(r.flops_per_token));
+    println!("{:<22} {:.2} s", "wall time", r.wall_seconds);
+}
+
+fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, json: bool, threads: usize) -> Result<()> {
+    let m = dropwise::load(&model)?;
+    let ws = load_windows(&m, &data, seq_len, windows)?;
+    let reference = match reference {
+        Some(p) => Some(dropwise::load(&p).with_context(|| "reference model".to_string())?),
+        None => None,
+    };
+    if windows > ws.len() {
+        eprintln!("note: the text holds only {} windows of {seq_len} tokens; evaluating those", ws.len());
+    }
+    let pb = progress(ws.len(), "eval");
+    let r = eval::evaluate(&m.model, reference.as_ref().map(|r| &r.model), &ws, &mut |i| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = model.display().to_string().into();
+        v["data"] = serde_json::json!(data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>());
+        v["threads"] = threads.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<22} {}", "model", model.display());
+        print_eval_table(&r, threads);
+    }
+    Ok(())
+}
+
+fn cmd_convert(input: PathBuf, output: PathBuf, dtype: WriteDType) -> Result<()> {
+    let m = dropwise::load(&input)?;
+    if output.exists() && std::fs::canonicalize(&output).ok() == std::fs::canonicalize(&input).ok() {
+        bail!("output {} is the input; dropwise never overwrites its input", output.display());
+    }
+    dropwise::model::io::save(&m, &m.model, &output, dtype)?;
+    let kind = if output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { "GGUF v3" } else { "HF folder" };
+    println!("wrote {} ({kind}, {:?}, {} parameters)", output.display(), dtype, human(m.model.param_count() as f64));
+    Ok(())
+}
+
+fn cmd_bench(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, json: bool, threads: usize) -> Result<()> {
+    let m = dropwise::load(&model)?;
+    let ws = load_windows(&m, &data, seq_len, windows)?;
+    let (peak0, gemms) = bench::gemm_peak()?;
+    let r = eval::evaluate(&m.model, None, &ws, &mut |_| {})?;
+    // Measure the peak again after the model run and keep the better figure: a ratio against a
+    // peak measured while the machine was briefly slower would flatter the model.
+    let (peak1, _) = bench::gemm_peak()?;
+    let peak = peak0.max(peak1);
+    let ratio = r.achieved_gflops / peak;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model.display().to_string(),
+                "threads": threads,
+                "gemm_peak_gflops": peak,
+                "gemm": gemms,
+                "eval": r,
+                "fraction_of_gemm_peak": ratio,
+            }))?
+        );
+    } else {
+        println!("threads: {threads}");
+        println!("{:<24} {:>10}", "f32 GEMM [m,k]x[k,n]", "GFLOP/s");
+        for g in &gemms {
+            println!("{:<24} {:>10.1}", format!("{}x{}x{}", g.m, g.k, g.n), g.gflops);
+        }
+        println!("{:<24} {:>10.1}", "GEMM peak (best)", peak);
+        println!("{:<24} {:>10.1}", "dropwise eval", r.achieved_gflops);
+        println!("{:<24} {:>9.1}%", "eval / GEMM peak", 100.0 * ratio);
+        println!("{:<24} {:>10.1}  ({} windows × {}, {} FLOPs/token)", "eval tokens/s", r.tokens_per_second, r.windows, r.seq_len, human(r.flops_per_token));
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Model configuration for the llama family, read from an HF `config.json` or GGUF metadata.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::formats::gguf::GgufFile;
+
+pub const SUPPORTED_ARCHS: &str = "llama, mistral, qwen2, smollm (llama family)";
+
+/// Which member of the llama family; they differ only in details the config captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "llama" | "smollm" | "smollm2" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            other => bail!("unsupported architecture '{other}' (supported: {SUPPORTED_ARCHS})"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (qwen2; llama with `attention_bias`).
+    pub attention_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// The subset of an HF `config.json` dropwise reads.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rope_theta: Option<f64>,
+    rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
+        _ => None,
+    }
+}
+
+impl LlamaConfig {
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let raw: serde_json::Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        // Check the architecture before the fields so an unknown model says so, not "missing field".
+        Arch::parse(model_type)?;
+        let c: HfConfig = serde_json::from_value(raw).context("config.json lacks a field dropwise needs")?;
+        let arch = Arch::parse(c.model_type.as_deref().unwrap_or(""))?;
+        let _ = c.architectures;
+        if let Some(rs) = &c.rope_scaling {
+            if !rs.is_null() {
+                bail!("config.json sets rope_scaling ({rs}); dropwise supports plain rope only");
+            }
+        }
+        let cfg = Self {
+            arch,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c.head_dim.unwrap_or(if c.num_attention_heads > 0 { c.hidden_size / c.num_attention_heads } else { 0 }),
+            vocab_size: c.vocab_size,
+            rope_theta: c.rope_theta.unwrap_or(10000.0),
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            bos_token_id: first_id(&c.bos_token_id),
+            eos_token_id: first_id(&c.eos_token_id),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let arch_class = match self.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch_class],
+            "model_type": self.arch.name(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if self.arch == Arch::Llama {
+            v["attention_bias"] = serde_json::json!(self.attention_bias);
+            v["mlp_bias"] = serde_json::json!(false);
+        }
+        if let Some(b) = self.bos_token_id {
+            v["bos_token_id"] = b.into();
+        }
+        if let Some(e) = self.eos_token_id {
+            v["eos_token_id"] = e.into();
+        }
+        v
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch_name = g
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .context("GGUF has no general.architecture")?
+            .to_string();
+        let arch = Arch::parse(&arch_name)?;
+        let p = arch_name.as_str();
+        let get_u = |k: &str| -> Result<usize> {
+            let key = format!("{p}.{k}");
+            let v = g.get(&key).with_context(|| format!("GGUF lacks {key}"))?;
+            if v.as_array().is_some() {
+                bail!("GGUF {key} varies per layer; uneven models are not supported by this loader yet");
+            }
+            v.as_u64().map(|x| x as usize).with_context(|| format!("GGUF {key} is not an integer"))
+        };
+        let get_f = |k: &str| g.get(&format!("{p}.{k}")).and_then(|v| v.as_f64());
+        let hidden = get_u("embedding_length")?;
+        let heads = get_u("attention.head_count")?;
+        let kv = if g.get(&format!("{p}.attention.head_count_kv")).is_some() { get_u("attention.head_count_kv")? } else { heads };
+        let head_dim = match g.get(&format!("{p}.attention.key_length")) {
+            Some(v) => v.as_u64().context("attention.key_length is not an integer")? as usize,
+            None => {
+                if heads == 0 {
+                    bail!("GGUF says the model has 0 attention heads");
+                }
+                hidden / heads
+            }
+        };
+        let vocab = match g.get(&format!("{p}.vocab_size")).and_then(|v| v.as_u64()) {
+            Some(v) => v as usize,
+            None => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
+        };
+        if let Some(t) = g.get(&format!("{p}.rope.scaling.type")).and_then(|v| v.as_str()) {
+            if t != "none" {
+                bail!("GGUF uses rope scaling '{t}'; dropwise supports plain rope only");
+            }
+        }
+        let cfg = Self {
+            arch,
+            hidden_size: hidden,
+            intermediate_size: get_u("feed_forward_length")?,
+            num_hidden_layers: get_u("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            vocab_size: vocab,
+            rope_theta: get_f("rope.freq_base").unwrap_or(10000.0),
+            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            max_position_embeddings: get_u("context_length").unwrap_or(2048),
+            tie_word_embeddings: g.tensor_info("output.weight").is_none(),
+            attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+            bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
+            eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects configurations that would make shapes meaningless (zero sizes, heads that do not divide).
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.head_dim == 0 {
+            bail!("model config has a zero size (hidden {}, layers {}, heads {}, vocab {})", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size);
+        }
+        if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+            bail!("{} attention heads cannot be shared by {} key/value heads", c.num_attention_heads, c.num_key_value_heads);
+        }
+        if c.head_dim % 2 != 0 {
+            bail!("head dimension {} is odd; rope needs it even", c.head_dim);
+        }
+        if c.hidden_size > 1 << 16 || c.num_hidden_layers > 1024 || c.vocab_size > 1 << 22 || c.intermediate_size > 1 << 20 {
+            bail!("model config sizes are implausibly large");
+        }
+        Ok(())
+    }
+
+    /// Weights in the decoder: embeddings, blocks, final norm and (untied) head.
+    pub fn param_count(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let block = h * q + 2 * h * kv + q * h + bias + 3 * h * self.intermediate_size + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        self.vocab_size * h + self.num_hidden_layers * block + h + head
+    }
+}

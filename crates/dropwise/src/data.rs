@@ -1,0 +1,77 @@
+//! Text data: reading files, tokenizing, and cutting the token stream into protocol windows.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::tokenizer::Tokenizer;
+
+/// Reads a text file, refusing what cannot be text.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("{}: the text file is empty", path.display());
+    }
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))
+}
+
+/// Tokenizes every file and concatenates the token streams in order (no special tokens added).
+pub fn tokenize_files(tok: &Tokenizer, paths: &[impl AsRef<Path>]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for p in paths {
+        let text = read_text(p.as_ref())?;
+        ids.extend(tok.encode(&text)?);
+    }
+    Ok(ids)
+}
+
+/// Consecutive non-overlapping windows of `seq_len` tokens from the start, at most `max` of them
+/// (austen-512 evaluation). Refuses a text shorter than one window.
+pub fn eval_windows(ids: &[u32], seq_len: usize, max: usize) -> Result<Vec<Vec<u32>>> {
+    if seq_len < 2 {
+        bail!("sequence length must be at least 2 tokens (got {seq_len})");
+    }
+    if max == 0 {
+        bail!("at least one window is needed");
+    }
+    if ids.len() < seq_len {
+        bail!("the text has {} tokens, shorter than one window of {seq_len}", ids.len());
+    }
+    Ok(ids.chunks_exact(seq_len).take(max).map(|w| w.to_vec()).collect())
+}
+
+/// A small, fast, seedable generator (SplitMix64) so calibration offsets are reproducible
+/// from the seed alone, on every platform.
+pub struct SplitMix64(pub u64);
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+}
+
+/// Calibration windows: `count` windows of `seq_len` tokens at offsets drawn from a seeded
+/// generator. Returns the offsets (to record in outputs) and the windows.
+pub fn calibration_windows(ids: &[u32], seq_len: usize, count: usize, seed: u64) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    if ids.len() < seq_len {
+        bail!("the calibration text has {} tokens, shorter than one window of {seq_len}", ids.len());
+    }
+    let mut rng = SplitMix64(seed);
+    let span = (ids.len() - seq_len + 1) as u64;
+    let offsets: Vec<usize> = (0..count).map(|_| rng.below(span) as usize).collect();
+    let windows = offsets.iter().map(|&o| ids[o..o + seq_len].to_vec()).collect();
+    Ok((offsets, windows))
+}

@@ -1,0 +1,20 @@
+//! dropwise: find the computation a pretrained network does not need and drop it.
+//!
+//! The pipeline is load → calibrate → score → plan → apply → evaluate → export. This crate holds
+//! the foundation every method stands on:
+//! * [`formats`]: GGUF and safetensors, read defensively and written atomically;
+//! * [`config`], [`tokenizer`], [`model`]: the llama family with hooks and a differentiable mode;
+//! * [`data`]: texts and protocol windows; [`eval`]: perplexity, KL, top-1 agreement, speed;
+//! * [`inspect`] and [`bench`]: what a model is and how fast this machine runs it.
+
+pub mod bench;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod formats;
+pub mod inspect;
+pub mod model;
+pub mod tokenizer;
+pub mod util;
+
+pub use model::io::{load, LoadedModel};

@@ -1,0 +1,378 @@
+//! Loading a model from a GGUF file or an HF folder, and saving it as either.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+
+use super::hooks::LinearKind;
+use super::llama::Llama;
+use crate::config::{Arch, LlamaConfig};
+use crate::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
+use crate::formats::safetensors as st;
+use crate::tokenizer::Tokenizer;
+
+/// The tokenizer as the source file described it, kept so an export can carry it over unchanged.
+#[derive(Clone)]
+pub enum TokenizerMeta {
+    /// The `tokenizer.*` keys of a GGUF file.
+    Gguf(BTreeMap<String, Value>),
+    /// The text of an HF `tokenizer.json`.
+    HfJson(String),
+}
+
+/// How a tensor was stored in the source file.
+#[derive(Clone, Debug)]
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: String,
+    pub bytes: u64,
+    pub elems: u64,
+}
+
+/// A model with everything that came with it.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub tokenizer_meta: TokenizerMeta,
+    pub path: PathBuf,
+    /// "gguf" or "hf".
+    pub format: &'static str,
+    pub stored: Vec<StoredTensor>,
+    pub name: String,
+}
+
+/// Maps a GGUF tensor name to its HF name; `None` for tensors dropwise does not use.
+pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (idx, rest) = rest.split_once('.')?;
+    let i: usize = idx.parse().ok()?;
+    let (base, suffix) = rest.rsplit_once('.')?;
+    let p = format!("model.layers.{i}");
+    let hf = match base {
+        "attn_norm" => format!("{p}.input_layernorm"),
+        "ffn_norm" => format!("{p}.post_attention_layernorm"),
+        _ => {
+            let kind = LinearKind::ALL.into_iter().find(|k| k.gguf_name() == base)?;
+            format!("{p}.{}", kind.hf_name())
+        }
+    };
+    Some(format!("{hf}.{suffix}"))
+}
+
+/// The inverse of [`gguf_to_hf_name`].
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (idx, rest) = rest.split_once('.')?;
+    let i: usize = idx.parse().ok()?;
+    let (base, suffix) = rest.rsplit_once('.')?;
+    let g = match base {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => LinearKind::ALL.into_iter().find(|k| k.hf_name() == base)?.gguf_name(),
+    };
+    Some(format!("blk.{i}.{g}.{suffix}"))
+}
+
+/// llama.cpp's converter interleaves the two rope halves of each Q/K head (`permute` in
+/// convert_hf_to_gguf.py) for llama-architecture files. `to_gguf` applies it; otherwise undoes it.
+fn rope_permute(t: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        bail!("cannot split {rows} Q/K rows into {n_head} rope heads");
+    }
+    let half = rows / n_head / 2;
+    let rest: usize = dims[1..].iter().product();
+    let (a, b) = if to_gguf { (2, half) } else { (half, 2) };
+    let x = t.reshape((n_head, a, b, rest))?.transpose(1, 2)?.contiguous()?;
+    Ok(x.reshape(dims)?)
+}
+
+/// Whether this architecture's GGUF files store Q/K permuted (llama.cpp's LLAMA rope type).
+fn permutes_qk(arch: Arch) -> bool {
+    matches!(arch, Arch::Llama | Arch::Mistral)
+}
+
+/// Loads a GGUF file or an HF folder.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    if !path.exists() {
+        bail!("{}: no such file or folder", path.display());
+    }
+    if path.is_dir() {
+        load_hf(path)
+    } else {
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        let n = std::fs::File::open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?
+            .read(&mut magic)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 4 && &magic == b"GGUF" {
+            load_gguf(path)
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            bail!("{}: pass the HF model folder (with config.json), not the .safetensors file", path.display())
+        } else {
+            bail!("{}: not a GGUF file (bad magic) and not an HF model folder", path.display())
+        }
+    }
+}
+
+pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let ctx = || path.display().to_string();
+    let config = LlamaConfig::from_gguf(&g).with_context(ctx)?;
+    let tokenizer = Tokenizer::from_gguf(&g).with_context(ctx)?;
+    let mut tensors = HashMap::new();
+    let mut stored = Vec::new();
+    for info in &g.tensors {
+        stored.push(StoredTensor {
+            name: info.name.clone(),
+            dtype: gguf::ggml_dtype_name(info.dtype).to_string(),
+            bytes: info.n_bytes,
+            elems: info.elem_count() as u64,
+        });
+        if info.name == "rope_freqs.weight" {
+            continue;
+        }
+        let Some(hf) = gguf_to_hf_name(&info.name) else {
+            bail!("{}: unexpected tensor {} for a {} model", ctx(), info.name, config.arch.name());
+        };
+        let mut t = g.dequantize(info).with_context(ctx)?;
+        if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+            let heads = if hf.contains("q_proj") { config.num_attention_heads } else { config.num_key_value_heads };
+            t = rope_permute(&t, heads, false).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
+        }
+        tensors.insert(hf, t);
+    }
+    let model = Llama::from_tensors(config, tensors).with_context(ctx)?;
+    let meta = g.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        tokenizer_meta: TokenizerMeta::Gguf(meta),
+        path: path.to_path_buf(),
+        format: "gguf",
+        stored,
+        name,
+    })
+}
+
+pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
+    let ctx = || dir.display().to_string();
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        bail!("{}: folder has no config.json (not an HF model folder)", dir.display());
+    }
+    let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let config = LlamaConfig::from_hf_json(&cfg_text).with_context(|| cfg_path.display().to_string())?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        bail!("{}: folder has no tokenizer.json", dir.display());
+    }
+    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    let tok_json = std::fs::read_to_string(&tok_path)?;
+    let (mut tensors, stats) = st::read_folder(dir)?;
+    tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+    let known: std::collections::HashSet<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| super::llama::block_param_names(i, config.attention_bias))
+        .chain(["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"].map(String::from))
+        .collect();
+    if let Some(extra) = tensors.keys().find(|k| !known.contains(*k)) {
+        bail!("{}: unexpected tensor {extra} for a {} model", ctx(), config.arch.name());
+    }
+    let stored = stats
+        .into_iter()
+        .map(|(name, dtype, bytes)| {
+            let elems = tensors.get(&name).map(|t| t.elem_count() as u64).unwrap_or(0);
+            StoredTensor { name, dtype, bytes, elems }
+        })
+        .collect();
+    let model = Llama::from_tensors(config, tensors).with_context(ctx)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(LoadedModel { model, tokenizer, tokenizer_meta: TokenizerMeta::HfJson(tok_json), path: dir.to_path_buf(), format: "hf", stored, name })
+}
+
+/// GGUF `tokenizer.*` keys for a tokenizer that came from an HF `tokenizer.json`.
+fn gguf_tokenizer_keys(tok_json: &str, config: &LlamaConfig) -> Result<BTreeMap<String, Value>> {
+    let j: serde_json::Value = serde_json::from_str(tok_json).context("tokenizer.json is not valid JSON")?;
+    let model = &j["model"];
+    if model["type"].as_str() != Some("BPE") {
+        bail!("only byte-level BPE tokenizers can be written to GGUF (this one is {})", model["type"]);
+    }
+    let vocab = model["vocab"].as_object().context("tokenizer.json has no model.vocab")?;
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, id) in vocab {
+        let id = id.as_u64().context("tokenizer.json vocab id is not a number")? as usize;
+        if id >= tokens.len() {
+            tokens.resize(id + 1, String::new());
+        }
+        tokens[id] = t.clone();
+    }
+    let mut types = vec![1i32; tokens.len()];
+    if let Some(added) = j["added_tokens"].as_array() {
+        for a in added {
+            let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+            let id = id as usize;
+            if id >= tokens.len() {
+                tokens.resize(id + 1, String::new());
+                types.resize(id + 1, 1);
+            }
+            tokens[id] = content.to_string();
+            types[id] = if a["special"].as_bool() == Some(true) { 3 } else { 4 };
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .context("tokenizer.json has no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(p) if p.len() == 2 => {
+                Ok(Value::String(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))))
+            }
+            _ => bail!("malformed merge in tokenizer.json"),
+        })
+        .collect::<Result<_>>()?;
+    let pre_json = j["pre_tokenizer"].to_string();
+    let pre = if pre_json.contains("\"Digits\"") {
+        "smollm"
+    } else if pre_json.contains("\\\\p{N}{1,3}") {
+        "llama-bpe"
+    } else {
+        "gpt2"
+    };
+    let mut m = BTreeMap::new();
+    m.insert("tokenizer.ggml.model".into(), Value::String("gpt2".into()));
+    m.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
+    m.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect()));
+    m.insert("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect()));
+    m.insert("tokenizer.ggml.merges".into(), Value::Array(merges));
+    if let Some(b) = config.bos_token_id {
+        m.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(b));
+    }
+    if let Some(e) = config.eos_token_id {
+        m.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(e));
+    }
+    m.insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(false));
+    Ok(m)
+}
+
+/// Writes the model as a GGUF v3 file (1-D tensors always F32, as llama.cpp expects).
+pub fn save_gguf(
+    model: &Llama,
+    tokenizer_meta: &TokenizerMeta,
+    name: &str,
+    path: &Path,
+    dtype: WriteDType,
+    extra: &BTreeMap<String, Value>,
+) -> Result<()> {
+    let c = &model.config;
+    let arch = match c.arch {
+        Arch::Qwen2 => "qwen2",
+        Arch::Llama | Arch::Mistral => "llama",
+    };
+    let mut m: BTreeMap<String, Value> = BTreeMap::new();
+    let s = |v: &str| Value::String(v.to_string());
+    m.insert("general.architecture".into(), s(arch));
+    m.insert("general.name".into(), s(name));
+    m.insert(
+        "general.file_type".into(),
+        Value::U32(match dtype {
+            WriteDType::F32 => 0,
+            WriteDType::F16 => 1,
+            WriteDType::BF16 => 32,
+        }),
+    );
+    let u = |v: usize| Value::U32(v as u32);
+    m.insert(format!("{arch}.context_length"), u(c.max_position_embeddings));
+    m.insert(format!("{arch}.embedding_length"), u(c.hidden_size));
+    m.insert(format!("{arch}.block_count"), u(model.blocks.len()));
+    m.insert(format!("{arch}.feed_forward_length"), u(c.intermediate_size));
+    m.insert(format!("{arch}.rope.dimension_count"), u(c.head_dim));
+    m.insert(format!("{arch}.attention.head_count"), u(c.num_attention_heads));
+    m.insert(format!("{arch}.attention.head_count_kv"), u(c.num_key_value_heads));
+    m.insert(format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32));
+    m.insert(format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta as f32));
+    m.insert(format!("{arch}.vocab_size"), u(c.vocab_size));
+    if c.head_dim * c.num_attention_heads != c.hidden_size {
+        m.insert(format!("{arch}.attention.key_length"), u(c.head_dim));
+        m.insert(format!("{arch}.attention.value_length"), u(c.head_dim));
+    }
+    match tokenizer_meta {
+        TokenizerMeta::Gguf(keys) => m.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone()))),
+        TokenizerMeta::HfJson(text) => m.extend(gguf_tokenizer_keys(text, c)?),
+    }
+    m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+
+    let mut out = Vec::new();
+    for (hf, t) in model.named_tensors() {
+        let gname = hf_to_gguf_name(&hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
+        let mut t = t.detach();
+        if permutes_qk(c.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+            let heads = t.dims()[0] / c.head_dim;
+            t = rope_permute(&t, heads, true)?;
+        }
+        let dt = if t.rank() == 1 { WriteDType::F32 } else { dtype };
+        out.push(TensorOut::from_tensor(&gname, &t, dt)?);
+    }
+    gguf::write_gguf(path, &m, &out)
+}
+
+/// Writes the model as an HF folder: config.json, model.safetensors, tokenizer files.
+pub fn save_hf(model: &Llama, tokenizer: &Tokenizer, tokenizer_meta: &TokenizerMeta, path: &Path, dtype: WriteDType) -> Result<()> {
+    let c = &model.config;
+    let mut cfg = c.to_hf_json();
+    cfg["torch_dtype"] = serde_json::json!(match dtype {
+        WriteDType::F32 => "float32",
+        WriteDType::F16 => "float16",
+        WriteDType::BF16 => "bfloat16",
+    });
+    let tok_json = match tokenizer_meta {
+        TokenizerMeta::HfJson(text) => text.clone(),
+        TokenizerMeta::Gguf(_) => tokenizer.to_json()?,
+    };
+    let vocab = tokenizer.vocab_by_id();
+    let token = |id: Option<u32>| id.and_then(|i| vocab.get(i as usize).cloned());
+    let tok_cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "bos_token": token(c.bos_token_id),
+        "eos_token": token(c.eos_token_id),
+        "model_max_length": c.max_position_embeddings,
+    });
+    let tensors = model.named_tensors();
+    crate::util::write_dir_atomically(path, |dir| {
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+        std::fs::write(dir.join("tokenizer.json"), &tok_json)?;
+        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_cfg)?)?;
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        st::write_file(&dir.join("model.safetensors"), &tensors, dtype, &meta)
+    })
+}
+
+/// Saves by the output's form: a path ending in `.gguf` is a GGUF file, anything else an HF folder.
+pub fn save(loaded: &LoadedModel, model: &Llama, path: &Path, dtype: WriteDType) -> Result<()> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        save_gguf(model, &loaded.tokenizer_meta, &loaded.name, path, dtype, &BTreeMap::new())
+    } else {
+        save_hf(model, &loaded.tokenizer, &loaded.tokenizer_meta, path, dtype)
+    }
+}

@@ -1,0 +1,415 @@
+//! The llama-family decoder (llama, mistral, qwen2, smollm), owned by dropwise so every stage can
+//! see inside it: logits at every position, hooks on every linear input, block input/output and
+//! attention probabilities, and a differentiable mode for gradient-based scores.
+//!
+//! Two execution modes:
+//! * inference: candle's fused kernels (rms_norm, softmax, rope), which carry no gradient;
+//! * differentiable: the same maths from elementary ops, so backprop reaches every weight.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::hooks::{Hooks, LinearKind, NoHooks};
+use crate::config::LlamaConfig;
+
+/// A linear layer stored as PyTorch does: weight `[out, in]`, optional bias `[out]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (last, lead) = dims.split_last().context("linear input has no dimensions")?;
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, *last))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features());
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// One decoder block. Widths are read from the weights, so a block may be narrower than the
+/// config says (pruned heads or neurons).
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    pub fn linear(&self, kind: LinearKind) -> &Linear {
+        match kind {
+            LinearKind::Q => &self.q,
+            LinearKind::K => &self.k,
+            LinearKind::V => &self.v,
+            LinearKind::O => &self.o,
+            LinearKind::Gate => &self.gate,
+            LinearKind::Up => &self.up,
+            LinearKind::Down => &self.down,
+        }
+    }
+    pub fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
+        match kind {
+            LinearKind::Q => &mut self.q,
+            LinearKind::K => &mut self.k,
+            LinearKind::V => &mut self.v,
+            LinearKind::O => &mut self.o,
+            LinearKind::Gate => &mut self.gate,
+            LinearKind::Up => &mut self.up,
+            LinearKind::Down => &mut self.down,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub final_norm: Tensor,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    /// Use elementary (differentiable) ops instead of fused kernels.
+    pub differentiable: bool,
+}
+
+/// HF parameter names of block `i`'s tensors, in a fixed order.
+pub fn block_param_names(i: usize, bias: bool) -> Vec<String> {
+    let p = format!("model.layers.{i}");
+    let mut v = vec![
+        format!("{p}.input_layernorm.weight"),
+        format!("{p}.self_attn.q_proj.weight"),
+        format!("{p}.self_attn.k_proj.weight"),
+        format!("{p}.self_attn.v_proj.weight"),
+        format!("{p}.self_attn.o_proj.weight"),
+        format!("{p}.post_attention_layernorm.weight"),
+        format!("{p}.mlp.gate_proj.weight"),
+        format!("{p}.mlp.up_proj.weight"),
+        format!("{p}.mlp.down_proj.weight"),
+    ];
+    if bias {
+        v.push(format!("{p}.self_attn.q_proj.bias"));
+        v.push(format!("{p}.self_attn.k_proj.bias"));
+        v.push(format!("{p}.self_attn.v_proj.bias"));
+    }
+    v
+}
+
+impl Llama {
+    /// Builds the model from f32 tensors keyed by their HF names, checking every shape.
+    pub fn from_tensors(config: LlamaConfig, mut t: HashMap<String, Tensor>) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let x = t.remove(name).with_context(|| format!("model has no tensor {name}"))?;
+            if x.dims() != shape {
+                bail!("tensor {name} has shape {:?}, expected {:?}", x.dims(), shape);
+            }
+            Ok(x.to_dtype(DType::F32)?.contiguous()?)
+        };
+        let embed = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
+        let f = c.intermediate_size;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let weight = take(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let bias = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+                Ok(Linear { weight, bias })
+            };
+            let b = c.attention_bias;
+            blocks.push(Block {
+                attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: lin(&mut take, "self_attn.q_proj", qd, h, b)?,
+                k: lin(&mut take, "self_attn.k_proj", kvd, h, b)?,
+                v: lin(&mut take, "self_attn.v_proj", kvd, h, b)?,
+                o: lin(&mut take, "self_attn.o_proj", h, qd, false)?,
+                mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: lin(&mut take, "mlp.gate_proj", f, h, false)?,
+                up: lin(&mut take, "mlp.up_proj", f, h, false)?,
+                down: lin(&mut take, "mlp.down_proj", h, f, false)?,
+            });
+        }
+        let final_norm = take("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints still ship a copy; it must equal the embedding, so drop it.
+            t.remove("lm_head.weight");
+            None
+        } else {
+            Some(take("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false })
+    }
+
+    /// Every tensor by its HF name (the head only when untied).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
+            for (kind, name) in LinearKind::ALL.iter().map(|k| (*k, k.hf_name())) {
+                let l = b.linear(kind);
+                out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+                if let Some(bias) = &l.bias {
+                    out.push((format!("{p}.{name}.bias"), bias.clone()));
+                }
+            }
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
+        if let Some(hd) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), hd.clone()));
+        }
+        out
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.named_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Turns every weight into a candle `Var` (so gradients flow to it), switches to the
+    /// differentiable mode, and returns the variables by name.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        let mut var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push((name, v));
+            Ok(())
+        };
+        var("model.embed_tokens.weight".into(), &mut self.embed)?;
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            var(format!("{p}.input_layernorm.weight"), &mut b.attn_norm)?;
+            var(format!("{p}.post_attention_layernorm.weight"), &mut b.mlp_norm)?;
+            for kind in LinearKind::ALL {
+                let l = b.linear_mut(kind);
+                var(format!("{p}.{}.weight", kind.hf_name()), &mut l.weight)?;
+                if let Some(bias) = l.bias.as_mut() {
+                    var(format!("{p}.{}.bias", kind.hf_name()), bias)?;
+                }
+            }
+        }
+        var("model.norm.weight".into(), &mut self.final_norm)?;
+        if let Some(hd) = self.lm_head.as_mut() {
+            var("lm_head.weight".into(), hd)?;
+        }
+        self.differentiable = true;
+        Ok(vars)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Embeds token ids `[batch, seq]` into hidden states `[batch, seq, hidden]`.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let max = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= self.config.vocab_size {
+            bail!("token id {max} is outside the model's vocabulary of {}", self.config.vocab_size);
+        }
+        Ok(self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Rope tables for positions `0..seq`: cos and sin of shape `[seq, head_dim/2]`.
+    pub fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.config.head_dim;
+        let theta = self.config.rope_theta;
+        let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        let mut ang = Vec::with_capacity(seq * hd / 2);
+        for p in 0..seq {
+            for f in &inv {
+                ang.push(p as f32 * f);
+            }
+        }
+        let ang = Tensor::from_vec(ang, (seq, hd / 2), self.device())?;
+        Ok((ang.cos()?, ang.sin()?))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.differentiable {
+            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+            let inv = (ms + eps)?.sqrt()?.recip()?;
+            Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+        } else {
+            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+        }
+    }
+
+    /// Rotary embedding on `[b, heads, seq, head_dim]`, HF's rotate-half layout.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            let hd = x.dim(D::Minus1)?;
+            let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+            let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+            let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+            let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+        }
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            let max = x.max_keepdim(D::Minus1)?;
+            let e = x.broadcast_sub(&max)?.exp()?;
+            let s = e.sum_keepdim(D::Minus1)?;
+            Ok(e.broadcast_div(&s)?)
+        } else {
+            Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+        }
+    }
+
+    fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
+        let lin = self.blocks[layer].linear(kind);
+        match hooks.linear_input(layer, kind, x)? {
+            Some(replaced) => lin.forward(&replaced),
+            None => lin.forward(x),
+        }
+    }
+
+    /// Runs block `layer` on hidden states `[b, seq, hidden]`. `mask` is the additive causal mask
+    /// `[seq, seq]`; `cos`/`sin` come from [`Llama::rope_tables`].
+    pub fn forward_block(
+        &self,
+        layer: usize,
+        h: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let blk = &self.blocks[layer];
+        let (b, t, _) = h.dims3()?;
+        let hd = self.config.head_dim;
+        let n_q = blk.q.out_features() / hd;
+        let n_kv = blk.k.out_features() / hd;
+        hooks.block_input(layer, h)?;
+
+        let x = self.rms_norm(h, &blk.attn_norm)?;
+        let attn_out = if n_q == 0 {
+            None
+        } else {
+            let q = self.hooked_linear(hooks, layer, LinearKind::Q, &x)?;
+            let k = self.hooked_linear(hooks, layer, LinearKind::K, &x)?;
+            let v = self.hooked_linear(hooks, layer, LinearKind::V, &x)?;
+            let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
+            let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
+            let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+            let k = self.rope(&k, cos, sin)?;
+            // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV head
+            // are stacked along the sequence axis, so one matmul serves the whole group.
+            let rep = n_q / n_kv;
+            let qg = q.reshape((b, n_kv, rep * t, hd))?;
+            let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
+            let scores = scores.broadcast_add(mask)?;
+            let probs = self.softmax(&scores)?;
+            hooks.attention_probs(layer, &probs)?;
+            let ctx = probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?;
+            let ctx = ctx.reshape((b, n_q, t, hd))?.transpose(1, 2)?.reshape((b, t, n_q * hd))?;
+            Some(self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)
+        };
+        let h = match attn_out {
+            Some(a) => (h + a)?,
+            None => h.clone(),
+        };
+
+        let x = self.rms_norm(&h, &blk.mlp_norm)?;
+        let h = if blk.gate.out_features() == 0 {
+            h
+        } else {
+            let g = self.hooked_linear(hooks, layer, LinearKind::Gate, &x)?;
+            let u = self.hooked_linear(hooks, layer, LinearKind::Up, &x)?;
+            let a = (g.silu()? * u)?;
+            let d = self.hooked_linear(hooks, layer, LinearKind::Down, &a)?;
+            (h + d)?
+        };
+        Ok(match hooks.block_output(layer, &h)? {
+            Some(replaced) => replaced,
+            None => h,
+        })
+    }
+
+    /// Additive causal mask `[seq, seq]`: 0 on and below the diagonal, -inf above.
+    pub fn causal_mask(&self, seq: usize) -> Result<Tensor> {
+        let m: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        Ok(Tensor::from_vec(m, (seq, seq), self.device())?)
+    }
+
+    /// Final norm and output head: hidden `[b, seq, hidden]` to logits `[b, seq, vocab]`.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.rms_norm(h, &self.final_norm)?;
+        let (b, t, hdim) = x.dims3()?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = x.reshape((b * t, hdim))?.matmul(&w.t()?)?;
+        Ok(logits.reshape((b, t, w.dims()[0]))?)
+    }
+
+    /// Logits `[b, seq, vocab]` for every position of `ids` `[b, seq]`.
+    pub fn forward_with_hooks(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t == 0 {
+            bail!("cannot run the model on an empty sequence");
+        }
+        let mask = self.causal_mask(t)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mut h = self.embed_tokens(ids)?;
+        for layer in 0..self.blocks.len() {
+            h = self.forward_block(layer, &h, &mask, &cos, &sin, hooks)?;
+        }
+        self.head(&h)
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_hooks(ids, &mut NoHooks)
+    }
+
+    /// FLOPs to process one token at position-average context `seq` (causal): 2 per weight
+    /// multiply-add in every linear layer and the head, plus QKᵀ and PV over the (seq+1)/2
+    /// positions a token attends to on average.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let hd = self.config.head_dim as f64;
+        let mut f = 0.0;
+        for b in &self.blocks {
+            for kind in LinearKind::ALL {
+                f += 2.0 * b.linear(kind).weight.elem_count() as f64;
+            }
+            let n_q = (b.q.out_features() as f64) / hd;
+            f += 2.0 * 2.0 * n_q * hd * (seq as f64 + 1.0) / 2.0;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        f + 2.0 * head.elem_count() as f64
+    }
+}

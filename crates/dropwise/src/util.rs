@@ -1,0 +1,71 @@
+//! Small helpers shared by the writers.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// A sibling path with a temporary suffix, unique per process, so a crash never leaves a file
+/// under the final name that looks whole.
+pub fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes a file through `fill` into a temporary name, then renames it over `path`.
+pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        fill(&mut f)?;
+        f.sync_all().ok();
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes a folder: `fill` populates a temporary folder beside `path`, which is renamed into place
+/// when complete. An existing folder at `path` is replaced only if it holds a `config.json`
+/// (i.e. it is a model folder, presumably an earlier output); anything else is refused.
+pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if path.exists() {
+        if !path.is_dir() {
+            anyhow::bail!("output {} exists and is not a folder", path.display());
+        }
+        let empty = std::fs::read_dir(path)?.next().is_none();
+        if !empty && !path.join("config.json").exists() {
+            anyhow::bail!("output folder {} exists and is not a model folder; refusing to replace it", path.display());
+        }
+    }
+    let tmp = temp_sibling(path);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = fill(&tmp).and_then(|_| {
+        if path.exists() {
+            std::fs::remove_dir_all(path).with_context(|| format!("cannot replace {}", path.display()))?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Formats a count with a metric suffix: 134.5M, 1.2G.
+pub fn human(n: f64) -> String {
+    let (v, s) = if n >= 1e12 {
+        (n / 1e12, "T")
+    } else if n >= 1e9 {
+        (n / 1e9, "G")
+    } else if n >= 1e6 {
+        (n / 1e6, "M")
+    } else if n >= 1e3 {
+        (n / 1e3, "k")
+    } else {
+        (n, "")
+    };
+    format!("{v:.2}{s}")
+}

