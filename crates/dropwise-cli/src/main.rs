@@ -68,6 +68,9 @@ enum Cmd {
         /// A model to compare against on the same windows (KL divergence, top-1 agreement).
         #[arg(long)]
         reference: Option<PathBuf>,
+        /// Windows per forward pass (results are identical; 1 is fastest on small CPUs).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         #[arg(long)]
         json: bool,
     },
@@ -86,12 +89,17 @@ enum Cmd {
         data: Vec<PathBuf>,
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 8)]
         windows: usize,
         #[arg(long)]
         json: bool,
     },
 }
+
+// Eval allocates and frees the same large activation buffers every layer; glibc returns them to
+// the kernel each time (page faults, zeroing), mimalloc keeps them for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // Errors are reported as one line; a panic is a bug, but it still gets one line, not a trace.
@@ -148,8 +156,8 @@ fn run(cli: Cli) -> Result<()> {
     let threads = set_threads(cli.threads)?;
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
-        Cmd::Eval { model, data, seq_len, windows, reference, json } => {
-            cmd_eval(model, data, seq_len, windows, reference, json, threads)
+        Cmd::Eval { model, data, seq_len, windows, reference, batch, json } => {
+            cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
@@ -197,7 +205,8 @@ fn print_eval_table(r: &EvalResult, threads: usize) {
     println!("{:<22} {:.2} s", "wall time", r.wall_seconds);
 }
 
-fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, json: bool, threads: usize) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, json: bool, threads: usize) -> Result<()> {
     let m = dropwise::load(&model)?;
     let ws = load_windows(&m, &data, seq_len, windows)?;
     let reference = match reference {
@@ -208,7 +217,7 @@ fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, 
         eprintln!("note: the text holds only {} windows of {seq_len} tokens; evaluating those", ws.len());
     }
     let pb = progress(ws.len(), "eval");
-    let r = eval::evaluate(&m.model, reference.as_ref().map(|r| &r.model), &ws, &mut |i| pb.set_position(i as u64))?;
+    let r = eval::evaluate(&m.model, reference.as_ref().map(|r| &r.model), &ws, batch, &mut |i| pb.set_position(i as u64))?;
     pb.finish_and_clear();
     if json {
         let mut v = serde_json::to_value(&r)?;
@@ -237,35 +246,31 @@ fn cmd_convert(input: PathBuf, output: PathBuf, dtype: WriteDType) -> Result<()>
 fn cmd_bench(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, json: bool, threads: usize) -> Result<()> {
     let m = dropwise::load(&model)?;
     let ws = load_windows(&m, &data, seq_len, windows)?;
-    let (peak0, gemms) = bench::gemm_peak()?;
-    let r = eval::evaluate(&m.model, None, &ws, &mut |_| {})?;
-    // Measure the peak again after the model run and keep the better figure: a ratio against a
-    // peak measured while the machine was briefly slower would flatter the model.
-    let (peak1, _) = bench::gemm_peak()?;
-    let peak = peak0.max(peak1);
-    let ratio = r.achieved_gflops / peak;
+    let (_, gemms) = bench::gemm_peak(8)?;
+    let r = bench::eval_vs_gemm(&m.model, &ws)?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": model.display().to_string(),
                 "threads": threads,
-                "gemm_peak_gflops": peak,
+                "seq_len": seq_len,
                 "gemm": gemms,
-                "eval": r,
-                "fraction_of_gemm_peak": ratio,
+                "eval_vs_gemm": r,
             }))?
         );
     } else {
-        println!("threads: {threads}");
-        println!("{:<24} {:>10}", "f32 GEMM [m,k]x[k,n]", "GFLOP/s");
+        println!("threads: {threads}, seq len {seq_len}, {} FLOPs/token", human(r.flops_per_token));
+        println!("{:<24} {:>10}", "f32 GEMM [m,k]x[n,k]ᵀ", "GFLOP/s");
         for g in &gemms {
             println!("{:<24} {:>10.1}", format!("{}x{}x{}", g.m, g.k, g.n), g.gflops);
         }
-        println!("{:<24} {:>10.1}", "GEMM peak (best)", peak);
-        println!("{:<24} {:>10.1}", "dropwise eval", r.achieved_gflops);
-        println!("{:<24} {:>9.1}%", "eval / GEMM peak", 100.0 * ratio);
-        println!("{:<24} {:>10.1}  ({} windows × {}, {} FLOPs/token)", "eval tokens/s", r.tokens_per_second, r.windows, r.seq_len, human(r.flops_per_token));
+        println!("{:<8} {:>14} {:>14} {:>8}", "window", "GEMM peak", "eval GFLOP/s", "ratio");
+        for (i, (p, e, q)) in r.windows.iter().enumerate() {
+            println!("{:<8} {:>14.1} {:>14.1} {:>7.1}%", i, p, e, 100.0 * q);
+        }
+        println!("{:<8} {:>14.1} {:>14.1} {:>7.1}%", "median", r.median_gemm_peak, r.median_eval_gflops, 100.0 * r.median_ratio);
+        println!("eval tokens/s (median window): {:.1}", r.tokens_per_second);
     }
     Ok(())
 }

@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::model::Llama;
+use crate::model::kernels::with_f32_slice;
+use crate::model::{Llama, NoHooks};
 
 /// Per-position statistics of one window.
 #[derive(Default, Clone, Copy)]
@@ -25,54 +26,138 @@ impl Acc {
     }
 }
 
-/// Log-sum-exp and argmax of one row of logits.
-fn lse_argmax(row: &[f32]) -> (f64, usize) {
-    let (mut mi, mut mv) = (0usize, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > mv {
-            mv = v;
-            mi = i;
+/// Vocabulary columns per head matmul. Scoring the head in slices keeps each slice of logits in
+/// cache while it is scored, and never holds a window's full `[seq, vocab]` logits.
+const VOCAB_CHUNK: usize = 8192;
+
+/// Running (online) log-sum-exp, argmax and KL terms for one position, updated slice by slice.
+#[derive(Clone, Copy)]
+struct RowState {
+    max: f32,
+    sum: f64,
+    argmax: usize,
+    target: f32,
+    ref_max: f32,
+    ref_sum: f64,
+    ref_argmax: usize,
+    /// Σ exp(l_ref − ref_max)·(l_ref − l_model), rescaled with ref_max.
+    cross: f64,
+}
+
+impl RowState {
+    fn new() -> Self {
+        RowState {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            argmax: 0,
+            target: 0.0,
+            ref_max: f32::NEG_INFINITY,
+            ref_sum: 0.0,
+            ref_argmax: 0,
+            cross: 0.0,
         }
     }
-    let s: f64 = row.iter().map(|&v| ((v - mv) as f64).exp()).sum();
-    (mv as f64 + s.ln(), mi)
-}
 
-/// KL(P_ref ‖ P) for one position, from raw logits and their log-sum-exps.
-fn kl_row(reference: &[f32], ref_lse: f64, model: &[f32], lse: f64) -> f64 {
-    reference
-        .iter()
-        .zip(model)
-        .map(|(&r, &m)| {
-            let lr = r as f64 - ref_lse;
-            let lm = m as f64 - lse;
-            lr.exp() * (lr - lm)
-        })
-        .sum::<f64>()
-        .max(0.0)
-}
-
-/// Scores one window's logits `[seq, vocab]`: NLL of each next token, and against the
-/// reference logits (if any) KL divergence and top-1 agreement, over the seq−1 predicted positions.
-fn score_window(logits: &[f32], reference: Option<&[f32]>, ids: &[u32], vocab: usize) -> Acc {
-    let t = ids.len();
-    (0..t - 1)
-        .into_par_iter()
-        .map(|p| {
-            let row = &logits[p * vocab..(p + 1) * vocab];
-            let (lse, am) = lse_argmax(row);
-            let nll = lse - row[ids[p + 1] as usize] as f64;
-            let (kl, agree) = match reference {
-                Some(r) => {
-                    let rrow = &r[p * vocab..(p + 1) * vocab];
-                    let (rlse, ram) = lse_argmax(rrow);
-                    (kl_row(rrow, rlse, row, lse), (ram == am) as usize)
+    /// Folds in logits for vocabulary ids `base..base+row.len()`.
+    fn update(&mut self, row: &[f32], reference: Option<&[f32]>, base: usize, target: usize) {
+        let (mut cm, mut ci) = (f32::NEG_INFINITY, 0);
+        for (i, &v) in row.iter().enumerate() {
+            if v > cm {
+                cm = v;
+                ci = i;
+            }
+        }
+        if cm > self.max {
+            self.sum *= ((self.max - cm) as f64).exp();
+            self.max = cm;
+            self.argmax = base + ci;
+        }
+        let m = self.max;
+        self.sum += row.iter().map(|&v| (v - m).exp() as f64).sum::<f64>();
+        if (base..base + row.len()).contains(&target) {
+            self.target = row[target - base];
+        }
+        if let Some(r) = reference {
+            let (mut rm, mut ri) = (f32::NEG_INFINITY, 0);
+            for (i, &v) in r.iter().enumerate() {
+                if v > rm {
+                    rm = v;
+                    ri = i;
                 }
-                None => (0.0, 0),
-            };
-            Acc { nll, kl, agree, n: 1 }
-        })
-        .reduce(Acc::default, Acc::add)
+            }
+            if rm > self.ref_max {
+                let f = ((self.ref_max - rm) as f64).exp();
+                self.ref_sum *= f;
+                self.cross *= f;
+                self.ref_max = rm;
+                self.ref_argmax = base + ri;
+            }
+            let m = self.ref_max;
+            let (mut s, mut c) = (0f64, 0f64);
+            for (&lr, &lm) in r.iter().zip(row) {
+                let e = (lr - m).exp() as f64;
+                s += e;
+                c += e * (lr - lm) as f64;
+            }
+            self.ref_sum += s;
+            self.cross += c;
+        }
+    }
+
+    fn finish(&self, with_ref: bool) -> Acc {
+        let lse = self.max as f64 + self.sum.ln();
+        let nll = lse - self.target as f64;
+        if !with_ref {
+            return Acc { nll, kl: 0.0, agree: 0, n: 1 };
+        }
+        let ref_lse = self.ref_max as f64 + self.ref_sum.ln();
+        // KL(P_ref‖P) = Σ p_ref (l_ref − l) − LSE_ref + LSE.
+        let kl = (self.cross / self.ref_sum - ref_lse + lse).max(0.0);
+        Acc { nll, kl, agree: (self.argmax == self.ref_argmax) as usize, n: 1 }
+    }
+}
+
+/// Scores one window from the last hidden states `[1, seq, hidden]` of the model (and the
+/// reference): NLL of each next token, KL divergence and top-1 agreement over the seq−1 predicted
+/// positions. Returns the accumulated statistics and the seconds spent in the model's head matmuls.
+fn score_window(model: &Llama, hidden: &Tensor, reference: Option<(&Llama, &Tensor)>, ids: &[u32]) -> Result<(Acc, f64)> {
+    let t = ids.len();
+    let x = model.head_input(hidden)?.narrow(0, 0, t - 1)?;
+    let xr = match reference {
+        Some((r, h)) => Some(r.head_input(h)?.narrow(0, 0, t - 1)?),
+        None => None,
+    };
+    let w = model.head_weight();
+    let vocab = w.dims()[0];
+    let mut states = vec![RowState::new(); t - 1];
+    let mut head_time = 0.0;
+    let mut base = 0;
+    while base < vocab {
+        let len = VOCAB_CHUNK.min(vocab - base);
+        let t0 = Instant::now();
+        let logits = x.matmul(&w.narrow(0, base, len)?.t()?)?;
+        head_time += t0.elapsed().as_secs_f64();
+        let ref_logits = match (reference, &xr) {
+            (Some((r, _)), Some(xr)) => Some(xr.matmul(&r.head_weight().narrow(0, base, len)?.t()?)?),
+            _ => None,
+        };
+        let fold = |lm: &[f32], lr: Option<&[f32]>, states: &mut [RowState]| {
+            states.par_iter_mut().enumerate().for_each(|(p, st)| {
+                let row = &lm[p * len..(p + 1) * len];
+                st.update(row, lr.map(|r| &r[p * len..(p + 1) * len]), base, ids[p + 1] as usize);
+            })
+        };
+        with_f32_slice(&logits, |lm| match &ref_logits {
+            Some(rl) => with_f32_slice(rl, |lr| fold(lm, Some(lr), &mut states)),
+            None => {
+                fold(lm, None, &mut states);
+                Ok(())
+            }
+        })??;
+        base += len;
+    }
+    let acc = states.iter().map(|s| s.finish(reference.is_some())).fold(Acc::default(), Acc::add);
+    Ok((acc, head_time))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,12 +181,14 @@ pub struct EvalResult {
     pub window_nll: Vec<f64>,
 }
 
-/// Evaluates `model` on `windows` (each `seq_len` tokens); with `reference`, also KL divergence
-/// and top-1 agreement of `model` against it. `progress` is told after each window.
+/// Evaluates `model` on `windows` (each `seq_len` tokens), `batch` windows per forward pass;
+/// with `reference`, also KL divergence and top-1 agreement of `model` against it. `progress`
+/// is told after each window.
 pub fn evaluate(
     model: &Llama,
     reference: Option<&Llama>,
     windows: &[Vec<u32>],
+    batch: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalResult> {
     if windows.is_empty() {
@@ -113,24 +200,37 @@ pub fn evaluate(
             bail!("reference vocabulary ({}) differs from the model's ({})", r.config.vocab_size, model.config.vocab_size);
         }
     }
-    let vocab = model.config.vocab_size;
     let start = Instant::now();
     let mut forward = 0.0;
     let mut total = Acc::default();
     let mut window_nll = Vec::with_capacity(windows.len());
-    for (i, w) in windows.iter().enumerate() {
-        let ids = Tensor::new(w.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let batch = batch.max(1);
+    let mut done = 0;
+    for chunk in windows.chunks(batch) {
+        let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (chunk.len(), seq_len), &Device::Cpu)?;
         let f0 = Instant::now();
-        let logits = model.forward(&ids)?.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?;
+        // Blocks run on the whole batch (bigger matmuls); the vocabulary-sized head runs one
+        // window at a time so only one window's logits are ever held.
+        let hidden = model.forward_hidden(&ids, &mut NoHooks)?;
         forward += f0.elapsed().as_secs_f64();
-        let ref_logits = match reference {
-            Some(r) => Some(r.forward(&ids)?.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?),
+        let ref_hidden = match reference {
+            Some(r) => Some(r.forward_hidden(&ids, &mut NoHooks)?),
             None => None,
         };
-        let acc = score_window(&logits, ref_logits.as_deref(), w, vocab);
-        window_nll.push(acc.nll / acc.n as f64);
-        total = total.add(acc);
-        progress(i + 1);
+        for (j, w) in chunk.iter().enumerate() {
+            let h = hidden.narrow(0, j, 1)?;
+            let rh = match (reference, &ref_hidden) {
+                (Some(r), Some(rh)) => Some((r, rh.narrow(0, j, 1)?)),
+                _ => None,
+            };
+            let (acc, head_time) = score_window(model, &h, rh.as_ref().map(|(r, t)| (*r, t)), w)?;
+            forward += head_time;
+            window_nll.push(acc.nll / acc.n as f64);
+            total = total.add(acc);
+            done += 1;
+            progress(done);
+        }
     }
     let wall = start.elapsed().as_secs_f64();
     let nll = total.nll / total.n as f64;

@@ -79,8 +79,14 @@ pub trait Hooks {
         Ok(None)
     }
     /// Attention probabilities `[batch, heads, seq, seq]` of block `layer` (rows sum to 1).
+    /// Called only when [`Hooks::wants_attention_probs`] says so.
     fn attention_probs(&mut self, _layer: usize, _p: &Tensor) -> Result<()> {
         Ok(())
+    }
+    /// Whether to materialize the full attention matrix for [`Hooks::attention_probs`]; without
+    /// it the model computes attention in causal blocks and skips the masked half.
+    fn wants_attention_probs(&self) -> bool {
+        false
     }
 }
 

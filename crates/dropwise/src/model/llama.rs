@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::hooks::{Hooks, LinearKind, NoHooks};
+use super::kernels;
 use crate::config::LlamaConfig;
 
 /// A linear layer stored as PyTorch does: weight `[out, in]`, optional bias `[out]`.
@@ -280,15 +281,12 @@ impl Llama {
         }
     }
 
+    /// Softmax from elementary ops (differentiable mode; inference uses the fused causal kernel).
     fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        if self.differentiable {
-            let max = x.max_keepdim(D::Minus1)?;
-            let e = x.broadcast_sub(&max)?.exp()?;
-            let s = e.sum_keepdim(D::Minus1)?;
-            Ok(e.broadcast_div(&s)?)
-        } else {
-            Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
-        }
+        let max = x.max_keepdim(D::Minus1)?;
+        let e = x.broadcast_sub(&max)?.exp()?;
+        let s = e.sum_keepdim(D::Minus1)?;
+        Ok(e.broadcast_div(&s)?)
     }
 
     fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
@@ -329,16 +327,23 @@ impl Llama {
             let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope(&k, cos, sin)?;
-            // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV head
-            // are stacked along the sequence axis, so one matmul serves the whole group.
             let rep = n_q / n_kv;
-            let qg = q.reshape((b, n_kv, rep * t, hd))?;
-            let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
-            let scores = scores.broadcast_add(mask)?;
-            let probs = self.softmax(&scores)?;
-            hooks.attention_probs(layer, &probs)?;
-            let ctx = probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?;
-            let ctx = ctx.reshape((b, n_q, t, hd))?.transpose(1, 2)?.reshape((b, t, n_q * hd))?;
+            let ctx = if self.differentiable || hooks.wants_attention_probs() {
+                // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
+                // head are stacked along the sequence axis, so one matmul serves the whole group.
+                let qg = q.reshape((b, n_kv, rep * t, hd))?;
+                let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
+                let probs = if self.differentiable {
+                    self.softmax(&scores.broadcast_add(mask)?)?
+                } else {
+                    kernels::causal_softmax(&scores)?
+                };
+                hooks.attention_probs(layer, &probs)?;
+                probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?.reshape((b, n_q, t, hd))?
+            } else {
+                self.causal_attention_blocked(&q, &k, &v, rep)?
+            };
+            let ctx = ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?;
             Some(self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)
         };
         let h = match attn_out {
@@ -352,7 +357,7 @@ impl Llama {
         } else {
             let g = self.hooked_linear(hooks, layer, LinearKind::Gate, &x)?;
             let u = self.hooked_linear(hooks, layer, LinearKind::Up, &x)?;
-            let a = (g.silu()? * u)?;
+            let a = if self.differentiable { (g.silu()? * u)? } else { kernels::silu_mul(&g, &u)? };
             let d = self.hooked_linear(hooks, layer, LinearKind::Down, &a)?;
             (h + d)?
         };
@@ -360,6 +365,31 @@ impl Llama {
             Some(replaced) => replaced,
             None => h,
         })
+    }
+
+    /// Inference attention in blocks of query positions: block `[s, s+B)` only multiplies
+    /// against keys `0..s+B`, so the masked upper triangle is mostly never computed (37% fewer
+    /// score entries at seq 512). `q` is `[b, n_q, t, hd]` (rope'd, scaled), `k`/`v` are
+    /// `[b, n_kv, t, hd]`; returns the context `[b, n_q, t, hd]`.
+    fn causal_attention_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, rep: usize) -> Result<Tensor> {
+        const BLOCK: usize = 128;
+        let (b, n_q, t, hd) = q.dims4()?;
+        let n_kv = n_q / rep;
+        let q5 = q.reshape((b, n_kv, rep, t, hd))?;
+        let mut outs = Vec::with_capacity(t.div_ceil(BLOCK));
+        let mut s = 0;
+        while s < t {
+            let tb = BLOCK.min(t - s);
+            let kend = s + tb;
+            let qb = q5.narrow(3, s, tb)?.contiguous()?.reshape((b, n_kv, rep * tb, hd))?;
+            let kb = k.narrow(2, 0, kend)?.contiguous()?;
+            let vb = v.narrow(2, 0, kend)?.contiguous()?;
+            let scores = qb.matmul(&kb.t()?)?;
+            let probs = kernels::causal_softmax_block(&scores, tb, s)?;
+            outs.push(probs.matmul(&vb)?.reshape((b, n_kv, rep, tb, hd))?);
+            s = kend;
+        }
+        Ok(Tensor::cat(&outs, 3)?.reshape((b, n_q, t, hd))?)
     }
 
     /// Additive causal mask `[seq, seq]`: 0 on and below the diagonal, -inf above.
@@ -370,15 +400,33 @@ impl Llama {
 
     /// Final norm and output head: hidden `[b, seq, hidden]` to logits `[b, seq, vocab]`.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = h.dims3()?;
+        let w = self.head_weight();
+        let logits = self.head_input(h)?.matmul(&w.t()?)?;
+        Ok(logits.reshape((b, t, w.dims()[0]))?)
+    }
+
+    /// The output head's input: final-normed hidden states flattened to `[b*seq, hidden]`.
+    pub fn head_input(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.rms_norm(h, &self.final_norm)?;
         let (b, t, hdim) = x.dims3()?;
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = x.reshape((b * t, hdim))?.matmul(&w.t()?)?;
-        Ok(logits.reshape((b, t, w.dims()[0]))?)
+        Ok(x.reshape((b * t, hdim))?)
+    }
+
+    /// The output head's weight `[vocab, hidden]` (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// Logits `[b, seq, vocab]` for every position of `ids` `[b, seq]`.
     pub fn forward_with_hooks(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, hooks)?;
+        self.head(&h)
+    }
+
+    /// The last block's hidden states `[b, seq, hidden]` (before the final norm): lets a caller
+    /// run the blocks on a batch and the (vocabulary-sized) head one sequence at a time.
+    pub fn forward_hidden(&self, ids: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         if t == 0 {
             bail!("cannot run the model on an empty sequence");
@@ -389,7 +437,7 @@ impl Llama {
         for layer in 0..self.blocks.len() {
             h = self.forward_block(layer, &h, &mask, &cos, &sin, hooks)?;
         }
-        self.head(&h)
+        Ok(h)
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! The model dropwise owns, its hooks, and loading/saving in GGUF and HF formats.
 pub mod hooks;
 pub mod io;
+pub mod kernels;
 pub mod llama;
 
 pub use hooks::{Hooks, LinearKind, NoHooks};
