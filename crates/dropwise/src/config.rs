@@ -171,7 +171,14 @@ impl LlamaConfig {
             }
             v.as_u64().map(|x| x as usize).with_context(|| format!("GGUF {key} is not an integer"))
         };
-        let get_f = |k: &str| g.get(&format!("{p}.{k}")).and_then(|v| v.as_f64());
+        // GGUF stores these as f32; go through the shortest decimal form so 1e-5 reads back as
+        // 1e-5 and not 9.99999974e-6, the value HF's config.json would hold.
+        let get_f = |k: &str| {
+            g.get(&format!("{p}.{k}")).and_then(|v| match v {
+                crate::formats::gguf::Value::F32(x) => x.to_string().parse::<f64>().ok(),
+                other => other.as_f64(),
+            })
+        };
         let hidden = get_u("embedding_length")?;
         let heads = get_u("attention.head_count")?;
         let kv = if g.get(&format!("{p}.attention.head_count_kv")).is_some() { get_u("attention.head_count_kv")? } else { heads };

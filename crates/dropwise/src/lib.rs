@@ -15,6 +15,7 @@ pub mod formats;
 pub mod inspect;
 pub mod model;
 pub mod tokenizer;
+pub mod testing;
 pub mod util;
 
 pub use model::io::{load, LoadedModel};
