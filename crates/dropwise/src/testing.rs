@@ -157,3 +157,32 @@ The 2 sisters walked 15 miles in 1811; then they rested.\n\n";
     }
     s
 }
+
+/// The repository root (tests and scripts live there).
+pub fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Python that has PyPI `gguf` installed: `$DROPWISE_PYTHON`, else the repo's `.venv`, else `python3`.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("DROPWISE_PYTHON") {
+        return p;
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
+}
+
+/// Reads a GGUF with llama.cpp's own reader (PyPI `gguf`) via `scripts/gguf_check.py` and returns
+/// its JSON summary; panics with the reader's message if it refuses the file.
+pub fn gguf_py_summary(path: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(python())
+        .arg(repo_root().join("scripts/gguf_check.py"))
+        .arg(path)
+        .output()
+        .expect("run python (set DROPWISE_PYTHON or create .venv with `pip install gguf numpy`)");
+    assert!(out.status.success(), "gguf reader failed on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("gguf_check.py prints JSON")
+}

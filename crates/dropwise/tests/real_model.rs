@@ -135,28 +135,6 @@ fn perplexity_on_16_windows_matches_transformers() -> Result<()> {
     Ok(())
 }
 
-fn python() -> String {
-    if let Ok(p) = std::env::var("DROPWISE_PYTHON") {
-        return p;
-    }
-    let venv = root().join(".venv/bin/python");
-    if venv.exists() {
-        return venv.display().to_string();
-    }
-    "python3".into()
-}
-
-/// Reads a GGUF with llama.cpp's own reader (PyPI `gguf`) via scripts/gguf_check.py.
-pub fn gguf_py_summary(path: &Path) -> serde_json::Value {
-    let out = std::process::Command::new(python())
-        .arg(root().join("scripts/gguf_check.py"))
-        .arg(path)
-        .output()
-        .expect("run python (set DROPWISE_PYTHON or create .venv with `pip install gguf numpy`)");
-    assert!(out.status.success(), "gguf reader failed on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// GGUF → HF → GGUF: same weights, same perplexity, and llama.cpp's reader accepts the output and
 /// decodes the same values (also for the source file's Q4_1 / Q8_0 tensors).
 #[test]
@@ -180,7 +158,7 @@ fn convert_round_trip_keeps_perplexity_and_llama_cpp_reads_it() -> Result<()> {
     assert_eq!(again.tokenizer.encode(&text)?, src.tokenizer.encode(&text)?, "the tokenizer survives GGUF → HF → GGUF");
 
     for path in [model_path(), back.clone()] {
-        let py = gguf_py_summary(&path);
+        let py = dropwise::testing::gguf_py_summary(&path);
         let ours = GgufFile::open(&path)?;
         assert_eq!(py["version"].as_u64(), Some(3));
         assert_eq!(py["tensors"].as_object().unwrap().len(), ours.tensors.len());

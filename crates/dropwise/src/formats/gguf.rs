@@ -409,18 +409,26 @@ impl GgufFile {
 
     pub fn dequantize(&self, info: &TensorInfo) -> Result<Tensor> {
         let bytes = self.tensor_bytes(info);
-        let mut ne = info.shape.clone();
-        ne.reverse();
         let t = match info.dtype {
             GgmlDType::F32 => {
                 let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
                 Tensor::from_vec(v, info.shape.as_slice(), &Device::Cpu)?
             }
             _ => {
-                // candle's block decoders are the same bit layouts as ggml's; it wants ggml's dims order.
-                let q = qtensor_from_ggml(info.dtype, bytes, ne, &Device::Cpu)
+                // candle's block decoders use ggml's bit layouts; blocks run along the rows, so the
+                // row length (the last row-major dimension) must be whole blocks.
+                let row = *info.shape.last().unwrap_or(&0);
+                if row % info.dtype.block_size() != 0 {
+                    bail!(
+                        "tensor {}: rows of {row} elements are not whole {}-element {} blocks",
+                        info.name,
+                        info.dtype.block_size(),
+                        ggml_dtype_name(info.dtype)
+                    );
+                }
+                let q = qtensor_from_ggml(info.dtype, bytes, info.shape.clone(), &Device::Cpu)
                     .with_context(|| format!("cannot decode tensor {}", info.name))?;
-                q.dequantize(&Device::Cpu)?.reshape(info.shape.as_slice())?
+                q.dequantize(&Device::Cpu)?
             }
         };
         Ok(t)
