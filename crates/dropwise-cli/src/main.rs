@@ -224,10 +224,15 @@ fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, 
         v["model"] = model.display().to_string().into();
         v["data"] = serde_json::json!(data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>());
         v["threads"] = threads.into();
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+        v["f32_weight_bytes"] = (m.model.param_count() as u64 * 4).into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{:<22} {}", "model", model.display());
         print_eval_table(&r, threads);
+        if let Some(p) = dropwise::util::peak_rss_bytes() {
+            println!("{:<22} {}B ({:.2}× the f32 weights)", "peak memory", human(p as f64), p as f64 / (m.model.param_count() as f64 * 4.0));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,85 @@
+//! The `dropwise` binary on the real SmolLM2-135M GGUF: JSON outputs, the reference comparison,
+//! peak memory, and convert round trips through the CLI. Assets come from scripts/fetch_assets.py.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn assets() -> PathBuf {
+    let dir = std::env::var_os("DROPWISE_ASSETS").map(PathBuf::from).unwrap_or_else(|| root().join("assets"));
+    assert!(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "assets missing: run `python3 scripts/fetch_assets.py`");
+    dir
+}
+
+fn dropwise(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dropwise")).args(args).output().unwrap();
+    assert!(out.status.success(), "dropwise {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("dropwise {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn inspect_reports_the_real_model() {
+    let model = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let r = dropwise(&["inspect", model.to_str().unwrap(), "--json"]);
+    assert_eq!(r["parameters"], 134_515_008u64);
+    assert_eq!(r["config"]["num_hidden_layers"], 30);
+    assert_eq!(r["bytes_by_dtype"]["Q4_1"]["tensors"], 210);
+    assert_eq!(r["bytes_by_dtype"]["Q8_0"]["tensors"], 1);
+    assert_eq!(r["tokenizer"], "gguf:gpt2/smollm");
+    // 2 × weights + 2 × 2 × heads·head_dim × (512+1)/2 × 30 layers of causal attention.
+    let flops = r["flops_per_token"].as_f64().unwrap();
+    let expected = 2.0 * 134_515_008.0 - 2.0 * 576.0 * 61.0 + 2.0 * 2.0 * 576.0 * 256.5 * 30.0;
+    assert!((flops - expected).abs() < 1.0, "{flops} vs {expected}");
+}
+
+#[test]
+fn eval_json_reference_and_memory() {
+    let a = assets();
+    let model = a.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = a.join("austen/persuasion.txt");
+    let r = dropwise(&["eval", model.to_str().unwrap(), "--data", text.to_str().unwrap(), "--windows", "2", "--json", "--threads", "2"]);
+    for key in ["perplexity", "nll", "tokens", "windows", "tokens_per_second"] {
+        assert!(r.get(key).is_some(), "eval JSON lacks {key}");
+    }
+    assert_eq!(r["tokens"], 2 * 511);
+    assert_eq!(r["windows"], 2);
+    assert!(r.get("kl_divergence").is_none());
+    let peak = r["peak_memory_bytes"].as_f64().unwrap();
+    let weights = r["f32_weight_bytes"].as_f64().unwrap();
+    assert!(peak <= 2.0 * weights, "eval peak memory {peak} exceeds 2× the f32 weights ({weights})");
+
+    let r = dropwise(&[
+        "eval", model.to_str().unwrap(), "--data", text.to_str().unwrap(), "--windows", "1", "--json", "--reference", model.to_str().unwrap(),
+    ]);
+    assert_eq!(r["kl_divergence"].as_f64(), Some(0.0));
+    assert_eq!(r["top1_agreement"].as_f64(), Some(1.0));
+}
+
+#[test]
+fn convert_through_the_cli_in_half_precision() {
+    let a = assets();
+    let model = a.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = a.join("austen/persuasion.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf16");
+    let g = dir.path().join("m16.gguf");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dropwise")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["convert", model.to_str().unwrap(), "-o", hf.to_str().unwrap(), "--dtype", "f16"]);
+    run(&["convert", hf.to_str().unwrap(), "-o", g.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(hf.join("config.json").exists() && hf.join("model.safetensors").exists() && hf.join("tokenizer.json").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let r = dropwise(&[
+        "eval", g.to_str().unwrap(), "--data", text.to_str().unwrap(), "--windows", "1", "--json", "--reference", model.to_str().unwrap(),
+    ]);
+    // f16 rounding of Q4_1/Q8_0 values is tiny: the model barely changes.
+    assert!(r["kl_divergence"].as_f64().unwrap() < 1e-3, "{}", r["kl_divergence"]);
+    assert!(r["top1_agreement"].as_f64().unwrap() > 0.98);
+    let _ = dropwise::testing::gguf_py_summary(&g);
+}
