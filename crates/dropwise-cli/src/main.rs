@@ -102,6 +102,11 @@ enum Cmd {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Errors are reported as one line; a panic is a bug, but it still gets one line, not a trace.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
