@@ -233,7 +233,14 @@ impl LlamaConfig {
         if c.head_dim % 2 != 0 {
             bail!("head dimension {} is odd; rope needs it even", c.head_dim);
         }
-        if c.hidden_size > 1 << 16 || c.num_hidden_layers > 1024 || c.vocab_size > 1 << 22 || c.intermediate_size > 1 << 20 {
+        // Bounded so every shape and parameter count below is far from overflowing usize.
+        if c.hidden_size > 1 << 16
+            || c.num_hidden_layers > 1024
+            || c.vocab_size > 1 << 22
+            || c.intermediate_size > 1 << 20
+            || c.num_attention_heads > 1 << 12
+            || c.head_dim > 1 << 12
+        {
             bail!("model config sizes are implausibly large");
         }
         Ok(())

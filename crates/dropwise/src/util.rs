@@ -11,11 +11,21 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Outputs go into an existing folder: a typo in the path should not silently create folders.
+fn check_parent(path: &Path) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!("cannot write {}: folder {} does not exist", path.display(), parent.display());
+    }
+    Ok(())
+}
+
 /// Writes a file through `fill` into a temporary name, then renames it over `path`.
 pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    check_parent(path)?;
     let tmp = temp_sibling(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", path.display()))?;
         fill(&mut f)?;
         f.sync_all().ok();
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
@@ -30,6 +40,7 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Re
 /// when complete. An existing folder at `path` is replaced only if it holds a `config.json`
 /// (i.e. it is a model folder, presumably an earlier output); anything else is refused.
 pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_parent(path)?;
     if path.exists() {
         if !path.is_dir() {
             anyhow::bail!("output {} exists and is not a folder", path.display());
@@ -41,7 +52,7 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
     }
     let tmp = temp_sibling(path);
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", path.display()))?;
     let result = fill(&tmp).and_then(|_| {
         if path.exists() {
             std::fs::remove_dir_all(path).with_context(|| format!("cannot replace {}", path.display()))?;

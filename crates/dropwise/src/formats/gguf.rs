@@ -347,15 +347,18 @@ impl GgufFile {
                 bail!("corrupt GGUF: tensor {name} has {n_dims} dimensions");
             }
             let mut ne = Vec::with_capacity(n_dims as usize);
-            let mut elems: u64 = 1;
+            // The product of the non-zero dims is bounded too: a zero dim makes the tensor empty,
+            // but shape and stride arithmetic downstream still multiplies the other dims.
+            let mut nonzero: u64 = 1;
             for _ in 0..n_dims {
                 let d = c.u64()?;
-                elems = elems
-                    .checked_mul(d)
+                nonzero = nonzero
+                    .checked_mul(d.max(1))
                     .filter(|&e| e <= mmap.len() as u64 * 8)
                     .with_context(|| format!("corrupt GGUF: tensor {name} has impossible dimensions"))?;
                 ne.push(d as usize);
             }
+            let elems = if ne.contains(&0) { 0 } else { nonzero };
             let dtype = ggml_dtype_from_u32(c.u32()?).with_context(|| format!("tensor {name}"))?;
             let offset = c.u64()?;
             if offset % alignment != 0 {

@@ -107,6 +107,16 @@ fn permutes_qk(arch: Arch) -> bool {
     matches!(arch, Arch::Llama | Arch::Mistral)
 }
 
+/// A tokenizer may have fewer tokens than the embedding has rows (padded vocabularies), never more:
+/// its ids would index past the embedding.
+fn check_tokenizer_fits(tok: &Tokenizer, config: &LlamaConfig) -> Result<()> {
+    let n = tok.vocab_size();
+    if n > config.vocab_size {
+        bail!("the tokenizer has {n} tokens but the model's vocabulary has only {}", config.vocab_size);
+    }
+    Ok(())
+}
+
 /// Loads a GGUF file or an HF folder.
 pub fn load(path: &Path) -> Result<LoadedModel> {
     if !path.exists() {
@@ -158,6 +168,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         }
         tensors.insert(hf, t);
     }
+    check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     let model = Llama::from_tensors(config, tensors).with_context(ctx)?;
     let meta = g.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
@@ -185,6 +196,7 @@ pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
         bail!("{}: folder has no tokenizer.json", dir.display());
     }
     let tokenizer = Tokenizer::from_file(&tok_path)?;
+    check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     let tok_json = std::fs::read_to_string(&tok_path)?;
     let (mut tensors, stats) = st::read_folder(dir)?;
     tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
