@@ -124,7 +124,15 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    match std::panic::catch_unwind(|| run(cli)) {
+    // All work runs inside one pool of N threads: the thread driving the model is one of the N,
+    // so between parallel matmuls it does not compete with N idle-spinning workers for N cores
+    // (measured ~3% faster eval on 2 cores than driving the global pool from the main thread).
+    let go = || -> Result<()> {
+        let threads = thread_count(cli.threads)?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start worker threads")?;
+        pool.install(|| run(cli, threads))
+    };
+    match std::panic::catch_unwind(go) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -134,16 +142,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn set_threads(n: Option<usize>) -> Result<usize> {
-    if let Some(n) = n {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's matmul reads RAYON_NUM_THREADS; the global pool serves everything else.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
-    }
-    Ok(rayon::current_num_threads())
+/// Worker threads: `--threads`, else `RAYON_NUM_THREADS`, else all cores. candle's matmul reads
+/// `RAYON_NUM_THREADS` for its own split, so it is set to the same number.
+fn thread_count(n: Option<usize>) -> Result<usize> {
+    let n = match n {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    };
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(n)
 }
 
 fn progress(len: usize, what: &str) -> ProgressBar {
@@ -157,8 +169,7 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let threads = set_threads(cli.threads)?;
+fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
         Cmd::Eval { model, data, seq_len, windows, reference, batch, json } => {
