@@ -30,6 +30,18 @@ impl Acc {
 /// cache while it is scored, and never holds a window's full `[seq, vocab]` logits.
 const VOCAB_CHUNK: usize = 8192;
 
+/// The largest value of a row and its first index.
+fn max_argmax(row: &[f32]) -> (f32, usize) {
+    let (mut m, mut at) = (f32::NEG_INFINITY, 0);
+    for (i, &v) in row.iter().enumerate() {
+        if v > m {
+            m = v;
+            at = i;
+        }
+    }
+    (m, at)
+}
+
 /// Running (online) log-sum-exp, argmax and KL terms for one position, updated slice by slice.
 #[derive(Clone, Copy)]
 struct RowState {
@@ -60,13 +72,7 @@ impl RowState {
 
     /// Folds in logits for vocabulary ids `base..base+row.len()`.
     fn update(&mut self, row: &[f32], reference: Option<&[f32]>, base: usize, target: usize) {
-        let (mut cm, mut ci) = (f32::NEG_INFINITY, 0);
-        for (i, &v) in row.iter().enumerate() {
-            if v > cm {
-                cm = v;
-                ci = i;
-            }
-        }
+        let (cm, ci) = max_argmax(row);
         if cm > self.max {
             self.sum *= ((self.max - cm) as f64).exp();
             self.max = cm;
@@ -78,13 +84,7 @@ impl RowState {
             self.target = row[target - base];
         }
         if let Some(r) = reference {
-            let (mut rm, mut ri) = (f32::NEG_INFINITY, 0);
-            for (i, &v) in r.iter().enumerate() {
-                if v > rm {
-                    rm = v;
-                    ri = i;
-                }
-            }
+            let (rm, ri) = max_argmax(r);
             if rm > self.ref_max {
                 let f = ((self.ref_max - rm) as f64).exp();
                 self.ref_sum *= f;
