@@ -82,6 +82,40 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
     },
+    /// Prune the decoder's linear layers: magnitude, Wanda or SparseGPT; unstructured or N:M.
+    Prune {
+        model: PathBuf,
+        #[arg(long, default_value = "wanda")]
+        method: String,
+        /// Fraction of each linear layer's weights to zero (per output row).
+        #[arg(long, conflicts_with = "pattern", required_unless_present = "pattern")]
+        sparsity: Option<f64>,
+        /// N:M pattern, e.g. 2:4 (keep 2 of every 4 consecutive input weights).
+        #[arg(long)]
+        pattern: Option<String>,
+        /// How the budget is spread over layers: uniform or owl.
+        #[arg(long, default_value = "uniform")]
+        allocation: String,
+        /// Calibration text files (required for wanda and sparsegpt).
+        #[arg(long, num_args = 1..)]
+        calib: Vec<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        calib_windows: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Take every statistic from the dense model instead of the already-pruned layers.
+        #[arg(long)]
+        one_shot: bool,
+        /// Output: a path ending in .gguf is GGUF, anything else an HF folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -176,6 +210,10 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
+        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot, output, dtype, json } => {
+            let opts = PruneArgs { method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot };
+            cmd_prune(model, opts, output, dtype.into(), json)
+        }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
 }
@@ -292,6 +330,95 @@ fn cmd_bench(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize,
         }
         println!("{:<8} {:>14.1} {:>14.1} {:>7.1}%", "median", r.median_gemm_peak, r.median_eval_gflops, 100.0 * r.median_ratio);
         println!("eval tokens/s (median window): {:.1}", r.tokens_per_second);
+    }
+    Ok(())
+}
+
+struct PruneArgs {
+    method: String,
+    sparsity: Option<f64>,
+    pattern: Option<String>,
+    allocation: String,
+    calib: Vec<PathBuf>,
+    calib_windows: usize,
+    seq_len: usize,
+    seed: u64,
+    one_shot: bool,
+}
+
+fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, json: bool) -> Result<()> {
+    use dropwise::formats::gguf::Value;
+    use dropwise::prune::{self, Allocation, Method, Pattern, PruneOptions};
+    let t_start = std::time::Instant::now();
+    let method = Method::parse(&a.method)?;
+    let pattern = match (a.sparsity, &a.pattern) {
+        (Some(s), None) => Pattern::unstructured(s)?,
+        (None, Some(p)) => Pattern::parse_nm(p)?,
+        _ => bail!("give either --sparsity S or --pattern N:M"),
+    };
+    let mut opts = PruneOptions::new(method, pattern);
+    opts.allocation = Allocation::parse(&a.allocation)?;
+    opts.one_shot = a.one_shot;
+    if output.exists() && std::fs::canonicalize(&output).ok() == std::fs::canonicalize(&model).ok() {
+        bail!("output {} is the input; dropwise never overwrites its input", output.display());
+    }
+    let mut m = dropwise::load(&model)?;
+    let t_load = t_start.elapsed().as_secs_f64();
+    let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
+    let (offsets, windows) = if needs_calib {
+        if a.calib.is_empty() {
+            bail!("{} needs calibration text: pass --calib FILE", method.name());
+        }
+        if a.calib_windows == 0 {
+            bail!("--calib-windows must be at least 1");
+        }
+        let ids = data::tokenize_files(&m.tokenizer, &a.calib)?;
+        data::calibration_windows(&ids, a.seq_len, a.calib_windows, a.seed)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let pb = ProgressBar::new(m.model.blocks.len() as u64);
+    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} blocks, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
+    pb.set_message(format!("prune {}", method.name()));
+    let report = prune::prune(&mut m.model, &windows, &opts, &mut |i| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    let t_write = std::time::Instant::now();
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("dropwise.prune.method".to_string(), Value::String(method.name().into()));
+    extra.insert("dropwise.prune.pattern".to_string(), Value::String(report.pattern.clone()));
+    extra.insert("dropwise.prune.allocation".to_string(), Value::String(a.allocation.clone()));
+    extra.insert("dropwise.prune.one_shot".to_string(), Value::Bool(a.one_shot));
+    extra.insert(
+        "dropwise.prune.layer_sparsity".to_string(),
+        Value::Array(report.layer_sparsity.iter().map(|&s| Value::F32(s as f32)).collect()),
+    );
+    extra.insert("dropwise.prune.achieved_sparsity".to_string(), Value::F32(report.achieved_sparsity as f32));
+    extra.insert("dropwise.calib.seed".to_string(), Value::U64(a.seed));
+    extra.insert("dropwise.calib.seq_len".to_string(), Value::U32(a.seq_len as u32));
+    extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
+    dropwise::model::io::save_with_metadata(&m, &m.model, &output, dtype, &extra)?;
+    let write_s = t_write.elapsed().as_secs_f64();
+    let total = t_start.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = model.display().to_string().into();
+        v["output"] = output.display().to_string().into();
+        v["calibration"] = serde_json::json!({"files": a.calib, "windows": windows.len(), "seq_len": a.seq_len, "seed": a.seed, "offsets": offsets});
+        v["load_seconds"] = t_load.into();
+        v["write_seconds"] = write_s.into();
+        v["total_seconds"] = total.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<22} {} {} ({} allocation{})", "pruned", method.name(), report.pattern, a.allocation, if a.one_shot { ", one-shot" } else { "" });
+        println!("{:<22} {:.4} over {} matrices", "achieved sparsity", report.achieved_sparsity, report.matrices.len());
+        let ls: Vec<String> = report.layer_sparsity.iter().map(|s| format!("{s:.3}")).collect();
+        println!("{:<22} {}", "layer sparsity", ls.join(" "));
+        println!("{:<22} {} windows × {} tokens, seed {}", "calibration", windows.len(), a.seq_len, a.seed);
+        println!(
+            "{:<22} load {:.1}s, allocation {:.1}s, calibrate {:.1}s, prune {:.1}s, write {:.1}s, total {:.1}s",
+            "time", t_load, report.allocation_seconds, report.calibrate_seconds, report.prune_seconds, write_s, total
+        );
+        println!("{:<22} {}", "wrote", output.display());
     }
     Ok(())
 }

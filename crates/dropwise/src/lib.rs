@@ -14,6 +14,7 @@ pub mod eval;
 pub mod formats;
 pub mod inspect;
 pub mod model;
+pub mod prune;
 pub mod tokenizer;
 pub mod testing;
 pub mod util;

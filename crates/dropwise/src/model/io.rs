@@ -347,8 +347,22 @@ pub fn save_gguf(
 
 /// Writes the model as an HF folder: config.json, model.safetensors, tokenizer files.
 pub fn save_hf(model: &Llama, tokenizer: &Tokenizer, tokenizer_meta: &TokenizerMeta, path: &Path, dtype: WriteDType) -> Result<()> {
+    save_hf_with(model, tokenizer, tokenizer_meta, path, dtype, serde_json::Map::new())
+}
+
+fn save_hf_with(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    tokenizer_meta: &TokenizerMeta,
+    path: &Path,
+    dtype: WriteDType,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
     let c = &model.config;
     let mut cfg = c.to_hf_json();
+    if !extra.is_empty() {
+        cfg["dropwise"] = serde_json::Value::Object(extra);
+    }
     cfg["torch_dtype"] = serde_json::json!(match dtype {
         WriteDType::F32 => "float32",
         WriteDType::F16 => "float16",
@@ -382,9 +396,27 @@ pub fn save_hf(model: &Llama, tokenizer: &Tokenizer, tokenizer_meta: &TokenizerM
 
 /// Saves by the output's form: a path ending in `.gguf` is a GGUF file, anything else an HF folder.
 pub fn save(loaded: &LoadedModel, model: &Llama, path: &Path, dtype: WriteDType) -> Result<()> {
+    save_with_metadata(loaded, model, path, dtype, &BTreeMap::new())
+}
+
+/// [`save`] with extra metadata (e.g. how the model was pruned): GGUF key/values, or for an HF
+/// folder the same entries under `"dropwise"` in config.json.
+pub fn save_with_metadata(loaded: &LoadedModel, model: &Llama, path: &Path, dtype: WriteDType, extra: &BTreeMap<String, Value>) -> Result<()> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        save_gguf(model, &loaded.tokenizer_meta, &loaded.name, path, dtype, &BTreeMap::new())
+        save_gguf(model, &loaded.tokenizer_meta, &loaded.name, path, dtype, extra)
     } else {
-        save_hf(model, &loaded.tokenizer, &loaded.tokenizer_meta, path, dtype)
+        let extra_json: serde_json::Map<String, serde_json::Value> = extra.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
+        save_hf_with(model, &loaded.tokenizer, &loaded.tokenizer_meta, path, dtype, extra_json)
+    }
+}
+
+fn value_to_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::String(s) => s.clone().into(),
+        Value::Bool(b) => (*b).into(),
+        Value::Array(a) => a.iter().map(value_to_json).collect::<Vec<_>>().into(),
+        Value::F32(x) => (*x as f64).into(),
+        Value::F64(x) => (*x).into(),
+        other => other.as_i64().map(Into::into).unwrap_or(serde_json::Value::Null),
     }
 }

@@ -289,7 +289,8 @@ impl Llama {
         Ok(e.broadcast_div(&s)?)
     }
 
-    fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
+    /// Linear layer `kind` of block `layer` on `x`, after letting the hooks see (or replace) `x`.
+    pub fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
         let lin = self.blocks[layer].linear(kind);
         match hooks.linear_input(layer, kind, x)? {
             Some(replaced) => lin.forward(&replaced),
@@ -298,7 +299,9 @@ impl Llama {
     }
 
     /// Runs block `layer` on hidden states `[b, seq, hidden]`. `mask` is the additive causal mask
-    /// `[seq, seq]`; `cos`/`sin` come from [`Llama::rope_tables`].
+    /// `[seq, seq]`; `cos`/`sin` come from [`Llama::rope_tables`]. The block is the composition of
+    /// its stages ([`Llama::attn_norm`], [`Llama::attention_context`], [`Llama::mlp_norm`],
+    /// [`Llama::mlp_hidden`]), which calibration may also run one at a time.
     pub fn forward_block(
         &self,
         layer: usize,
@@ -308,63 +311,88 @@ impl Llama {
         sin: &Tensor,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
-        let blk = &self.blocks[layer];
-        let (b, t, _) = h.dims3()?;
-        let hd = self.config.head_dim;
-        let n_q = blk.q.out_features() / hd;
-        let n_kv = blk.k.out_features() / hd;
         hooks.block_input(layer, h)?;
-
-        let x = self.rms_norm(h, &blk.attn_norm)?;
-        let attn_out = if n_q == 0 {
-            None
-        } else {
-            let q = self.hooked_linear(hooks, layer, LinearKind::Q, &x)?;
-            let k = self.hooked_linear(hooks, layer, LinearKind::K, &x)?;
-            let v = self.hooked_linear(hooks, layer, LinearKind::V, &x)?;
-            let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
-            let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
-            let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
-            let k = self.rope(&k, cos, sin)?;
-            let rep = n_q / n_kv;
-            let ctx = if self.differentiable || hooks.wants_attention_probs() {
-                // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
-                // head are stacked along the sequence axis, so one matmul serves the whole group.
-                let qg = q.reshape((b, n_kv, rep * t, hd))?;
-                let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
-                let probs = if self.differentiable {
-                    self.softmax(&scores.broadcast_add(mask)?)?
-                } else {
-                    kernels::causal_softmax(&scores)?
-                };
-                hooks.attention_probs(layer, &probs)?;
-                probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?.reshape((b, n_q, t, hd))?
-            } else {
-                self.causal_attention_blocked(&q, &k, &v, rep)?
-            };
-            let ctx = ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?;
-            Some(self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)
-        };
-        let h = match attn_out {
-            Some(a) => (h + a)?,
+        let x = self.attn_norm(layer, h)?;
+        let h = match self.attention_context(layer, &x, mask, cos, sin, hooks)? {
+            Some(ctx) => (h + self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)?,
             None => h.clone(),
         };
-
-        let x = self.rms_norm(&h, &blk.mlp_norm)?;
-        let h = if blk.gate.out_features() == 0 {
-            h
-        } else {
-            let g = self.hooked_linear(hooks, layer, LinearKind::Gate, &x)?;
-            let u = self.hooked_linear(hooks, layer, LinearKind::Up, &x)?;
-            let a = if self.differentiable { (g.silu()? * u)? } else { kernels::silu_mul(&g, &u)? };
-            let d = self.hooked_linear(hooks, layer, LinearKind::Down, &a)?;
-            (h + d)?
+        let x = self.mlp_norm(layer, &h)?;
+        let h = match self.mlp_hidden(layer, &x, hooks)? {
+            Some(a) => (&h + self.hooked_linear(hooks, layer, LinearKind::Down, &a)?)?,
+            None => h,
         };
         Ok(match hooks.block_output(layer, &h)? {
             Some(replaced) => replaced,
             None => h,
         })
+    }
+
+    /// Block `layer`'s pre-attention RMS norm: the input of q, k and v.
+    pub fn attn_norm(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
+        self.rms_norm(h, &self.blocks[layer].attn_norm)
+    }
+
+    /// Block `layer`'s pre-MLP RMS norm: the input of gate and up.
+    pub fn mlp_norm(&self, layer: usize, h: &Tensor) -> Result<Tensor> {
+        self.rms_norm(h, &self.blocks[layer].mlp_norm)
+    }
+
+    /// Attention of block `layer` from its normed input `x` `[b, seq, hidden]` up to the input of
+    /// o_proj `[b, seq, heads·head_dim]`; `None` when the block has no heads left.
+    pub fn attention_context(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Option<Tensor>> {
+        let blk = &self.blocks[layer];
+        let (b, t, _) = x.dims3()?;
+        let hd = self.config.head_dim;
+        let n_q = blk.q.out_features() / hd;
+        let n_kv = blk.k.out_features() / hd;
+        if n_q == 0 {
+            return Ok(None);
+        }
+        let q = self.hooked_linear(hooks, layer, LinearKind::Q, x)?;
+        let k = self.hooked_linear(hooks, layer, LinearKind::K, x)?;
+        let v = self.hooked_linear(hooks, layer, LinearKind::V, x)?;
+        let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.rope(&k, cos, sin)?;
+        let rep = n_q / n_kv;
+        let ctx = if self.differentiable || hooks.wants_attention_probs() {
+            // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
+            // head are stacked along the sequence axis, so one matmul serves the whole group.
+            let qg = q.reshape((b, n_kv, rep * t, hd))?;
+            let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
+            let probs = if self.differentiable {
+                self.softmax(&scores.broadcast_add(mask)?)?
+            } else {
+                kernels::causal_softmax(&scores)?
+            };
+            hooks.attention_probs(layer, &probs)?;
+            probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?.reshape((b, n_q, t, hd))?
+        } else {
+            self.causal_attention_blocked(&q, &k, &v, rep)?
+        };
+        Ok(Some(ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?))
+    }
+
+    /// The MLP of block `layer` from its normed input up to the input of down_proj,
+    /// `silu(gate(x)) · up(x)`; `None` when the block has no neurons left.
+    pub fn mlp_hidden(&self, layer: usize, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Option<Tensor>> {
+        if self.blocks[layer].gate.out_features() == 0 {
+            return Ok(None);
+        }
+        let g = self.hooked_linear(hooks, layer, LinearKind::Gate, x)?;
+        let u = self.hooked_linear(hooks, layer, LinearKind::Up, x)?;
+        Ok(Some(if self.differentiable { (g.silu()? * u)? } else { kernels::silu_mul(&g, &u)? }))
     }
 
     /// Inference attention in blocks of query positions: block `[s, s+B)` only multiplies

@@ -1,0 +1,393 @@
+//! Weight pruning of the decoder blocks' linear layers (q, k, v, o, gate, up, down): magnitude,
+//! Wanda and SparseGPT, unstructured or N:M, with uniform or OWL layer budgets.
+//!
+//! Calibration streams the calibration windows through the model block by block, holding only
+//! the hidden states entering the current block. By default it is sequential at sub-layer
+//! granularity: q/k/v are scored on the block's normed input, pruned, and the attention output
+//! that o_proj sees is computed with the pruned q/k/v; likewise gate/up before down, and the next
+//! block receives the pruned block's output (the papers' sequential setting). `one_shot` takes
+//! every statistic from the dense model instead.
+
+pub mod mask;
+pub mod sparsegpt;
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde::Serialize;
+
+pub use mask::Pattern;
+
+use crate::model::{LinearKind, Llama, NoHooks};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Magnitude,
+    Wanda,
+    SparseGpt,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "magnitude" => Method::Magnitude,
+            "wanda" => Method::Wanda,
+            "sparsegpt" => Method::SparseGpt,
+            o => bail!("unknown pruning method '{o}' (supported: magnitude, wanda, sparsegpt)"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Magnitude => "magnitude",
+            Method::Wanda => "wanda",
+            Method::SparseGpt => "sparsegpt",
+        }
+    }
+    fn needs_calibration(self) -> bool {
+        self != Method::Magnitude
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    Uniform,
+    Owl,
+}
+
+impl Allocation {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "uniform" => Allocation::Uniform,
+            "owl" => Allocation::Owl,
+            o => bail!("unknown allocation '{o}' (supported: uniform, owl)"),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    pub method: Method,
+    pub pattern: Pattern,
+    pub allocation: Allocation,
+    pub one_shot: bool,
+    /// OWL: a weight is an outlier when its Wanda score exceeds `owl_m` × its layer's mean.
+    pub owl_m: f64,
+    /// OWL: layer sparsities span at most 2·`owl_lambda`, centred on the target.
+    pub owl_lambda: f64,
+}
+
+impl PruneOptions {
+    pub fn new(method: Method, pattern: Pattern) -> Self {
+        Self { method, pattern, allocation: Allocation::Uniform, one_shot: false, owl_m: 5.0, owl_lambda: 0.08 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixReport {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub sparsity: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub method: Method,
+    pub pattern: String,
+    pub allocation: Allocation,
+    pub one_shot: bool,
+    /// Target sparsity of each block's linear layers.
+    pub layer_sparsity: Vec<f64>,
+    /// OWL's per-layer outlier ratios (share of Wanda scores above M × the layer mean).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_ratio: Option<Vec<f64>>,
+    /// Zeros over all pruned weights, as measured in the pruned matrices.
+    pub achieved_sparsity: f64,
+    pub matrices: Vec<MatrixReport>,
+    pub allocation_seconds: f64,
+    pub calibrate_seconds: f64,
+    pub prune_seconds: f64,
+}
+
+/// What calibration gathers about one linear layer's input: Σ x_j² per input channel (Wanda,
+/// OWL) and, for SparseGPT, the Hessian Σ xᵀx.
+struct InputStats {
+    sum_sq: Vec<f64>,
+    hessian: Option<Vec<f64>>,
+    width: usize,
+}
+
+impl InputStats {
+    fn new(width: usize, hessian: bool) -> Self {
+        Self { sum_sq: vec![0.0; width], hessian: hessian.then(|| vec![0.0; width * width]), width }
+    }
+    fn add(&mut self, x: &Tensor) -> Result<()> {
+        let rows = x.elem_count() / self.width;
+        let x2 = x.reshape((rows, self.width))?;
+        let sq: Vec<f32> = x2.sqr()?.sum(0)?.to_vec1()?;
+        for (a, s) in self.sum_sq.iter_mut().zip(sq) {
+            *a += s as f64;
+        }
+        if let Some(h) = self.hessian.as_mut() {
+            let xtx: Vec<f32> = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1()?;
+            for (a, v) in h.iter_mut().zip(xtx) {
+                *a += v as f64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The four distinct inputs of a block's linear layers and who reads them.
+const GROUPS: [&[LinearKind]; 4] =
+    [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
+
+fn weight_vec(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
+    let (r, c) = t.dims2()?;
+    Ok((t.flatten_all()?.to_vec1()?, r, c))
+}
+
+/// Prunes a `rows × cols` weight matrix in place by `method`, from its input statistics.
+fn prune_matrix(w: &mut [f32], rows: usize, cols: usize, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<()> {
+    pattern.check_cols(cols)?;
+    match method {
+        Method::Magnitude | Method::Wanda => {
+            let scores: Vec<f32> = match (method, stats) {
+                (Method::Wanda, Some(st)) => {
+                    let norms: Vec<f32> = st.sum_sq.iter().map(|s| s.sqrt() as f32).collect();
+                    w.chunks(cols).flat_map(|row| row.iter().zip(&norms).map(|(x, n)| x.abs() * n)).collect()
+                }
+                (Method::Wanda, None) => bail!("Wanda needs calibration statistics"),
+                _ => w.iter().map(|x| x.abs()).collect(),
+            };
+            let m = mask::select(&scores, rows, cols, pattern)?;
+            for (x, drop) in w.iter_mut().zip(m) {
+                if drop {
+                    *x = 0.0;
+                }
+            }
+        }
+        Method::SparseGpt => {
+            let h = stats.and_then(|s| s.hessian.as_ref()).context("SparseGPT needs calibration Hessians")?;
+            if let Pattern::NM { m, .. } = pattern {
+                if sparsegpt::BLOCK % m != 0 {
+                    bail!("SparseGPT's {}-column blocks cannot hold whole groups of {m}", sparsegpt::BLOCK);
+                }
+            }
+            sparsegpt::prune(w, rows, cols, h, pattern)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prunes one weight matrix `w` (`rows × cols`) given its calibration inputs `x` (`[tokens, cols]`;
+/// magnitude ignores them): the single-layer form of [`prune`], for tests and experiments.
+pub fn prune_weights(method: Method, w: &mut [f32], rows: usize, cols: usize, x: &Tensor, pattern: Pattern) -> Result<()> {
+    let mut st = InputStats::new(cols, method == Method::SparseGpt);
+    st.add(x)?;
+    prune_matrix(w, rows, cols, Some(&st), method, pattern)
+}
+
+/// Prunes linear layer `kind` of block `layer` in place, verifies its pattern, and reports it.
+fn prune_linear(model: &mut Llama, layer: usize, kind: LinearKind, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<MatrixReport> {
+    let name = format!("model.layers.{layer}.{}.weight", kind.hf_name());
+    let lin = model.blocks[layer].linear_mut(kind);
+    let (mut w, rows, cols) = weight_vec(&lin.weight)?;
+    prune_matrix(&mut w, rows, cols, stats, method, pattern).with_context(|| name.clone())?;
+    let achieved = mask::verify(&w, rows, cols, pattern).with_context(|| name.clone())?;
+    lin.weight = Tensor::from_vec(w, (rows, cols), lin.weight.device())?;
+    Ok(MatrixReport { name, rows, cols, sparsity: achieved })
+}
+
+/// Streams `windows` through the model block by block, calling `visit(layer, group, stats)`
+/// after each group's statistics are complete (so the visitor may prune that group before the
+/// next group's inputs are computed). With `dense_propagation`, the hidden states passed on are
+/// computed with the weights as they were before the visit of each group.
+fn stream_blocks(
+    model: &mut Llama,
+    windows: &[Vec<u32>],
+    hessian: bool,
+    dense_propagation: bool,
+    progress: &mut dyn FnMut(usize),
+    visit: &mut dyn FnMut(&mut Llama, usize, usize, &InputStats) -> Result<()>,
+) -> Result<()> {
+    let t = windows[0].len();
+    let mask = model.causal_mask(t)?;
+    let (cos, sin) = model.rope_tables(t)?;
+    let mut h: Vec<Tensor> = windows
+        .iter()
+        .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
+        .collect::<Result<_>>()?;
+    let hidden = model.config.hidden_size;
+    for layer in 0..model.blocks.len() {
+        // The dense copy of this block, kept only when statistics must come from dense weights.
+        let dense = dense_propagation.then(|| model.blocks[layer].clone());
+        // Group 0: q/k/v read the normed block input.
+        let xs: Vec<Tensor> = h.iter().map(|hi| model.attn_norm(layer, hi)).collect::<Result<_>>()?;
+        let mut st = InputStats::new(hidden, hessian);
+        for x in &xs {
+            st.add(x)?;
+        }
+        visit(model, layer, 0, &st)?;
+        let with = |model: &mut Llama, f: &mut dyn FnMut(&Llama) -> Result<Tensor>| -> Result<Tensor> {
+            match &dense {
+                Some(d) => {
+                    let pruned = std::mem::replace(&mut model.blocks[layer], d.clone());
+                    let r = f(model);
+                    model.blocks[layer] = pruned;
+                    r
+                }
+                None => f(model),
+            }
+        };
+        let mut ctxs = Vec::with_capacity(xs.len());
+        for x in &xs {
+            let c = with(model, &mut |m| m.attention_context(layer, x, &mask, &cos, &sin, &mut NoHooks)?.context("block has no heads"))?;
+            ctxs.push(c);
+        }
+        drop(xs);
+        // Group 1: o_proj reads the attention context.
+        let mut st = InputStats::new(ctxs[0].dim(2)?, hessian);
+        for c in &ctxs {
+            st.add(c)?;
+        }
+        visit(model, layer, 1, &st)?;
+        for (hi, c) in h.iter_mut().zip(&ctxs) {
+            let o = with(model, &mut |m| m.blocks[layer].o.forward(c))?;
+            *hi = (&*hi + o)?;
+        }
+        drop(ctxs);
+        // Group 2: gate/up read the normed residual.
+        let xs: Vec<Tensor> = h.iter().map(|hi| model.mlp_norm(layer, hi)).collect::<Result<_>>()?;
+        let mut st = InputStats::new(hidden, hessian);
+        for x in &xs {
+            st.add(x)?;
+        }
+        visit(model, layer, 2, &st)?;
+        let mut acts = Vec::with_capacity(xs.len());
+        for x in &xs {
+            acts.push(with(model, &mut |m| m.mlp_hidden(layer, x, &mut NoHooks)?.context("block has no MLP"))?);
+        }
+        drop(xs);
+        // Group 3: down reads silu(gate)·up.
+        let mut st = InputStats::new(acts[0].dim(2)?, hessian);
+        for a in &acts {
+            st.add(a)?;
+        }
+        visit(model, layer, 3, &st)?;
+        for (hi, a) in h.iter_mut().zip(&acts) {
+            let d = with(model, &mut |m| m.blocks[layer].down.forward(a))?;
+            *hi = (&*hi + d)?;
+        }
+        progress(layer + 1);
+    }
+    Ok(())
+}
+
+/// OWL layer sparsities: outlier ratio D_l = share of Wanda scores in block l above `m` × the
+/// block's mean score (dense model); D is scaled to [0, 2λ], centred, and layer density is
+/// (1 − target) + (D_l − mean D), so layers with more outliers are pruned less. As in OWL's
+/// reference code, the sparsities span 2λ around the target (not ±λ about it) and keep its mean.
+fn owl_sparsities(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, target: f64) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = model.blocks.len();
+    let mut above = vec![0usize; n];
+    let mut total = vec![0usize; n];
+    let mut scores_by_layer: Vec<Vec<f32>> = vec![Vec::new(); n];
+    stream_blocks(model, windows, false, true, &mut |_| {}, &mut |m, layer, group, st| {
+        let norms: Vec<f32> = st.sum_sq.iter().map(|s| s.sqrt() as f32).collect();
+        for kind in GROUPS[group] {
+            let (w, _, cols) = weight_vec(&m.blocks[layer].linear(*kind).weight)?;
+            scores_by_layer[layer].extend(w.chunks(cols).flat_map(|row| row.iter().zip(&norms).map(|(x, n)| x.abs() * n)));
+        }
+        if group == 3 {
+            let s = std::mem::take(&mut scores_by_layer[layer]);
+            let mean = s.iter().map(|&x| x as f64).sum::<f64>() / s.len() as f64;
+            above[layer] = s.iter().filter(|&&x| x as f64 > opts.owl_m * mean).count();
+            total[layer] = s.len();
+        }
+        Ok(())
+    })?;
+    let ratio: Vec<f64> = above.iter().zip(&total).map(|(&a, &t)| a as f64 / t.max(1) as f64).collect();
+    let (lo, hi) = ratio.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &r| (l.min(r), h.max(r)));
+    let scaled: Vec<f64> = ratio.iter().map(|r| if hi > lo { (r - lo) / (hi - lo) * 2.0 * opts.owl_lambda } else { 0.0 }).collect();
+    let mean = scaled.iter().sum::<f64>() / n as f64;
+    let sparsity: Vec<f64> = scaled.iter().map(|d| (target - (d - mean)).clamp(0.0, 0.99)).collect();
+    Ok((sparsity, ratio))
+}
+
+/// Prunes the model's decoder linear layers in place. `windows` are the calibration windows
+/// (ignored by magnitude pruning); `progress` is told after each block.
+pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progress: &mut dyn FnMut(usize)) -> Result<PruneReport> {
+    let n = model.blocks.len();
+    if opts.method.needs_calibration() && windows.is_empty() {
+        bail!("{} needs calibration windows", opts.method.name());
+    }
+    let t0 = Instant::now();
+    let (layer_sparsity, outlier_ratio) = match (opts.allocation, opts.pattern) {
+        (Allocation::Uniform, p) => (vec![p.sparsity(); n], None),
+        (Allocation::Owl, Pattern::Unstructured(s)) => {
+            let (sp, r) = owl_sparsities(model, windows, opts, s)?;
+            (sp, Some(r))
+        }
+        (Allocation::Owl, Pattern::NM { .. }) => bail!("OWL allocation varies sparsity by layer; it applies to unstructured sparsity, not N:M"),
+    };
+    let allocation_seconds = t0.elapsed().as_secs_f64();
+    let pattern_for = |layer: usize| match opts.pattern {
+        Pattern::Unstructured(_) => Pattern::Unstructured(layer_sparsity[layer]),
+        p => p,
+    };
+    let mut matrices = Vec::new();
+    let mut prune_seconds = 0.0;
+    let t1 = Instant::now();
+    if opts.method.needs_calibration() {
+        let hessian = opts.method == Method::SparseGpt;
+        let mut pending: Vec<(usize, InputStats)> = Vec::new();
+        stream_blocks(model, windows, hessian, opts.one_shot, progress, &mut |m, layer, group, st| {
+            let tp = Instant::now();
+            if opts.one_shot {
+                // Statistics come from the dense block; prune the whole block once all are in.
+                pending.push((group, InputStats { sum_sq: st.sum_sq.clone(), hessian: st.hessian.clone(), width: st.width }));
+                if group == 3 {
+                    for (g, s) in pending.drain(..) {
+                        for kind in GROUPS[g] {
+                            matrices.push(prune_linear(m, layer, *kind, Some(&s), opts.method, pattern_for(layer))?);
+                        }
+                    }
+                }
+            } else {
+                for kind in GROUPS[group] {
+                    matrices.push(prune_linear(m, layer, *kind, Some(st), opts.method, pattern_for(layer))?);
+                }
+            }
+            prune_seconds += tp.elapsed().as_secs_f64();
+            Ok(())
+        })?;
+    } else {
+        for layer in 0..n {
+            for kind in LinearKind::ALL {
+                matrices.push(prune_linear(model, layer, kind, None, opts.method, pattern_for(layer))?);
+            }
+            progress(layer + 1);
+        }
+        prune_seconds = t1.elapsed().as_secs_f64();
+    }
+    let total_time = t1.elapsed().as_secs_f64();
+    let weights: usize = matrices.iter().map(|m| m.rows * m.cols).sum();
+    let zeros: f64 = matrices.iter().map(|m| m.sparsity * (m.rows * m.cols) as f64).sum();
+    Ok(PruneReport {
+        method: opts.method,
+        pattern: opts.pattern.describe(),
+        allocation: opts.allocation,
+        one_shot: opts.one_shot,
+        layer_sparsity,
+        outlier_ratio,
+        achieved_sparsity: zeros / weights.max(1) as f64,
+        matrices,
+        allocation_seconds,
+        calibrate_seconds: total_time - prune_seconds,
+        prune_seconds,
+    })
+}

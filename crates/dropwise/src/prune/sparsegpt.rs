@@ -1,0 +1,182 @@
+//! SparseGPT (Frantar & Alistarh, 2023): prune a linear layer so that its output on calibration
+//! inputs changes least, using the inverse Hessian of the layer-wise reconstruction problem.
+//!
+//! For `W` `[out, in]` with calibration inputs `X` (H = XᵀX): damp H by 1 % of its mean diagonal,
+//! take the upper Cholesky factor `U` of H⁻¹ (UᵀU = H⁻¹), and sweep the columns in blocks of 128.
+//! Within a block the mask is chosen adaptively from the *current* (already error-compensated)
+//! weights by `w² / U_jj²`; each column is then zeroed where masked and its error
+//! `(w − q) / U_jj` is spread over the block's later columns, and after the block over all later
+//! columns with one matrix product. Masks are chosen per output row so every row gets exactly its
+//! share of zeros (rounded per block so the row total is exact); N:M picks per group of M.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::mask::{lowest_k, zeros_per_row, Pattern};
+
+/// Column block width of the sweep (the paper's B).
+pub const BLOCK: usize = 128;
+/// Dampening as a fraction of the mean Hessian diagonal (the paper's λ).
+pub const PERCDAMP: f64 = 0.01;
+
+/// In-place lower Cholesky factor of the symmetric positive-definite `n × n` matrix `a`
+/// (row-major); the strict upper triangle is zeroed.
+pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<()> {
+    for j in 0..n {
+        let (head, tail) = a.split_at_mut((j + 1) * n);
+        let row_j = &mut head[j * n..];
+        let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
+        if !(d > 0.0) || !d.is_finite() {
+            bail!("matrix is not positive definite (pivot {j} is {d})");
+        }
+        let d = d.sqrt();
+        row_j[j] = d;
+        let rj = &row_j[..j];
+        tail.par_chunks_mut(n).for_each(|row_i| {
+            let dot: f64 = row_i[..j].iter().zip(rj).map(|(x, y)| x * y).sum();
+            row_i[j] = (row_i[j] - dot) / d;
+        });
+    }
+    for i in 0..n {
+        a[i * n + i + 1..(i + 1) * n].fill(0.0);
+    }
+    Ok(())
+}
+
+/// Inverse of a lower-triangular `n × n` matrix (row-major), by forward substitution per column.
+pub fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
+    // Columns are independent; solve them in parallel into column-major storage, then transpose.
+    let cols: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|c| {
+            let mut x = vec![0.0; n];
+            for i in c..n {
+                let row = &l[i * n..i * n + i];
+                let s: f64 = row[c..].iter().zip(&x[c..i]).map(|(a, b)| a * b).sum();
+                let rhs = if i == c { 1.0 } else { 0.0 };
+                x[i] = (rhs - s) / l[i * n + i];
+            }
+            x
+        })
+        .collect();
+    let mut out = vec![0.0; n * n];
+    for (c, col) in cols.iter().enumerate() {
+        for i in c..n {
+            out[i * n + c] = col[i];
+        }
+    }
+    out
+}
+
+/// Upper Cholesky factor `U` of the inverse of the damped Hessian (UᵀU = (H + λI)⁻¹), row-major,
+/// with columns that never saw an input (zero diagonal) made inert. Returns U and the dead columns.
+pub fn inverse_hessian_factor(h: &[f64], n: usize) -> Result<(Vec<f64>, Vec<bool>)> {
+    let mut a = h.to_vec();
+    let mut dead = vec![false; n];
+    for i in 0..n {
+        if a[i * n + i] == 0.0 {
+            dead[i] = true;
+            a[i * n + i] = 1.0;
+        }
+    }
+    let mean_diag = (0..n).map(|i| a[i * n + i]).sum::<f64>() / n as f64;
+    let damp = PERCDAMP * mean_diag;
+    for i in 0..n {
+        a[i * n + i] += damp;
+    }
+    cholesky_lower(&mut a, n)?;
+    let linv = invert_lower(&a, n);
+    // H⁻¹ = L⁻ᵀ L⁻¹
+    let li = Tensor::from_vec(linv, (n, n), &Device::Cpu)?;
+    let hinv = li.t()?.matmul(&li)?;
+    let mut hinv: Vec<f64> = hinv.flatten_all()?.to_vec1()?;
+    cholesky_lower(&mut hinv, n)?;
+    // U = Lᵀ of the inverse's lower factor.
+    let mut u = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            u[j * n + i] = hinv[i * n + j];
+        }
+    }
+    Ok((u, dead))
+}
+
+/// Prunes `w` (`rows × cols`, row-major) in place with SparseGPT given the Hessian `h` = Σ xᵀx
+/// (`cols × cols`) of its calibration inputs.
+pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f64], pattern: Pattern) -> Result<()> {
+    pattern.check_cols(cols)?;
+    if w.len() != rows * cols || h.len() != cols * cols {
+        bail!("SparseGPT: weight {}×{} or Hessian size {} does not match", rows, cols, h.len());
+    }
+    let (u, dead) = inverse_hessian_factor(h, cols)?;
+    for row in w.chunks_mut(cols) {
+        for (x, &d) in row.iter_mut().zip(&dead) {
+            if d {
+                *x = 0.0;
+            }
+        }
+    }
+    let sparsity = pattern.sparsity();
+    let mut i1 = 0;
+    while i1 < cols {
+        let i2 = (i1 + BLOCK).min(cols);
+        let bs = i2 - i1;
+        // Zeros this block owes each row: cumulative rounding keeps the row total exact.
+        let k_block = zeros_per_row(sparsity, i2) - zeros_per_row(sparsity, i1);
+        let diag: Vec<f64> = (i1..i2).map(|j| u[j * cols + j]).collect();
+        // Each row's sweep within the block depends only on that row and U: run rows in parallel.
+        let errs: Vec<f32> = w
+            .par_chunks_mut(cols)
+            .flat_map_iter(|row| {
+                let w1 = &mut row[i1..i2];
+                let mut err = vec![0f32; bs];
+                let mut masked = vec![false; bs];
+                if let Pattern::Unstructured(_) = pattern {
+                    let score: Vec<f32> = w1.iter().zip(&diag).map(|(&x, &d)| ((x as f64).powi(2) / (d * d)) as f32).collect();
+                    for j in lowest_k(&score, k_block) {
+                        masked[j] = true;
+                    }
+                }
+                for i in 0..bs {
+                    if let Pattern::NM { n, m } = pattern {
+                        if (i1 + i) % m == 0 {
+                            let end = (i + m).min(bs);
+                            let score: Vec<f32> =
+                                (i..end).map(|j| ((w1[j] as f64).powi(2) / (diag[j] * diag[j])) as f32).collect();
+                            for j in lowest_k(&score, m - n) {
+                                masked[i + j] = true;
+                            }
+                        }
+                    }
+                    let x = w1[i];
+                    let q = if masked[i] { 0.0 } else { x };
+                    let e = ((x - q) as f64 / diag[i]) as f32;
+                    err[i] = e;
+                    if e != 0.0 {
+                        let urow = &u[(i1 + i) * cols + i1 + i..(i1 + i) * cols + i2];
+                        for (wj, &uij) in w1[i..].iter_mut().zip(urow) {
+                            *wj -= (e as f64 * uij) as f32;
+                        }
+                    }
+                    w1[i] = q;
+                }
+                err
+            })
+            .collect();
+        if i2 < cols {
+            // W[:, i2:] -= Err · U[i1:i2, i2:]
+            let e = Tensor::from_vec(errs, (rows, bs), &Device::Cpu)?;
+            let ub: Vec<f32> = (i1..i2).flat_map(|r| u[r * cols + i2..(r + 1) * cols].iter().map(|&x| x as f32)).collect();
+            let ub = Tensor::from_vec(ub, (bs, cols - i2), &Device::Cpu)?;
+            let upd: Vec<f32> = e.matmul(&ub)?.flatten_all()?.to_vec1()?;
+            w.par_chunks_mut(cols).zip(upd.par_chunks(cols - i2)).for_each(|(row, d)| {
+                for (x, y) in row[i2..].iter_mut().zip(d) {
+                    *x -= y;
+                }
+            });
+        }
+        i1 = i2;
+    }
+    Ok(())
+}
