@@ -19,7 +19,9 @@ use serde::Serialize;
 
 pub use mask::Pattern;
 
+use crate::model::kernels::with_f32_slice;
 use crate::model::{LinearKind, Llama, NoHooks};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,11 +127,31 @@ impl InputStats {
         Self { sum_sq: vec![0.0; width], hessian: hessian.then(|| vec![0.0; width * width]), width }
     }
     fn add(&mut self, x: &Tensor) -> Result<()> {
-        let rows = x.elem_count() / self.width;
-        let x2 = x.reshape((rows, self.width))?;
-        let sq: Vec<f32> = x2.sqr()?.sum(0)?.to_vec1()?;
-        for (a, s) in self.sum_sq.iter_mut().zip(sq) {
-            *a += s as f64;
+        let w = self.width;
+        let rows = x.elem_count() / w;
+        let x2 = x.reshape((rows, w))?;
+        // Column sums of squares straight from the buffer, rows split across threads (candle's
+        // reduction over the row axis is a strided pass and was most of calibration's overhead).
+        let partial = with_f32_slice(&x2, |s| {
+            s.par_chunks(w * 64)
+                .map(|chunk| {
+                    let mut acc = vec![0f64; w];
+                    for row in chunk.chunks(w) {
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a += (v as f64) * (v as f64);
+                        }
+                    }
+                    acc
+                })
+                .reduce(|| vec![0f64; w], |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                })
+        })?;
+        for (a, s) in self.sum_sq.iter_mut().zip(partial) {
+            *a += s;
         }
         if let Some(h) = self.hessian.as_mut() {
             let xtx: Vec<f32> = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1()?;
