@@ -1400,3 +1400,73 @@ fn convert_onto_non_model_folder() {
     assert_eq!(std::fs::read_to_string(target.join("notes.txt")).unwrap(), "keep me");
     assert_eq!(dir_listing(&target), vec![OsString::from("notes.txt")]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pruning: impossible budgets and missing calibration
+// ---------------------------------------------------------------------------------------------
+
+fn prune_case(case: &str, extra: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = valid_gguf(dir.path());
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(&calib, testing::sample_text(4000)).unwrap();
+    let out = dir.path().join("pruned.gguf");
+    let mut args: Vec<OsString> = vec!["prune".into(), model.clone().into_os_string(), "-o".into(), out.clone().into_os_string()];
+    for a in extra {
+        args.push(if *a == "CALIB" { calib.clone().into_os_string() } else { OsString::from(a) });
+    }
+    let o = dropwise(args);
+    assert_clean_error(case, &o, needles);
+    assert!(!out.exists(), "{case}: wrote an output despite failing");
+}
+
+#[test]
+fn prune_sparsity_above_one() {
+    prune_case("--sparsity 1.5", &["--method", "magnitude", "--sparsity", "1.5"], &["sparsity"]);
+}
+
+#[test]
+fn prune_sparsity_negative() {
+    prune_case("--sparsity -0.1", &["--method", "magnitude", "--sparsity=-0.1"], &["sparsity"]);
+}
+
+#[test]
+fn prune_pattern_n_not_below_m() {
+    prune_case("--pattern 4:2", &["--method", "magnitude", "--pattern", "4:2"], &["4:2"]);
+}
+
+#[test]
+fn prune_pattern_not_nm() {
+    prune_case("--pattern 2-4", &["--method", "magnitude", "--pattern", "2-4"], &["N:M"]);
+}
+
+#[test]
+fn prune_pattern_groups_do_not_divide_rows() {
+    // The tiny model's rows are 64 and 96 wide: groups of 7 do not fit.
+    prune_case("--pattern 3:7", &["--method", "magnitude", "--pattern", "3:7"], &["groups of 7"]);
+}
+
+#[test]
+fn prune_unknown_method() {
+    prune_case("--method obs", &["--method", "obs", "--sparsity", "0.5"], &["magnitude, wanda, sparsegpt"]);
+}
+
+#[test]
+fn prune_wanda_without_calibration() {
+    prune_case("wanda without --calib", &["--method", "wanda", "--sparsity", "0.5"], &["--calib"]);
+}
+
+#[test]
+fn prune_owl_with_nm() {
+    prune_case("owl with 2:4", &["--method", "wanda", "--pattern", "2:4", "--allocation", "owl", "--calib", "CALIB", "--seq-len", "16", "--calib-windows", "2"], &["N:M"]);
+}
+
+#[test]
+fn prune_calibration_text_too_short() {
+    prune_case("calibration shorter than a window", &["--method", "wanda", "--sparsity", "0.5", "--calib", "CALIB", "--seq-len", "100000"], &["shorter than one window"]);
+}
+
+#[test]
+fn prune_sparsity_and_pattern_together() {
+    prune_case("--sparsity with --pattern", &["--method", "magnitude", "--sparsity", "0.5", "--pattern", "2:4"], &[]);
+}
