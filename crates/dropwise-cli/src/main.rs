@@ -116,6 +116,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Per-layer diagnostics: PQ Index, outlier ratio, Block Influence, activation norms.
+    Analyze {
+        model: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        calib: Vec<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        calib_windows: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write an HTML page with plots across depth into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -220,6 +237,9 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot, output, dtype, json } => {
             let opts = PruneArgs { method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot };
             cmd_prune(model, opts, output, dtype.into(), json)
+        }
+        Cmd::Analyze { model, calib, calib_windows, seq_len, seed, report, json } => {
+            cmd_analyze(model, calib, calib_windows, seq_len, seed, report, json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
@@ -426,6 +446,60 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
             "time", t_load, report.allocation_seconds, report.calibrate_seconds, report.prune_seconds, write_s, total
         );
         println!("{:<22} {}", "wrote", output.display());
+    }
+    Ok(())
+}
+
+fn cmd_analyze(model: PathBuf, calib: Vec<PathBuf>, n: usize, seq_len: usize, seed: u64, report: Option<PathBuf>, json: bool) -> Result<()> {
+    if n == 0 {
+        bail!("--calib-windows must be at least 1");
+    }
+    if let Some(dir) = &report {
+        if dir.exists() && !dir.is_dir() {
+            bail!("--report {} exists and is not a folder", dir.display());
+        }
+    }
+    let m = dropwise::load(&model)?;
+    let ids = data::tokenize_files(&m.tokenizer, &calib)?;
+    let (offsets, windows) = data::calibration_windows(&ids, seq_len, n, seed)?;
+    let pb = progress(windows.len(), "analyze");
+    let rows = dropwise::analyze::analyze(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    let calib_desc = format!(
+        "{} windows × {seq_len} tokens from {} at seeded offsets (seed {seed})",
+        windows.len(),
+        calib.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    if let Some(dir) = &report {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let page = dropwise::analyze::html_report(&model.display().to_string(), &rows, &calib_desc);
+        dropwise::util::write_atomically(&dir.join("index.html"), |f| {
+            use std::io::Write;
+            f.write_all(page.as_bytes())?;
+            Ok(())
+        })?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": model.display().to_string(),
+                "calibration": {"files": calib, "windows": windows.len(), "seq_len": seq_len, "seed": seed, "offsets": offsets},
+                "layers": rows,
+            }))?
+        );
+    } else {
+        println!("{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "layer", "PQ index", "outliers", "BI", "act mean", "act max", "max/median");
+        for r in &rows {
+            println!(
+                "{:>5} {:>9.4} {:>9.4} {:>9.4} {:>9.3} {:>9.3} {:>10.1}",
+                r.layer, r.pq_index, r.outlier_ratio, r.block_influence, r.act_norm_mean, r.act_norm_max, r.act_norm_max_over_median
+            );
+        }
+        println!("calibration: {calib_desc}");
+        if let Some(dir) = &report {
+            println!("report: {}", dir.join("index.html").display());
+        }
     }
     Ok(())
 }

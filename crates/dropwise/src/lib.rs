@@ -7,6 +7,7 @@
 //! * [`data`]: texts and protocol windows; [`eval`]: perplexity, KL, top-1 agreement, speed;
 //! * [`inspect`] and [`bench`]: what a model is and how fast this machine runs it.
 
+pub mod analyze;
 pub mod bench;
 pub mod config;
 pub mod data;

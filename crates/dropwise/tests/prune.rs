@@ -178,3 +178,40 @@ fn owl_keeps_the_mean_and_stays_within_lambda() -> Result<()> {
     assert!(prune(&mut m2, &windows(1, 16, 1), &nm, &mut |_| {}).is_err(), "OWL with N:M is refused");
     Ok(())
 }
+
+#[test]
+fn pq_index_matches_hand_computed_values() {
+    use dropwise::analyze::pq_index;
+    // One non-zero of four: ‖w‖₁ = ‖w‖₂ = 1, I = 1 − 4^{1/2 − 1} = 0.5.
+    assert!((pq_index(&[0.0, 3.0, 0.0, 0.0], 1.0, 2.0) - 0.5).abs() < 1e-12);
+    // A flat vector is incompressible: I = 0.
+    assert!(pq_index(&[2.0, -2.0, 2.0, 2.0], 1.0, 2.0).abs() < 1e-12);
+    // w = (1, 2): ‖w‖₁ = 3, ‖w‖₂ = √5, I = 1 − 2^{−1/2}·3/√5.
+    let want = 1.0 - 2f64.powf(-0.5) * 3.0 / 5f64.sqrt();
+    assert!((pq_index(&[1.0, 2.0], 1.0, 2.0) - want).abs() < 1e-12);
+    // p = 0.5, q = 1 on (1, 4): 1 − 2^{1 − 2}·(1 + 2)²/5.
+    let want = 1.0 - 0.5 * 9.0 / 5.0;
+    assert!((pq_index(&[1.0, 4.0], 0.5, 1.0) - want).abs() < 1e-12);
+    // Pruning the smallest weights raises the index (sparser is more compressible).
+    let w: Vec<f32> = (1..=100).map(|i| i as f32).collect();
+    let mut p = w.clone();
+    p[..50].fill(0.0);
+    assert!(pq_index(&p, 1.0, 2.0) > pq_index(&w, 1.0, 2.0));
+}
+
+#[test]
+fn analyze_reports_every_layer_and_a_valid_page() -> Result<()> {
+    let m = tiny_model(tiny_config(Arch::Llama), 30)?;
+    let rows = dropwise::analyze::analyze(&m, &windows(2, 24, 31), &mut |_| {})?;
+    assert_eq!(rows.len(), m.blocks.len());
+    for r in &rows {
+        assert!(r.pq_index > 0.0 && r.pq_index < 1.0);
+        assert_eq!(r.pq_index_by_matrix.len(), 7);
+        assert!((0.0..=1.0).contains(&r.outlier_ratio));
+        assert!(r.block_influence.is_finite() && r.act_norm_max >= r.act_norm_mean);
+    }
+    let page = dropwise::analyze::html_report("tiny", &rows, "2 windows");
+    assert_eq!(page.matches("<svg").count(), 5);
+    assert_eq!(page.matches("<tr>").count(), m.blocks.len() + 1);
+    Ok(())
+}
