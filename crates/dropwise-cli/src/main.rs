@@ -93,7 +93,7 @@ enum Cmd {
         /// N:M pattern, e.g. 2:4 (keep 2 of every 4 consecutive input weights).
         #[arg(long)]
         pattern: Option<String>,
-        /// How the budget is spread over layers: uniform or owl.
+        /// How the budget is spread over layers: uniform, owl or rd.
         #[arg(long, default_value = "uniform")]
         allocation: String,
         /// Calibration text files (required for wanda and sparsegpt).

@@ -215,3 +215,69 @@ fn analyze_reports_every_layer_and_a_valid_page() -> Result<()> {
     assert_eq!(page.matches("<tr>").count(), m.blocks.len() + 1);
     Ok(())
 }
+
+#[test]
+fn rd_dynamic_program_finds_the_optimum_and_meets_the_budget_exactly() -> Result<()> {
+    use dropwise::prune::rd_allocate;
+    // Hand-built: layer 0 is fragile (distortion climbs fast), layer 2 robust.
+    let offsets = [-2, -1, 0, 1, 2];
+    let dist = vec![
+        vec![1.0, 2.0, 4.0, 16.0, 64.0],
+        vec![1.0, 1.5, 2.0, 3.0, 5.0],
+        vec![1.0, 1.1, 1.2, 1.3, 1.4],
+    ];
+    let c = rd_allocate(&dist, &offsets)?;
+    assert_eq!(c.iter().map(|&i| offsets[i]).sum::<i32>(), 0, "budget met exactly");
+    // Brute force over all 125 choices.
+    let mut best = (f64::INFINITY, vec![]);
+    for a in 0..5 {
+        for b in 0..5 {
+            for d in 0..5 {
+                if offsets[a] + offsets[b] + offsets[d] == 0 {
+                    let v = dist[0][a] + dist[1][b] + dist[2][d];
+                    if v < best.0 {
+                        best = (v, vec![a, b, d]);
+                    }
+                }
+            }
+        }
+    }
+    let got: f64 = c.iter().enumerate().map(|(l, &i)| dist[l][i]).sum();
+    assert!((got - best.0).abs() < 1e-12, "DP {got} vs brute force {}", best.0);
+    assert_eq!(c, vec![0, 2, 4], "fragile layer pruned least, robust layer most");
+    // Random tables: the DP always matches brute force.
+    let mut r = SplitMix64(77);
+    for _ in 0..50 {
+        let dist: Vec<Vec<f64>> = (0..4).map(|_| (0..5).map(|_| r.below(1000) as f64).collect()).collect();
+        let c = rd_allocate(&dist, &offsets)?;
+        let got: f64 = c.iter().enumerate().map(|(l, &i)| dist[l][i]).sum();
+        let mut bf = f64::INFINITY;
+        for code in 0..625usize {
+            let ch: Vec<usize> = (0..4).map(|l| code / 5usize.pow(l) % 5).collect();
+            if ch.iter().map(|&i| offsets[i]).sum::<i32>() == 0 {
+                bf = bf.min(ch.iter().enumerate().map(|(l, &i)| dist[l][i]).sum());
+            }
+        }
+        assert_eq!(got, bf);
+    }
+    assert!(rd_allocate(&dist[..1], &[1, 2]).is_err(), "an unreachable budget is refused");
+    Ok(())
+}
+
+#[test]
+fn rd_allocation_prunes_to_the_exact_global_sparsity() -> Result<()> {
+    for method in [Method::Wanda, Method::SparseGpt] {
+        let mut m = tiny_model(tiny_config(Arch::Llama), 40)?;
+        let opts = PruneOptions { allocation: Allocation::Rd, ..PruneOptions::new(method, Pattern::Unstructured(0.6)) };
+        let r = prune(&mut m, &windows(2, 32, 41), &opts, &mut |_| {})?;
+        let mean = r.layer_sparsity.iter().sum::<f64>() / 3.0;
+        assert!((mean - 0.6).abs() < 1e-9, "{method:?}: mean layer sparsity {mean}");
+        let dist = r.rd_distortion.as_ref().unwrap();
+        // Distortion grows with sparsity in every layer.
+        for row in dist {
+            assert!(row.windows(2).all(|w| w[1] >= w[0] * 0.999), "{row:?}");
+        }
+        assert!((r.achieved_sparsity - 0.6).abs() < 0.01);
+    }
+    Ok(())
+}

@@ -14,13 +14,13 @@ pub mod sparsegpt;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use serde::Serialize;
 
 pub use mask::Pattern;
 
 use crate::model::kernels::with_f32_slice;
-use crate::model::{LinearKind, Llama, NoHooks};
+use crate::model::{Hooks, LinearKind, Llama, NoHooks};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,6 +57,7 @@ impl Method {
 pub enum Allocation {
     Uniform,
     Owl,
+    Rd,
 }
 
 impl Allocation {
@@ -64,7 +65,8 @@ impl Allocation {
         Ok(match s {
             "uniform" => Allocation::Uniform,
             "owl" => Allocation::Owl,
-            o => bail!("unknown allocation '{o}' (supported: uniform, owl)"),
+            "rd" => Allocation::Rd,
+            o => bail!("unknown allocation '{o}' (supported: uniform, owl, rd)"),
         })
     }
 }
@@ -106,6 +108,11 @@ pub struct PruneReport {
     /// OWL's per-layer outlier ratios (share of Wanda scores above M × the layer mean).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier_ratio: Option<Vec<f64>>,
+    /// rd: the sparsity grid and each layer's measured output distortion at every grid point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rd_grid: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rd_distortion: Option<Vec<Vec<f64>>>,
     /// Zeros over all pruned weights, as measured in the pruned matrices.
     pub achieved_sparsity: f64,
     pub matrices: Vec<MatrixReport>,
@@ -340,6 +347,148 @@ fn owl_sparsities(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, 
     Ok((sparsity, ratio))
 }
 
+/// Grid step of the rd allocation's per-layer sparsities, and how many steps either side of the target.
+pub const RD_STEP: f64 = 0.05;
+pub const RD_SPAN: i32 = 4;
+/// Calibration windows used to measure rd distortions (the first ones of the calibration set).
+pub const RD_WINDOWS: usize = 8;
+
+/// Statistics of one block's four linear inputs, gathered through the model's hooks.
+struct BlockStats {
+    layer: usize,
+    groups: [Option<InputStats>; 4],
+    hessian: bool,
+}
+
+impl Hooks for BlockStats {
+    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Option<Tensor>> {
+        let g = match kind {
+            LinearKind::Q => 0,
+            LinearKind::O => 1,
+            LinearKind::Gate => 2,
+            LinearKind::Down => 3,
+            _ => return Ok(None),
+        };
+        if layer == self.layer {
+            let width = x.dim(D::Minus1)?;
+            self.groups[g].get_or_insert_with(|| InputStats::new(width, self.hessian)).add(x)?;
+        }
+        Ok(None)
+    }
+}
+
+fn group_of(kind: LinearKind) -> usize {
+    GROUPS.iter().position(|g| g.contains(&kind)).unwrap_or(0)
+}
+
+/// rd step 1: each block's output distortion at a grid of sparsities. For block l and sparsity
+/// s, block l alone is pruned (by `method`, from the dense model's statistics) and the squared
+/// error of its output against the dense block's output is summed over the first
+/// [`RD_WINDOWS`] calibration windows, the block's input being the dense model's. Returns the
+/// grid and the `[layer][grid point]` distortion table.
+pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, target: f64) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let sizes: Vec<usize> = model.blocks.iter().map(|b| LinearKind::ALL.iter().map(|k| b.linear(*k).weight.elem_count()).sum()).collect();
+    if sizes.iter().any(|&s| s != sizes[0]) {
+        bail!("rd allocation needs blocks of equal size to meet the budget exactly; this model's blocks differ");
+    }
+    let grid: Vec<f64> = (-RD_SPAN..=RD_SPAN).map(|k| target + k as f64 * RD_STEP).filter(|g| (0.0..0.995).contains(g)).collect();
+    let ws = &windows[..windows.len().min(RD_WINDOWS)];
+    let t = ws[0].len();
+    let mask = model.causal_mask(t)?;
+    let (cos, sin) = model.rope_tables(t)?;
+    let mut h: Vec<Tensor> = ws.iter().map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?)).collect::<Result<_>>()?;
+    let mut table = Vec::with_capacity(model.blocks.len());
+    for layer in 0..model.blocks.len() {
+        let mut stats = BlockStats { layer, groups: [None, None, None, None], hessian: method == Method::SparseGpt };
+        let dense_out: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &mask, &cos, &sin, &mut stats)).collect::<Result<_>>()?;
+        let groups: Vec<InputStats> = stats.groups.into_iter().map(|g| g.context("a linear layer saw no input")).collect::<Result<_>>()?;
+        // SparseGPT's factorization depends on the Hessian only: share it across the grid.
+        let factors: Vec<Option<(Vec<f64>, Vec<bool>)>> = groups
+            .iter()
+            .map(|g| match &g.hessian {
+                Some(hs) if method == Method::SparseGpt => sparsegpt::inverse_hessian_factor(hs, g.width).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let dense_block = model.blocks[layer].clone();
+        let mut row = Vec::with_capacity(grid.len());
+        for &s in &grid {
+            let pattern = Pattern::Unstructured(s);
+            let mut blk = dense_block.clone();
+            for kind in LinearKind::ALL {
+                let g = group_of(kind);
+                let lin = blk.linear_mut(kind);
+                let (mut w, rows, cols) = weight_vec(&lin.weight)?;
+                match &factors[g] {
+                    Some((u, dead)) => sparsegpt::prune_with_factor(&mut w, rows, cols, u, dead, pattern)?,
+                    None => prune_matrix(&mut w, rows, cols, Some(&groups[g]), method, pattern)?,
+                }
+                lin.weight = Tensor::from_vec(w, (rows, cols), lin.weight.device())?;
+            }
+            model.blocks[layer] = blk;
+            let mut d = 0.0;
+            for (x, y) in h.iter().zip(&dense_out) {
+                let yh = model.forward_block(layer, x, &mask, &cos, &sin, &mut NoHooks)?;
+                d += (yh - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+            model.blocks[layer] = dense_block.clone();
+            row.push(d);
+        }
+        table.push(row);
+        h = dense_out;
+    }
+    Ok((grid, table))
+}
+
+/// rd step 2: the choice of one grid point per layer minimizing the summed distortion
+/// `Σ_l dist[l][c_l]` subject to `Σ_l offsets[c_l] = 0` (the layers' sparsities average exactly to
+/// the target, blocks being of equal size), by dynamic programming over the running offset sum.
+pub fn rd_allocate(dist: &[Vec<f64>], offsets: &[i32]) -> Result<Vec<usize>> {
+    let n = dist.len();
+    if n == 0 || offsets.is_empty() || dist.iter().any(|r| r.len() != offsets.len()) {
+        bail!("rd: the distortion table must have one value per layer and grid point");
+    }
+    let kmax = offsets.iter().map(|k| k.unsigned_abs() as usize).max().unwrap_or(0);
+    let width = 2 * n * kmax + 1;
+    let shift = (n * kmax) as i64;
+    // best[b]: least distortion of the layers so far with offset sum b − shift; choice[l][b]: the
+    // grid point layer l took on that path.
+    let mut best = vec![f64::INFINITY; width];
+    best[shift as usize] = 0.0;
+    let mut choice = vec![vec![usize::MAX; width]; n];
+    for l in 0..n {
+        let mut next = vec![f64::INFINITY; width];
+        for (b, &cost) in best.iter().enumerate() {
+            if !cost.is_finite() {
+                continue;
+            }
+            for (c, &k) in offsets.iter().enumerate() {
+                let nb = b as i64 + k as i64;
+                if nb < 0 || nb >= width as i64 {
+                    continue;
+                }
+                let v = cost + dist[l][c];
+                if v < next[nb as usize] {
+                    next[nb as usize] = v;
+                    choice[l][nb as usize] = c;
+                }
+            }
+        }
+        best = next;
+    }
+    if !best[shift as usize].is_finite() {
+        bail!("rd: no choice of grid points meets the budget exactly");
+    }
+    let mut out = vec![0; n];
+    let mut b = shift;
+    for l in (0..n).rev() {
+        let c = choice[l][b as usize];
+        out[l] = c;
+        b -= offsets[c] as i64;
+    }
+    Ok(out)
+}
+
 /// Prunes the model's decoder linear layers in place. `windows` are the calibration windows
 /// (ignored by magnitude pruning); `progress` is told after each block.
 pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progress: &mut dyn FnMut(usize)) -> Result<PruneReport> {
@@ -347,14 +496,27 @@ pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progr
     if opts.method.needs_calibration() && windows.is_empty() {
         bail!("{} needs calibration windows", opts.method.name());
     }
+    if opts.allocation != Allocation::Uniform && windows.is_empty() {
+        bail!("the {:?} allocation needs calibration windows", opts.allocation);
+    }
     let t0 = Instant::now();
+    let (mut rd_grid, mut rd_distortion) = (None, None);
     let (layer_sparsity, outlier_ratio) = match (opts.allocation, opts.pattern) {
         (Allocation::Uniform, p) => (vec![p.sparsity(); n], None),
         (Allocation::Owl, Pattern::Unstructured(s)) => {
             let (sp, r) = owl_sparsities(model, windows, opts, s)?;
             (sp, Some(r))
         }
-        (Allocation::Owl, Pattern::NM { .. }) => bail!("OWL allocation varies sparsity by layer; it applies to unstructured sparsity, not N:M"),
+        (Allocation::Rd, Pattern::Unstructured(s)) => {
+            let (grid, dist) = rd_distortions(model, windows, opts.method, s)?;
+            let offsets: Vec<i32> = grid.iter().map(|g| ((g - s) / RD_STEP).round() as i32).collect();
+            let choice = rd_allocate(&dist, &offsets)?;
+            let sp = choice.iter().map(|&c| grid[c]).collect();
+            rd_grid = Some(grid);
+            rd_distortion = Some(dist);
+            (sp, None)
+        }
+        (_, Pattern::NM { .. }) => bail!("OWL and rd allocations vary sparsity by layer; they apply to unstructured sparsity, not N:M"),
     };
     let allocation_seconds = t0.elapsed().as_secs_f64();
     let pattern_for = |layer: usize| match opts.pattern {
@@ -406,6 +568,8 @@ pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progr
         one_shot: opts.one_shot,
         layer_sparsity,
         outlier_ratio,
+        rd_grid,
+        rd_distortion,
         achieved_sparsity: zeros / weights.max(1) as f64,
         matrices,
         allocation_seconds,

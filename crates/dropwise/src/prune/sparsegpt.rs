@@ -105,13 +105,22 @@ pub fn inverse_hessian_factor(h: &[f64], n: usize) -> Result<(Vec<f64>, Vec<bool
 /// Prunes `w` (`rows × cols`, row-major) in place with SparseGPT given the Hessian `h` = Σ xᵀx
 /// (`cols × cols`) of its calibration inputs.
 pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f64], pattern: Pattern) -> Result<()> {
-    pattern.check_cols(cols)?;
-    if w.len() != rows * cols || h.len() != cols * cols {
-        bail!("SparseGPT: weight {}×{} or Hessian size {} does not match", rows, cols, h.len());
+    if h.len() != cols * cols {
+        bail!("SparseGPT: Hessian size {} does not match {cols} columns", h.len());
     }
     let (u, dead) = inverse_hessian_factor(h, cols)?;
+    prune_with_factor(w, rows, cols, &u, &dead, pattern)
+}
+
+/// The column sweep of [`prune`] with a precomputed [`inverse_hessian_factor`], so several
+/// sparsities of one layer share the factorization.
+pub fn prune_with_factor(w: &mut [f32], rows: usize, cols: usize, u: &[f64], dead: &[bool], pattern: Pattern) -> Result<()> {
+    pattern.check_cols(cols)?;
+    if w.len() != rows * cols || u.len() != cols * cols || dead.len() != cols {
+        bail!("SparseGPT: weight {}×{} does not match its {}-column factor", rows, cols, dead.len());
+    }
     for row in w.chunks_mut(cols) {
-        for (x, &d) in row.iter_mut().zip(&dead) {
+        for (x, &d) in row.iter_mut().zip(dead) {
             if d {
                 *x = 0.0;
             }
