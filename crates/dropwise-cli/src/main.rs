@@ -42,6 +42,34 @@ impl From<DTypeArg> for WriteDType {
     }
 }
 
+/// Calibration text: windows of `seq_len` tokens at offsets drawn from a seeded generator.
+#[derive(clap::Args, Clone)]
+struct CalibArgs {
+    /// Calibration text files (needed by wanda, sparsegpt, owl, rd and analyze).
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    calib_windows: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl CalibArgs {
+    /// The offsets and windows, or an error naming `who` needs them.
+    fn windows(&self, tok: &dropwise::tokenizer::Tokenizer, who: &str) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+        if self.calib.is_empty() {
+            bail!("{who} needs calibration text: pass --calib FILE");
+        }
+        if self.calib_windows == 0 {
+            bail!("--calib-windows must be at least 1");
+        }
+        let ids = data::tokenize_files(tok, &self.calib)?;
+        data::calibration_windows(&ids, self.seq_len, self.calib_windows, self.seed)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Architecture, shapes, parameter count, bytes by dtype, FLOPs per token.
@@ -96,15 +124,8 @@ enum Cmd {
         /// How the budget is spread over layers: uniform, owl or rd.
         #[arg(long, default_value = "uniform")]
         allocation: String,
-        /// Calibration text files (required for wanda and sparsegpt).
-        #[arg(long, num_args = 1..)]
-        calib: Vec<PathBuf>,
-        #[arg(long, default_value_t = 64)]
-        calib_windows: usize,
-        #[arg(long, default_value_t = 512)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Take every statistic from the dense model instead of the already-pruned layers.
         #[arg(long)]
         one_shot: bool,
@@ -119,14 +140,8 @@ enum Cmd {
     /// Per-layer diagnostics: PQ Index, outlier ratio, Block Influence, activation norms.
     Analyze {
         model: PathBuf,
-        #[arg(long, num_args = 1.., required = true)]
-        calib: Vec<PathBuf>,
-        #[arg(long, default_value_t = 64)]
-        calib_windows: usize,
-        #[arg(long, default_value_t = 512)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        calib: CalibArgs,
         /// Write an HTML page with plots across depth into this folder.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -234,13 +249,11 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
-        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot, output, dtype, json } => {
-            let opts = PruneArgs { method, sparsity, pattern, allocation, calib, calib_windows, seq_len, seed, one_shot };
+        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, output, dtype, json } => {
+            let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot };
             cmd_prune(model, opts, output, dtype.into(), json)
         }
-        Cmd::Analyze { model, calib, calib_windows, seq_len, seed, report, json } => {
-            cmd_analyze(model, calib, calib_windows, seq_len, seed, report, json)
-        }
+        Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
 }
@@ -366,10 +379,7 @@ struct PruneArgs {
     sparsity: Option<f64>,
     pattern: Option<String>,
     allocation: String,
-    calib: Vec<PathBuf>,
-    calib_windows: usize,
-    seq_len: usize,
-    seed: u64,
+    calib: CalibArgs,
     one_shot: bool,
 }
 
@@ -392,18 +402,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     let mut m = dropwise::load(&model)?;
     let t_load = t_start.elapsed().as_secs_f64();
     let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
-    let (offsets, windows) = if needs_calib {
-        if a.calib.is_empty() {
-            bail!("{} needs calibration text: pass --calib FILE", method.name());
-        }
-        if a.calib_windows == 0 {
-            bail!("--calib-windows must be at least 1");
-        }
-        let ids = data::tokenize_files(&m.tokenizer, &a.calib)?;
-        data::calibration_windows(&ids, a.seq_len, a.calib_windows, a.seed)?
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let (offsets, windows) = if needs_calib { a.calib.windows(&m.tokenizer, method.name())? } else { (Vec::new(), Vec::new()) };
     let pb = ProgressBar::new(m.model.blocks.len() as u64);
     pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} blocks, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
     pb.set_message(format!("prune {}", method.name()));
@@ -420,8 +419,8 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
         Value::Array(report.layer_sparsity.iter().map(|&s| Value::F32(s as f32)).collect()),
     );
     extra.insert("dropwise.prune.achieved_sparsity".to_string(), Value::F32(report.achieved_sparsity as f32));
-    extra.insert("dropwise.calib.seed".to_string(), Value::U64(a.seed));
-    extra.insert("dropwise.calib.seq_len".to_string(), Value::U32(a.seq_len as u32));
+    extra.insert("dropwise.calib.seed".to_string(), Value::U64(a.calib.seed));
+    extra.insert("dropwise.calib.seq_len".to_string(), Value::U32(a.calib.seq_len as u32));
     extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
     dropwise::model::io::save_with_metadata(&m, &m.model, &output, dtype, &extra)?;
     let write_s = t_write.elapsed().as_secs_f64();
@@ -430,7 +429,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
         let mut v = serde_json::to_value(&report)?;
         v["model"] = model.display().to_string().into();
         v["output"] = output.display().to_string().into();
-        v["calibration"] = serde_json::json!({"files": a.calib, "windows": windows.len(), "seq_len": a.seq_len, "seed": a.seed, "offsets": offsets});
+        v["calibration"] = serde_json::json!({"files": a.calib.calib, "windows": windows.len(), "seq_len": a.calib.seq_len, "seed": a.calib.seed, "offsets": offsets});
         v["load_seconds"] = t_load.into();
         v["write_seconds"] = write_s.into();
         v["total_seconds"] = total.into();
@@ -440,7 +439,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
         println!("{:<22} {:.4} over {} matrices", "achieved sparsity", report.achieved_sparsity, report.matrices.len());
         let ls: Vec<String> = report.layer_sparsity.iter().map(|s| format!("{s:.3}")).collect();
         println!("{:<22} {}", "layer sparsity", ls.join(" "));
-        println!("{:<22} {} windows × {} tokens, seed {}", "calibration", windows.len(), a.seq_len, a.seed);
+        println!("{:<22} {} windows × {} tokens, seed {}", "calibration", windows.len(), a.calib.seq_len, a.calib.seed);
         println!(
             "{:<22} load {:.1}s, allocation {:.1}s, calibrate {:.1}s, prune {:.1}s, write {:.1}s, total {:.1}s",
             "time", t_load, report.allocation_seconds, report.calibrate_seconds, report.prune_seconds, write_s, total
@@ -450,25 +449,22 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     Ok(())
 }
 
-fn cmd_analyze(model: PathBuf, calib: Vec<PathBuf>, n: usize, seq_len: usize, seed: u64, report: Option<PathBuf>, json: bool) -> Result<()> {
-    if n == 0 {
-        bail!("--calib-windows must be at least 1");
-    }
+fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: bool) -> Result<()> {
     if let Some(dir) = &report {
         if dir.exists() && !dir.is_dir() {
             bail!("--report {} exists and is not a folder", dir.display());
         }
     }
     let m = dropwise::load(&model)?;
-    let ids = data::tokenize_files(&m.tokenizer, &calib)?;
-    let (offsets, windows) = data::calibration_windows(&ids, seq_len, n, seed)?;
+    let (offsets, windows) = calib.windows(&m.tokenizer, "analyze")?;
+    let (seq_len, seed) = (calib.seq_len, calib.seed);
     let pb = progress(windows.len(), "analyze");
     let rows = dropwise::analyze::analyze(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
     pb.finish_and_clear();
     let calib_desc = format!(
         "{} windows × {seq_len} tokens from {} at seeded offsets (seed {seed})",
         windows.len(),
-        calib.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+        calib.calib.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     if let Some(dir) = &report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -484,7 +480,7 @@ fn cmd_analyze(model: PathBuf, calib: Vec<PathBuf>, n: usize, seq_len: usize, se
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": model.display().to_string(),
-                "calibration": {"files": calib, "windows": windows.len(), "seq_len": seq_len, "seed": seed, "offsets": offsets},
+                "calibration": {"files": calib.calib, "windows": windows.len(), "seq_len": seq_len, "seed": seed, "offsets": offsets},
                 "layers": rows,
             }))?
         );

@@ -350,8 +350,10 @@ fn owl_sparsities(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, 
 /// Grid step of the rd allocation's per-layer sparsities, and how many steps either side of the target.
 pub const RD_STEP: f64 = 0.05;
 pub const RD_SPAN: i32 = 4;
-/// Calibration windows used to measure rd distortions (the first ones of the calibration set).
-pub const RD_WINDOWS: usize = 8;
+/// rd measures distortions on this many calibration windows, cut to [`RD_TOKENS`] tokens: each
+/// grid point of each layer costs a forward pass through the rest of the model.
+pub const RD_WINDOWS: usize = 2;
+pub const RD_TOKENS: usize = 256;
 
 /// Statistics of one block's four linear inputs, gathered through the model's hooks.
 struct BlockStats {
@@ -381,26 +383,40 @@ fn group_of(kind: LinearKind) -> usize {
     GROUPS.iter().position(|g| g.contains(&kind)).unwrap_or(0)
 }
 
-/// rd step 1: each block's output distortion at a grid of sparsities. For block l and sparsity
-/// s, block l alone is pruned (by `method`, from the dense model's statistics) and the squared
-/// error of its output against the dense block's output is summed over the first
-/// [`RD_WINDOWS`] calibration windows, the block's input being the dense model's. Returns the
-/// grid and the `[layer][grid point]` distortion table.
+/// rd step 1: the model's output distortion caused by each block alone at a grid of sparsities.
+/// For block l and sparsity s, block l alone is pruned (by `method`, from the dense model's
+/// statistics) and the rest of the model runs dense; the distortion is the squared error of the
+/// final normed hidden state (the output head's input) against the dense model's, summed over
+/// the first [`RD_WINDOWS`] calibration windows (first [`RD_TOKENS`] tokens of each). Measured at
+/// the output, not at the block, so that distortions of different layers are in one currency and
+/// add up (the additivity the dynamic program relies on). Returns the grid and the
+/// `[layer][grid point]` table.
 pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, target: f64) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let sizes: Vec<usize> = model.blocks.iter().map(|b| LinearKind::ALL.iter().map(|k| b.linear(*k).weight.elem_count()).sum()).collect();
     if sizes.iter().any(|&s| s != sizes[0]) {
         bail!("rd allocation needs blocks of equal size to meet the budget exactly; this model's blocks differ");
     }
     let grid: Vec<f64> = (-RD_SPAN..=RD_SPAN).map(|k| target + k as f64 * RD_STEP).filter(|g| (0.0..0.995).contains(g)).collect();
-    let ws = &windows[..windows.len().min(RD_WINDOWS)];
+    let ws: Vec<&[u32]> = windows.iter().take(RD_WINDOWS).map(|w| &w[..w.len().min(RD_TOKENS)]).collect();
     let t = ws[0].len();
     let mask = model.causal_mask(t)?;
     let (cos, sin) = model.rope_tables(t)?;
-    let mut h: Vec<Tensor> = ws.iter().map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?)).collect::<Result<_>>()?;
-    let mut table = Vec::with_capacity(model.blocks.len());
-    for layer in 0..model.blocks.len() {
+    let n = model.blocks.len();
+    // Dense hidden states entering every block, and the dense output.
+    let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(n);
+    let mut h: Vec<Tensor> = ws.iter().map(|w| model.embed_tokens(&Tensor::new(*w, model.device())?.unsqueeze(0)?)).collect::<Result<_>>()?;
+    for layer in 0..n {
+        let next: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &mask, &cos, &sin, &mut NoHooks)).collect::<Result<_>>()?;
+        inputs.push(std::mem::replace(&mut h, next));
+    }
+    let dense_out: Vec<Tensor> = h.iter().map(|x| model.head_input(x)).collect::<Result<_>>()?;
+    let mut table = Vec::with_capacity(n);
+    for layer in 0..n {
+        // The block's input statistics on the dense model, for the pruning method.
         let mut stats = BlockStats { layer, groups: [None, None, None, None], hessian: method == Method::SparseGpt };
-        let dense_out: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &mask, &cos, &sin, &mut stats)).collect::<Result<_>>()?;
+        for x in &inputs[layer] {
+            model.forward_block(layer, x, &mask, &cos, &sin, &mut stats)?;
+        }
         let groups: Vec<InputStats> = stats.groups.into_iter().map(|g| g.context("a linear layer saw no input")).collect::<Result<_>>()?;
         // SparseGPT's factorization depends on the Hessian only: share it across the grid.
         let factors: Vec<Option<(Vec<f64>, Vec<bool>)>> = groups
@@ -427,15 +443,17 @@ pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, t
             }
             model.blocks[layer] = blk;
             let mut d = 0.0;
-            for (x, y) in h.iter().zip(&dense_out) {
-                let yh = model.forward_block(layer, x, &mask, &cos, &sin, &mut NoHooks)?;
-                d += (yh - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            for (x, y) in inputs[layer].iter().zip(&dense_out) {
+                let mut hx = x.clone();
+                for l in layer..n {
+                    hx = model.forward_block(l, &hx, &mask, &cos, &sin, &mut NoHooks)?;
+                }
+                d += (model.head_input(&hx)? - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             }
             model.blocks[layer] = dense_block.clone();
             row.push(d);
         }
         table.push(row);
-        h = dense_out;
     }
     Ok((grid, table))
 }
