@@ -170,6 +170,15 @@ impl InputStats {
     }
 }
 
+/// Statistics of one linear input over all calibration windows' activations `xs` (`[1, seq, width]` each).
+fn gather(xs: &[Tensor], hessian: bool) -> Result<InputStats> {
+    let mut st = InputStats::new(xs.first().context("no calibration activations")?.dim(D::Minus1)?, hessian);
+    for x in xs {
+        st.add(x)?;
+    }
+    Ok(st)
+}
+
 /// The four distinct inputs of a block's linear layers and who reads them.
 const GROUPS: [&[LinearKind]; 4] =
     [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
@@ -250,17 +259,12 @@ fn stream_blocks(
         .iter()
         .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
         .collect::<Result<_>>()?;
-    let hidden = model.config.hidden_size;
     for layer in 0..model.blocks.len() {
         // The dense copy of this block, kept only when statistics must come from dense weights.
         let dense = dense_propagation.then(|| model.blocks[layer].clone());
         // Group 0: q/k/v read the normed block input.
         let xs: Vec<Tensor> = h.iter().map(|hi| model.attn_norm(layer, hi)).collect::<Result<_>>()?;
-        let mut st = InputStats::new(hidden, hessian);
-        for x in &xs {
-            st.add(x)?;
-        }
-        visit(model, layer, 0, &st)?;
+        visit(model, layer, 0, &gather(&xs, hessian)?)?;
         let with = |model: &mut Llama, f: &mut dyn FnMut(&Llama) -> Result<Tensor>| -> Result<Tensor> {
             match &dense {
                 Some(d) => {
@@ -279,11 +283,7 @@ fn stream_blocks(
         }
         drop(xs);
         // Group 1: o_proj reads the attention context.
-        let mut st = InputStats::new(ctxs[0].dim(2)?, hessian);
-        for c in &ctxs {
-            st.add(c)?;
-        }
-        visit(model, layer, 1, &st)?;
+        visit(model, layer, 1, &gather(&ctxs, hessian)?)?;
         for (hi, c) in h.iter_mut().zip(&ctxs) {
             let o = with(model, &mut |m| m.blocks[layer].o.forward(c))?;
             *hi = (&*hi + o)?;
@@ -291,22 +291,14 @@ fn stream_blocks(
         drop(ctxs);
         // Group 2: gate/up read the normed residual.
         let xs: Vec<Tensor> = h.iter().map(|hi| model.mlp_norm(layer, hi)).collect::<Result<_>>()?;
-        let mut st = InputStats::new(hidden, hessian);
-        for x in &xs {
-            st.add(x)?;
-        }
-        visit(model, layer, 2, &st)?;
+        visit(model, layer, 2, &gather(&xs, hessian)?)?;
         let mut acts = Vec::with_capacity(xs.len());
         for x in &xs {
             acts.push(with(model, &mut |m| m.mlp_hidden(layer, x, &mut NoHooks)?.context("block has no MLP"))?);
         }
         drop(xs);
         // Group 3: down reads silu(gate)·up.
-        let mut st = InputStats::new(acts[0].dim(2)?, hessian);
-        for a in &acts {
-            st.add(a)?;
-        }
-        visit(model, layer, 3, &st)?;
+        visit(model, layer, 3, &gather(&acts, hessian)?)?;
         for (hi, a) in h.iter_mut().zip(&acts) {
             let d = with(model, &mut |m| m.blocks[layer].down.forward(a))?;
             *hi = (&*hi + d)?;
