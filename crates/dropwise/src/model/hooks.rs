@@ -115,10 +115,10 @@ impl Hooks for InputNormStats {
         let dims = x.dims();
         let width = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / width.max(1);
-        let sq = x.reshape((rows, width))?.sqr()?.sum(0)?.to_vec1::<f32>()?;
+        let sq = super::kernels::column_sum_squares(x, width)?;
         let acc = self.sum_sq.entry((layer, kind)).or_insert_with(|| vec![0.0; width]);
         for (a, s) in acc.iter_mut().zip(sq) {
-            *a += s as f64;
+            *a += s;
         }
         *self.tokens.entry((layer, kind)).or_insert(0) += rows;
         Ok(None)

@@ -81,3 +81,29 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     })??;
     Ok(Tensor::from_vec(out, g.dims(), g.device())?)
 }
+
+/// Σ over rows of x², per column, of `x` viewed as `[rows, width]`, accumulated in f64 straight
+/// from the buffer with rows split across threads (candle's reduction over the row axis is a
+/// strided pass and dominated calibration time).
+pub fn column_sum_squares(x: &Tensor, width: usize) -> Result<Vec<f64>> {
+    let rows = x.elem_count() / width.max(1);
+    let x2 = x.reshape((rows, width))?;
+    with_f32_slice(&x2, |s| {
+        s.par_chunks(width * 64)
+            .map(|chunk| {
+                let mut acc = vec![0f64; width];
+                for row in chunk.chunks(width) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += (v as f64) * (v as f64);
+                    }
+                }
+                acc
+            })
+            .reduce(|| vec![0f64; width], |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                a
+            })
+    })
+}

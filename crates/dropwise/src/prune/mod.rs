@@ -19,9 +19,8 @@ use serde::Serialize;
 
 pub use mask::Pattern;
 
-use crate::model::kernels::with_f32_slice;
+use crate::model::kernels::column_sum_squares;
 use crate::model::{Hooks, LinearKind, Llama, NoHooks};
-use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,26 +136,7 @@ impl InputStats {
         let w = self.width;
         let rows = x.elem_count() / w;
         let x2 = x.reshape((rows, w))?;
-        // Column sums of squares straight from the buffer, rows split across threads (candle's
-        // reduction over the row axis is a strided pass and was most of calibration's overhead).
-        let partial = with_f32_slice(&x2, |s| {
-            s.par_chunks(w * 64)
-                .map(|chunk| {
-                    let mut acc = vec![0f64; w];
-                    for row in chunk.chunks(w) {
-                        for (a, &v) in acc.iter_mut().zip(row) {
-                            *a += (v as f64) * (v as f64);
-                        }
-                    }
-                    acc
-                })
-                .reduce(|| vec![0f64; w], |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                })
-        })?;
+        let partial = column_sum_squares(&x2, w)?;
         for (a, s) in self.sum_sq.iter_mut().zip(partial) {
             *a += s;
         }
