@@ -82,9 +82,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Perplexity (and KL / top-1 agreement against a reference) on the austen protocol.
+    /// Perplexity (and KL / top-1 agreement against a reference) on the austen protocol. Several
+    /// models are evaluated on the same windows with one reference pass per window.
     Eval {
-        model: PathBuf,
+        /// One or more models (GGUF files or HF folders).
+        #[arg(required = true, num_args = 1..)]
+        model: Vec<PathBuf>,
         /// Text files, tokenized and concatenated in order.
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
@@ -129,6 +132,10 @@ enum Cmd {
         /// Take every statistic from the dense model instead of the already-pruned layers.
         #[arg(long)]
         one_shot: bool,
+        /// Also measure this machine's f32 GEMM peak (before loading) and report calibration
+        /// throughput as a fraction of it, so times compare across noisy machines.
+        #[arg(long)]
+        gemm_peak: bool,
         /// Output: a path ending in .gguf is GGUF, anything else an HF folder.
         #[arg(short, long)]
         output: PathBuf,
@@ -249,8 +256,8 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
-        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, output, dtype, json } => {
-            let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot };
+        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, output, dtype, json } => {
+            let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot, gemm_peak };
             cmd_prune(model, opts, output, dtype.into(), json)
         }
         Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
@@ -300,9 +307,16 @@ fn print_eval_table(r: &EvalResult, threads: usize) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, json: bool, threads: usize) -> Result<()> {
-    let m = dropwise::load(&model)?;
-    let ws = load_windows(&m, &data, seq_len, windows)?;
+fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, json: bool, threads: usize) -> Result<()> {
+    let loaded: Vec<dropwise::LoadedModel> = models.iter().map(|p| dropwise::load(p)).collect::<Result<_>>()?;
+    // Every model is scored on the first model's tokenization; a model whose tokenizer disagrees
+    // would be scored on ids it never saw.
+    let ws = load_windows(&loaded[0], &data, seq_len, windows)?;
+    for (m, p) in loaded.iter().zip(&models).skip(1) {
+        if load_windows(m, &data, seq_len, windows)? != ws {
+            bail!("{} tokenizes the text differently from {}; evaluate them separately", p.display(), models[0].display());
+        }
+    }
     let reference = match reference {
         Some(p) => Some(dropwise::load(&p).with_context(|| "reference model".to_string())?),
         None => None,
@@ -311,21 +325,35 @@ fn cmd_eval(model: PathBuf, data: Vec<PathBuf>, seq_len: usize, windows: usize, 
         eprintln!("note: the text holds only {} windows of {seq_len} tokens; evaluating those", ws.len());
     }
     let pb = progress(ws.len(), "eval");
-    let r = eval::evaluate(&m.model, reference.as_ref().map(|r| &r.model), &ws, batch, &mut |i| pb.set_position(i as u64))?;
+    let refs: Vec<&dropwise::model::Llama> = loaded.iter().map(|m| &m.model).collect();
+    let results = eval::evaluate_many(&refs, reference.as_ref().map(|r| &r.model), &ws, batch, &mut |i| pb.set_position(i as u64))?;
     pb.finish_and_clear();
+    let peak = dropwise::util::peak_rss_bytes();
     if json {
-        let mut v = serde_json::to_value(&r)?;
-        v["model"] = model.display().to_string().into();
-        v["data"] = serde_json::json!(data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>());
-        v["threads"] = threads.into();
-        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
-        v["f32_weight_bytes"] = (m.model.param_count() as u64 * 4).into();
+        let mut out = Vec::new();
+        for ((r, m), path) in results.iter().zip(&loaded).zip(&models) {
+            let mut v = serde_json::to_value(r)?;
+            v["model"] = path.display().to_string().into();
+            v["data"] = serde_json::json!(data.iter().map(|d| d.display().to_string()).collect::<Vec<_>>());
+            v["threads"] = threads.into();
+            v["peak_memory_bytes"] = peak.into();
+            v["f32_weight_bytes"] = (m.model.param_count() as u64 * 4).into();
+            v["parameters"] = m.model.param_count().into();
+            out.push(v);
+        }
+        let v = if out.len() == 1 { out.remove(0) } else { serde_json::Value::Array(out) };
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{:<22} {}", "model", model.display());
-        print_eval_table(&r, threads);
-        if let Some(p) = dropwise::util::peak_rss_bytes() {
-            println!("{:<22} {}B ({:.2}× the f32 weights)", "peak memory", human(p as f64), p as f64 / (m.model.param_count() as f64 * 4.0));
+        let weights: usize = loaded.iter().map(|m| m.model.param_count()).sum();
+        for (i, (r, path)) in results.iter().zip(&models).enumerate() {
+            if i > 0 {
+                println!();
+            }
+            println!("{:<22} {}", "model", path.display());
+            print_eval_table(r, threads);
+        }
+        if let Some(p) = peak {
+            println!("{:<22} {}B ({:.2}× the f32 weights)", "peak memory", human(p as f64), p as f64 / (weights as f64 * 4.0));
         }
     }
     Ok(())
@@ -381,12 +409,12 @@ struct PruneArgs {
     allocation: String,
     calib: CalibArgs,
     one_shot: bool,
+    gemm_peak: bool,
 }
 
 fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, json: bool) -> Result<()> {
     use dropwise::formats::gguf::Value;
     use dropwise::prune::{self, Allocation, Method, Pattern, PruneOptions};
-    let t_start = std::time::Instant::now();
     let method = Method::parse(&a.method)?;
     let pattern = match (a.sparsity, &a.pattern) {
         (Some(s), None) => Pattern::unstructured(s)?,
@@ -399,8 +427,14 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     if output.exists() && std::fs::canonicalize(&output).ok() == std::fs::canonicalize(&model).ok() {
         bail!("output {} is the input; dropwise never overwrites its input", output.display());
     }
+    // Measured before the clock starts, so the prune times stay what they are without it.
+    let peak = if a.gemm_peak { Some(bench::gemm_peak(3)?.0) } else { None };
+    let t_start = std::time::Instant::now();
     let mut m = dropwise::load(&model)?;
     let t_load = t_start.elapsed().as_secs_f64();
+    // Calibration is one pass of the decoder blocks (no output head) over every window.
+    let head_flops = 2.0 * m.model.head_weight().elem_count() as f64;
+    let block_flops_per_token = m.model.flops_per_token(a.calib.seq_len) - head_flops;
     let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
     let (offsets, windows) = if needs_calib { a.calib.windows(&m.tokenizer, method.name())? } else { (Vec::new(), Vec::new()) };
     let pb = ProgressBar::new(m.model.blocks.len() as u64);
@@ -433,6 +467,14 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
         v["load_seconds"] = t_load.into();
         v["write_seconds"] = write_s.into();
         v["total_seconds"] = total.into();
+        if let Some(p) = peak {
+            let flops = block_flops_per_token * (windows.len() * a.calib.seq_len) as f64;
+            v["gemm_peak_gflops"] = p.into();
+            v["calibration_gflop"] = (flops / 1e9).into();
+            // The time the calibration pass would take at the GEMM peak, and how close we are.
+            v["calibration_floor_seconds"] = (flops / (p * 1e9)).into();
+            v["calibration_vs_peak"] = (flops / report.calibrate_seconds.max(1e-9) / (p * 1e9)).into();
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{:<22} {} {} ({} allocation{})", "pruned", method.name(), report.pattern, a.allocation, if a.one_shot { ", one-shot" } else { "" });

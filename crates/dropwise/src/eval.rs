@@ -191,67 +191,95 @@ pub fn evaluate(
     batch: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalResult> {
+    let mut r = evaluate_many(&[model], reference, windows, batch, progress)?;
+    Ok(r.remove(0))
+}
+
+/// [`evaluate`] for several models on the same windows: the reference runs once per window and
+/// serves every model, so comparing N models against it costs N + 1 forward passes, not 2N.
+/// Each model's throughput counts its own forward and head time only.
+pub fn evaluate_many(
+    models: &[&Llama],
+    reference: Option<&Llama>,
+    windows: &[Vec<u32>],
+    batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<EvalResult>> {
     if windows.is_empty() {
         bail!("no windows to evaluate");
     }
+    if models.is_empty() {
+        bail!("no models to evaluate");
+    }
     let seq_len = windows[0].len();
     if let Some(r) = reference {
-        if r.config.vocab_size != model.config.vocab_size {
-            bail!("reference vocabulary ({}) differs from the model's ({})", r.config.vocab_size, model.config.vocab_size);
+        for model in models {
+            if r.config.vocab_size != model.config.vocab_size {
+                bail!("reference vocabulary ({}) differs from the model's ({})", r.config.vocab_size, model.config.vocab_size);
+            }
         }
     }
     let start = Instant::now();
-    let mut forward = 0.0;
-    let mut total = Acc::default();
-    let mut window_nll = Vec::with_capacity(windows.len());
+    let n = models.len();
+    let mut forward = vec![0.0; n];
+    let mut total = vec![Acc::default(); n];
+    let mut window_nll = vec![Vec::with_capacity(windows.len()); n];
     let batch = batch.max(1);
     let mut done = 0;
     for chunk in windows.chunks(batch) {
         let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (chunk.len(), seq_len), &Device::Cpu)?;
-        let f0 = Instant::now();
-        // Blocks run on the whole batch (bigger matmuls); the vocabulary-sized head runs one
-        // window at a time so only one window's logits are ever held.
-        let hidden = model.forward_hidden(&ids, &mut NoHooks)?;
-        forward += f0.elapsed().as_secs_f64();
         let ref_hidden = match reference {
             Some(r) => Some(r.forward_hidden(&ids, &mut NoHooks)?),
             None => None,
         };
-        for (j, w) in chunk.iter().enumerate() {
-            let h = hidden.narrow(0, j, 1)?;
-            let rh = match (reference, &ref_hidden) {
-                (Some(r), Some(rh)) => Some((r, rh.narrow(0, j, 1)?)),
-                _ => None,
-            };
-            let (acc, head_time) = score_window(model, &h, rh.as_ref().map(|(r, t)| (*r, t)), w)?;
-            forward += head_time;
-            window_nll.push(acc.nll / acc.n as f64);
-            total = total.add(acc);
-            done += 1;
-            progress(done);
+        for (i, model) in models.iter().enumerate() {
+            let f0 = Instant::now();
+            // Blocks run on the whole batch (bigger matmuls); the vocabulary-sized head runs one
+            // window at a time so only one window's logits are ever held.
+            let hidden = model.forward_hidden(&ids, &mut NoHooks)?;
+            forward[i] += f0.elapsed().as_secs_f64();
+            for (j, w) in chunk.iter().enumerate() {
+                let h = hidden.narrow(0, j, 1)?;
+                let rh = match (reference, &ref_hidden) {
+                    (Some(r), Some(rh)) => Some((r, rh.narrow(0, j, 1)?)),
+                    _ => None,
+                };
+                let (acc, head_time) = score_window(model, &h, rh.as_ref().map(|(r, t)| (*r, t)), w)?;
+                forward[i] += head_time;
+                window_nll[i].push(acc.nll / acc.n as f64);
+                total[i] = total[i].add(acc);
+            }
         }
+        done += chunk.len();
+        progress(done);
     }
     let wall = start.elapsed().as_secs_f64();
-    let nll = total.nll / total.n as f64;
     let processed = windows.len() * seq_len;
-    let fpt = model.flops_per_token(seq_len);
-    // Throughput counts the model's own work only; a reference pass is not the model's cost.
-    let model_time = if reference.is_some() { forward } else { wall };
-    Ok(EvalResult {
-        protocol: format!("austen-{seq_len}"),
-        perplexity: nll.exp(),
-        nll,
-        tokens: total.n,
-        windows: windows.len(),
-        seq_len,
-        tokens_per_second: processed as f64 / model_time,
-        wall_seconds: wall,
-        forward_seconds: forward,
-        flops_per_token: fpt,
-        achieved_gflops: fpt * processed as f64 / model_time / 1e9,
-        kl_divergence: reference.map(|_| total.kl / total.n as f64),
-        top1_agreement: reference.map(|_| total.agree as f64 / total.n as f64),
-        window_nll,
-    })
+    let mut out = Vec::with_capacity(n);
+    for (i, model) in models.iter().enumerate() {
+        let acc = total[i];
+        let nll = acc.nll / acc.n as f64;
+        let fpt = model.flops_per_token(seq_len);
+        // Throughput counts the model's own work only; a reference pass (or another model's) is
+        // not the model's cost. A lone model without reference is timed by the wall clock.
+        let model_time = if reference.is_some() || n > 1 { forward[i] } else { wall };
+        out.push(EvalResult {
+            protocol: format!("austen-{seq_len}"),
+            perplexity: nll.exp(),
+            nll,
+            tokens: acc.n,
+            windows: windows.len(),
+            seq_len,
+            tokens_per_second: processed as f64 / model_time,
+            wall_seconds: wall,
+            forward_seconds: forward[i],
+            flops_per_token: fpt,
+            achieved_gflops: fpt * processed as f64 / model_time / 1e9,
+            kl_divergence: reference.map(|_| acc.kl / acc.n as f64),
+            top1_agreement: reference.map(|_| acc.agree as f64 / acc.n as f64),
+            window_nll: std::mem::take(&mut window_nll[i]),
+        });
+    }
+    Ok(out)
 }
