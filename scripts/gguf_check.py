@@ -17,6 +17,9 @@ from gguf.quants import dequantize
 def field_value(f):
     t = f.types[0]
     if t == GGUFValueType.ARRAY:
+        if len(f.types) > 1 and f.types[1] not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+            # Numeric arrays (per-layer widths of deci files) are short: give their values.
+            return {"array_len": len(f.data), "values": [f.parts[i].tolist()[0] for i in f.data]}
         return {"array_len": len(f.data)}
     if t == GGUFValueType.STRING:
         return bytes(f.parts[f.data[0]]).decode("utf-8")

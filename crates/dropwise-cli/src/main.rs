@@ -48,8 +48,10 @@ struct CalibArgs {
     /// Calibration text files (needed by wanda, sparsegpt, owl, rd and analyze).
     #[arg(long, num_args = 1..)]
     calib: Vec<PathBuf>,
-    #[arg(long, default_value_t = 64)]
-    calib_windows: usize,
+    /// Calibration windows (default: 64 for prune and analyze, 8 for drop-layers and shrink,
+    /// whose candidates each re-run part of the model).
+    #[arg(long)]
+    calib_windows: Option<usize>,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     #[arg(long, default_value_t = 0)]
@@ -58,16 +60,37 @@ struct CalibArgs {
 
 impl CalibArgs {
     /// The offsets and windows, or an error naming `who` needs them.
-    fn windows(&self, tok: &dropwise::tokenizer::Tokenizer, who: &str) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    fn windows(&self, tok: &dropwise::tokenizer::Tokenizer, who: &str, default_windows: usize) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
         if self.calib.is_empty() {
             bail!("{who} needs calibration text: pass --calib FILE");
         }
-        if self.calib_windows == 0 {
+        let n = self.calib_windows.unwrap_or(default_windows);
+        if n == 0 {
             bail!("--calib-windows must be at least 1");
         }
         let ids = data::tokenize_files(tok, &self.calib)?;
-        data::calibration_windows(&ids, self.seq_len, self.calib_windows, self.seed)
+        data::calibration_windows(&ids, self.seq_len, n, self.seed)
     }
+}
+
+/// Where and how a command writes its model.
+#[derive(clap::Args, Clone)]
+struct OutputArgs {
+    /// Output: a path ending in .gguf is GGUF, anything else an HF folder.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    #[arg(long)]
+    json: bool,
+}
+
+/// dropwise never writes over the file or folder it read.
+fn refuse_overwrite(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    if output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(input).ok() {
+        bail!("output {} is the input; dropwise never overwrites its input", output.display());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -154,6 +177,56 @@ enum Cmd {
         report: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Drop whole blocks, or their attention or MLP sub-blocks, chosen by Block Influence (bi),
+    /// the additive one-shot KL criterion (additive) or greedy calibration perplexity (ppl).
+    DropLayers {
+        model: PathBuf,
+        /// How many blocks to drop.
+        #[arg(long, conflicts_with_all = ["fraction", "layers"], required_unless_present_any = ["fraction", "layers"])]
+        count: Option<usize>,
+        /// Fraction of the blocks to drop (rounded to the nearest count).
+        #[arg(long, conflicts_with = "layers")]
+        fraction: Option<f64>,
+        /// Exactly these blocks (comma-separated, from 0), no scoring.
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// bi, additive or ppl.
+        #[arg(long, default_value = "additive")]
+        metric: String,
+        /// What to remove from each chosen block: block, attn or mlp.
+        #[arg(long, default_value = "block")]
+        part: String,
+        #[command(flatten)]
+        calib: CalibArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Remove attention heads and MLP neurons; tensors become physically smaller.
+    Shrink {
+        model: PathBuf,
+        /// Fraction of query heads to remove.
+        #[arg(long, default_value_t = 0.0)]
+        heads: f64,
+        /// Fraction of MLP neurons to remove.
+        #[arg(long, default_value_t = 0.0)]
+        neurons: f64,
+        /// activation, magnitude or taylor.
+        #[arg(long, default_value = "activation")]
+        importance: String,
+        /// uniform (same cut in every layer) or global (lowest scores wherever they are).
+        #[arg(long, default_value = "uniform")]
+        allocation: String,
+        /// query (one query head from every KV group at a time) or group (whole KV groups).
+        #[arg(long, default_value = "query")]
+        head_unit: String,
+        /// Neurons go in runs of this many (32 keeps widths quantizable in GGUF blocks).
+        #[arg(long, default_value_t = 32)]
+        neuron_multiple: usize,
+        #[command(flatten)]
+        calib: CalibArgs,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
@@ -261,6 +334,21 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_prune(model, opts, output, dtype.into(), json)
         }
         Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
+        Cmd::DropLayers { model, count, fraction, layers, metric, part, calib, out } => {
+            cmd_drop_layers(model, count, fraction, layers, metric, part, calib, out)
+        }
+        Cmd::Shrink { model, heads, neurons, importance, allocation, head_unit, neuron_multiple, calib, out } => {
+            use dropwise::structural::width::{HeadUnit, Importance, ShrinkOptions, WidthAllocation};
+            let opts = ShrinkOptions {
+                heads,
+                neurons,
+                importance: Importance::parse(&importance)?,
+                allocation: WidthAllocation::parse(&allocation)?,
+                head_unit: HeadUnit::parse(&head_unit)?,
+                neuron_multiple,
+            };
+            cmd_shrink(model, opts, calib, out)
+        }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
 }
@@ -361,9 +449,7 @@ fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: u
 
 fn cmd_convert(input: PathBuf, output: PathBuf, dtype: WriteDType) -> Result<()> {
     let m = dropwise::load(&input)?;
-    if output.exists() && std::fs::canonicalize(&output).ok() == std::fs::canonicalize(&input).ok() {
-        bail!("output {} is the input; dropwise never overwrites its input", output.display());
-    }
+    refuse_overwrite(&input, &output)?;
     dropwise::model::io::save(&m, &m.model, &output, dtype)?;
     let kind = if output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { "GGUF v3" } else { "HF folder" };
     println!("wrote {} ({kind}, {:?}, {} parameters)", output.display(), dtype, human(m.model.param_count() as f64));
@@ -424,9 +510,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     let mut opts = PruneOptions::new(method, pattern);
     opts.allocation = Allocation::parse(&a.allocation)?;
     opts.one_shot = a.one_shot;
-    if output.exists() && std::fs::canonicalize(&output).ok() == std::fs::canonicalize(&model).ok() {
-        bail!("output {} is the input; dropwise never overwrites its input", output.display());
-    }
+    refuse_overwrite(&model, &output)?;
     // Measured before the clock starts, so the prune times stay what they are without it.
     let peak = if a.gemm_peak { Some(bench::gemm_peak(3)?.0) } else { None };
     let t_start = std::time::Instant::now();
@@ -436,7 +520,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     let head_flops = 2.0 * m.model.head_weight().elem_count() as f64;
     let block_flops_per_token = m.model.flops_per_token(a.calib.seq_len) - head_flops;
     let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
-    let (offsets, windows) = if needs_calib { a.calib.windows(&m.tokenizer, method.name())? } else { (Vec::new(), Vec::new()) };
+    let (offsets, windows) = if needs_calib { a.calib.windows(&m.tokenizer, method.name(), 64)? } else { (Vec::new(), Vec::new()) };
     let pb = ProgressBar::new(m.model.blocks.len() as u64);
     pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} blocks, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
     pb.set_message(format!("prune {}", method.name()));
@@ -498,7 +582,7 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
         }
     }
     let m = dropwise::load(&model)?;
-    let (offsets, windows) = calib.windows(&m.tokenizer, "analyze")?;
+    let (offsets, windows) = calib.windows(&m.tokenizer, "analyze", 64)?;
     let (seq_len, seed) = (calib.seq_len, calib.seed);
     let pb = progress(windows.len(), "analyze");
     let rows = dropwise::analyze::analyze(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
@@ -538,6 +622,172 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
         if let Some(dir) = &report {
             println!("report: {}", dir.join("index.html").display());
         }
+    }
+    Ok(())
+}
+
+/// Parameters and FLOPs per token (at the calibration length) before and after a structural cut.
+fn cost_json(before: &dropwise::model::Llama, after: &dropwise::model::Llama, seq_len: usize) -> serde_json::Value {
+    serde_json::json!({
+        "params_before": before.param_count(),
+        "params_after": after.param_count(),
+        "flops_per_token_before": before.flops_per_token(seq_len),
+        "flops_per_token_after": after.flops_per_token(seq_len),
+    })
+}
+
+fn print_cost(before: &dropwise::model::Llama, after: &dropwise::model::Llama, seq_len: usize) {
+    let (pb, pa) = (before.param_count() as f64, after.param_count() as f64);
+    let (fb, fa) = (before.flops_per_token(seq_len), after.flops_per_token(seq_len));
+    println!("{:<22} {} -> {} ({:+.1} %)", "parameters", human(pb), human(pa), 100.0 * (pa / pb - 1.0));
+    println!("{:<22} {} -> {} ({:+.1} %, seq {seq_len})", "FLOPs/token", human(fb), human(fa), 100.0 * (fa / fb - 1.0));
+}
+
+fn layer_shapes_text(m: &dropwise::model::Llama) -> String {
+    (0..m.blocks.len())
+        .map(|i| {
+            let s = m.layer_shape(i);
+            format!("{}/{}/{}", s.heads, s.kv_heads, s.ffn)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_drop_layers(
+    model: PathBuf,
+    count: Option<usize>,
+    fraction: Option<f64>,
+    layers: Option<Vec<usize>>,
+    metric: String,
+    part: String,
+    calib: CalibArgs,
+    out: OutputArgs,
+) -> Result<()> {
+    use dropwise::formats::gguf::Value;
+    use dropwise::structural::{self, surgery, LayerMetric, Part};
+    let metric = LayerMetric::parse(&metric)?;
+    let part = Part::parse(&part)?;
+    if let Some(f) = fraction {
+        if !(f > 0.0 && f < 1.0) {
+            bail!("--fraction must be in (0, 1), got {f}");
+        }
+    }
+    refuse_overwrite(&model, &out.output)?;
+    let t0 = std::time::Instant::now();
+    let mut m = dropwise::load(&model)?;
+    let dense = m.model.clone();
+    let n = dense.blocks.len();
+    let count = match (count, fraction) {
+        (Some(c), _) => c,
+        (None, Some(f)) => (f * n as f64).round() as usize,
+        _ => 0,
+    };
+    let mut extra = std::collections::BTreeMap::new();
+    let mut report = serde_json::json!({});
+    let chosen = match &layers {
+        Some(list) => {
+            surgery::remove(&mut m.model, list, part)?;
+            list.clone()
+        }
+        None => {
+            let (offsets, windows) = calib.windows(&m.tokenizer, "drop-layers", 8)?;
+            let pb = ProgressBar::new(1);
+            pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} candidates, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
+            pb.set_message(format!("drop-layers {metric:?}"));
+            let plan = structural::plan_layers(&m.model, &windows, metric, part, count, &mut |i, total| {
+                pb.set_length(total as u64);
+                pb.set_position(i as u64);
+            })?;
+            pb.finish_and_clear();
+            surgery::remove(&mut m.model, &plan.layers, part)?;
+            extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
+            extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
+            report = serde_json::to_value(&plan)?;
+            report["calibration"] = serde_json::json!({"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets});
+            plan.layers
+        }
+    };
+    let plan_s = t0.elapsed().as_secs_f64();
+    extra.insert("dropwise.drop.part".to_string(), Value::String(part.name().into()));
+    extra.insert("dropwise.drop.metric".to_string(), Value::String(if layers.is_some() { "list".into() } else { format!("{metric:?}").to_lowercase() }));
+    extra.insert("dropwise.drop.layers".to_string(), Value::Array(chosen.iter().map(|&l| Value::U32(l as u32)).collect()));
+    dropwise::model::io::save_with_metadata(&m, &m.model, &out.output, out.dtype.into(), &extra)?;
+    let total = t0.elapsed().as_secs_f64();
+    if out.json {
+        report["model"] = model.display().to_string().into();
+        report["output"] = out.output.display().to_string().into();
+        report["part"] = part.name().into();
+        report["layers"] = serde_json::json!(chosen);
+        report["cost"] = cost_json(&dense, &m.model, calib.seq_len);
+        report["plan_seconds"] = plan_s.into();
+        report["total_seconds"] = total.into();
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let what = match part {
+            Part::Block => "blocks",
+            Part::Attn => "attention sub-blocks of blocks",
+            Part::Mlp => "MLP sub-blocks of blocks",
+        };
+        let mut sorted = chosen.clone();
+        sorted.sort_unstable();
+        println!("{:<22} {} {what} {:?}", "dropped", sorted.len(), sorted);
+        if layers.is_none() {
+            println!("{:<22} {metric:?}", "metric");
+            if let Some(scores) = report["scores"].as_array() {
+                let txt: Vec<String> = scores.iter().map(|s| s.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())).collect();
+                println!("{:<22} {}", "score per block", txt.join(" "));
+            }
+            if let Some(p) = report["predicted_kl"].as_f64() {
+                println!("{:<22} {:.4} (sum of single removals)", "predicted KL", p);
+            }
+            println!("{:<22} {:.4} (calibration windows)", "measured KL", report["measured_kl"].as_f64().unwrap_or(f64::NAN));
+            println!("{:<22} {:.3} -> {:.3}", "calibration ppl", report["dense_calib_ppl"].as_f64().unwrap_or(f64::NAN), report["calib_ppl"].as_f64().unwrap_or(f64::NAN));
+        }
+        print_cost(&dense, &m.model, calib.seq_len);
+        println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
+        println!("{:<22} {}", "wrote", out.output.display());
+    }
+    Ok(())
+}
+
+fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, calib: CalibArgs, out: OutputArgs) -> Result<()> {
+    use dropwise::formats::gguf::Value;
+    use dropwise::structural::width::{self, Importance};
+    refuse_overwrite(&model, &out.output)?;
+    let t0 = std::time::Instant::now();
+    let mut m = dropwise::load(&model)?;
+    let dense = m.model.clone();
+    let (offsets, windows) =
+        if opts.importance == Importance::Magnitude { (Vec::new(), Vec::new()) } else { calib.windows(&m.tokenizer, "shrink", 8)? };
+    let report = width::shrink(&mut m.model, &windows, &opts)?;
+    let plan_s = t0.elapsed().as_secs_f64();
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("dropwise.shrink.importance".to_string(), Value::String(format!("{:?}", opts.importance).to_lowercase()));
+    extra.insert("dropwise.shrink.allocation".to_string(), Value::String(format!("{:?}", opts.allocation).to_lowercase()));
+    extra.insert("dropwise.shrink.heads".to_string(), Value::F32(opts.heads as f32));
+    extra.insert("dropwise.shrink.neurons".to_string(), Value::F32(opts.neurons as f32));
+    extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
+    extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
+    dropwise::model::io::save_with_metadata(&m, &m.model, &out.output, out.dtype.into(), &extra)?;
+    let total = t0.elapsed().as_secs_f64();
+    if out.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["model"] = model.display().to_string().into();
+        v["output"] = out.output.display().to_string().into();
+        v["cost"] = cost_json(&dense, &m.model, calib.seq_len);
+        v["calibration"] = serde_json::json!({"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets});
+        v["plan_seconds"] = plan_s.into();
+        v["total_seconds"] = total.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{:<22} heads {:.1} %, neurons {:.1} % ({:?} importance, {:?} allocation, {:?} head units)",
+            "removed", 100.0 * report.heads_removed, 100.0 * report.neurons_removed, opts.importance, opts.allocation, opts.head_unit);
+        println!("{:<22} {}", "heads/kv/ffn by layer", layer_shapes_text(&m.model));
+        print_cost(&dense, &m.model, calib.seq_len);
+        let kind = if m.model.config.per_layer.is_some() { "uneven widths: GGUF deci" } else { "even widths" };
+        println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
+        println!("{:<22} {} ({kind})", "wrote", out.output.display());
     }
     Ok(())
 }

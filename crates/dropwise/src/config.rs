@@ -34,6 +34,15 @@ impl Arch {
     }
 }
 
+/// The widths of one decoder block. 0 heads means the block has no attention sub-block, 0 FFN
+/// width no MLP sub-block (removed by structural dropping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub arch: Arch,
@@ -52,6 +61,10 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Per-block widths when blocks differ (width-pruned models, GGUF `deci` files); `None` when
+    /// every block has the widths above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_layer: Option<Vec<LayerShape>>,
 }
 
 /// The subset of an HF `config.json` dropwise reads.
@@ -114,6 +127,7 @@ impl LlamaConfig {
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             bos_token_id: first_id(&c.bos_token_id),
             eos_token_id: first_id(&c.eos_token_id),
+            per_layer: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -161,15 +175,30 @@ impl LlamaConfig {
             .and_then(|v| v.as_str())
             .context("GGUF has no general.architecture")?
             .to_string();
-        let arch = Arch::parse(&arch_name)?;
+        // llama.cpp's `deci` is the llama block with per-layer widths (what uneven exports use).
+        let arch = if arch_name == "deci" { Arch::Llama } else { Arch::parse(&arch_name)? };
         let p = arch_name.as_str();
         let get_u = |k: &str| -> Result<usize> {
             let key = format!("{p}.{k}");
             let v = g.get(&key).with_context(|| format!("GGUF lacks {key}"))?;
             if v.as_array().is_some() {
-                bail!("GGUF {key} varies per layer; uneven models are not supported by this loader yet");
+                bail!("GGUF {key} varies per layer; only the deci architecture may do that");
             }
             v.as_u64().map(|x| x as usize).with_context(|| format!("GGUF {key} is not an integer"))
+        };
+        // A per-layer key: one integer for all layers, or (deci) an array with one per layer.
+        let get_layers = |k: &str, n: usize| -> Result<Vec<usize>> {
+            let key = format!("{p}.{k}");
+            let v = g.get(&key).with_context(|| format!("GGUF lacks {key}"))?;
+            match v.as_array() {
+                Some(a) if p == "deci" => {
+                    if a.len() != n {
+                        bail!("GGUF {key} has {} entries for {n} layers", a.len());
+                    }
+                    a.iter().map(|x| x.as_u64().map(|x| x as usize).with_context(|| format!("GGUF {key} holds a non-integer"))).collect()
+                }
+                _ => Ok(vec![get_u(k)?; n]),
+            }
         };
         // GGUF stores these as f32; go through the shortest decimal form so 1e-5 reads back as
         // 1e-5 and not 9.99999974e-6, the value HF's config.json would hold.
@@ -180,17 +209,28 @@ impl LlamaConfig {
             })
         };
         let hidden = get_u("embedding_length")?;
-        let heads = get_u("attention.head_count")?;
-        let kv = if g.get(&format!("{p}.attention.head_count_kv")).is_some() { get_u("attention.head_count_kv")? } else { heads };
+        let n_layers = get_u("block_count")?;
+        if n_layers == 0 || n_layers > 1024 {
+            bail!("GGUF says the model has {n_layers} blocks");
+        }
+        let heads_l = get_layers("attention.head_count", n_layers)?;
+        let kv_l = if g.get(&format!("{p}.attention.head_count_kv")).is_some() { get_layers("attention.head_count_kv", n_layers)? } else { heads_l.clone() };
+        let ffn_l = get_layers("feed_forward_length", n_layers)?;
+        let heads = heads_l.iter().copied().max().unwrap_or(0);
+        let kv = kv_l.iter().copied().max().unwrap_or(0);
         let head_dim = match g.get(&format!("{p}.attention.key_length")) {
             Some(v) => v.as_u64().context("attention.key_length is not an integer")? as usize,
             None => {
-                if heads == 0 {
-                    bail!("GGUF says the model has 0 attention heads");
+                // As llama.cpp: the head size follows from the first layer's head count.
+                if heads_l[0] == 0 {
+                    bail!("GGUF says the first layer has 0 attention heads and gives no key_length");
                 }
-                hidden / heads
+                hidden / heads_l[0]
             }
         };
+        let shapes: Vec<LayerShape> =
+            (0..n_layers).map(|i| LayerShape { heads: heads_l[i], kv_heads: kv_l[i], ffn: ffn_l[i] }).collect();
+        let uneven = shapes.iter().any(|s| *s != shapes[0]);
         let vocab = match g.get(&format!("{p}.vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
             None => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
@@ -203,8 +243,8 @@ impl LlamaConfig {
         let cfg = Self {
             arch,
             hidden_size: hidden,
-            intermediate_size: get_u("feed_forward_length")?,
-            num_hidden_layers: get_u("block_count")?,
+            intermediate_size: ffn_l.iter().copied().max().unwrap_or(0),
+            num_hidden_layers: n_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
@@ -216,6 +256,7 @@ impl LlamaConfig {
             attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
             eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
+            per_layer: uneven.then_some(shapes),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -227,8 +268,24 @@ impl LlamaConfig {
         if c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 || c.vocab_size == 0 || c.head_dim == 0 {
             bail!("model config has a zero size (hidden {}, layers {}, heads {}, vocab {})", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size);
         }
-        if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
-            bail!("{} attention heads cannot be shared by {} key/value heads", c.num_attention_heads, c.num_key_value_heads);
+        match &c.per_layer {
+            None => {
+                if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+                    bail!("{} attention heads cannot be shared by {} key/value heads", c.num_attention_heads, c.num_key_value_heads);
+                }
+            }
+            Some(layers) => {
+                if layers.len() != c.num_hidden_layers {
+                    bail!("per-layer widths list {} layers for a model of {}", layers.len(), c.num_hidden_layers);
+                }
+                for (i, l) in layers.iter().enumerate() {
+                    // 0 heads with 0 KV heads is a block without attention; otherwise GQA must divide.
+                    let ok = if l.heads == 0 { l.kv_heads == 0 } else { l.kv_heads > 0 && l.heads % l.kv_heads == 0 };
+                    if !ok || l.heads > 1 << 12 || l.ffn > 1 << 20 {
+                        bail!("layer {i}: {} attention heads cannot be shared by {} key/value heads (FFN {})", l.heads, l.kv_heads, l.ffn);
+                    }
+                }
+            }
         }
         if c.head_dim % 2 != 0 {
             bail!("head dimension {} is odd; rope needs it even", c.head_dim);
@@ -246,14 +303,27 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The widths of block `i`.
+    pub fn layer(&self, i: usize) -> LayerShape {
+        match &self.per_layer {
+            Some(l) => l[i],
+            None => LayerShape { heads: self.num_attention_heads, kv_heads: self.num_key_value_heads, ffn: self.intermediate_size },
+        }
+    }
+
     /// Weights in the decoder: embeddings, blocks, final norm and (untied) head.
     pub fn param_count(&self) -> usize {
         let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let block = h * q + 2 * h * kv + q * h + bias + 3 * h * self.intermediate_size + 2 * h;
+        let blocks: usize = (0..self.num_hidden_layers)
+            .map(|i| {
+                let l = self.layer(i);
+                let q = l.heads * self.head_dim;
+                let kv = l.kv_heads * self.head_dim;
+                let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+                h * q + 2 * h * kv + q * h + bias + 3 * h * l.ffn + 2 * h
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + self.num_hidden_layers * block + h + head
+        self.vocab_size * h + blocks + h + head
     }
 }

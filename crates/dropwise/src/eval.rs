@@ -11,17 +11,17 @@ use serde::Serialize;
 use crate::model::kernels::with_f32_slice;
 use crate::model::{Llama, NoHooks};
 
-/// Per-position statistics of one window.
-#[derive(Default, Clone, Copy)]
-struct Acc {
-    nll: f64,
-    kl: f64,
-    agree: usize,
-    n: usize,
+/// Per-position statistics summed over a window's predicted positions.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Acc {
+    pub nll: f64,
+    pub kl: f64,
+    pub agree: usize,
+    pub n: usize,
 }
 
 impl Acc {
-    fn add(self, o: Acc) -> Acc {
+    pub fn add(self, o: Acc) -> Acc {
         Acc { nll: self.nll + o.nll, kl: self.kl + o.kl, agree: self.agree + o.agree, n: self.n + o.n }
     }
 }
@@ -120,7 +120,7 @@ impl RowState {
 /// Scores one window from the last hidden states `[1, seq, hidden]` of the model (and the
 /// reference): NLL of each next token, KL divergence and top-1 agreement over the seq−1 predicted
 /// positions. Returns the accumulated statistics and the seconds spent in the model's head matmuls.
-fn score_window(model: &Llama, hidden: &Tensor, reference: Option<(&Llama, &Tensor)>, ids: &[u32]) -> Result<(Acc, f64)> {
+pub fn score_window(model: &Llama, hidden: &Tensor, reference: Option<(&Llama, &Tensor)>, ids: &[u32]) -> Result<(Acc, f64)> {
     let t = ids.len();
     let x = model.head_input(hidden)?.narrow(0, 0, t - 1)?;
     let xr = match reference {

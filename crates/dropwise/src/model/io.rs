@@ -163,7 +163,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         };
         let mut t = g.dequantize(info).with_context(ctx)?;
         if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
-            let heads = if hf.contains("q_proj") { config.num_attention_heads } else { config.num_key_value_heads };
+            let heads = t.dims()[0] / config.head_dim.max(1);
             t = rope_permute(&t, heads, false).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
         }
         tensors.insert(hf, t);
@@ -285,6 +285,15 @@ fn gguf_tokenizer_keys(tok_json: &str, config: &LlamaConfig) -> Result<BTreeMap<
 }
 
 /// Writes the model as a GGUF v3 file (1-D tensors always F32, as llama.cpp expects).
+///
+/// A model whose blocks all have one shape is written as its own architecture (llama or qwen2),
+/// with the (possibly reduced) head count and FFN width and an explicit head size when heads ×
+/// head size no longer equals the hidden size. Blocks that differ (width-pruned unevenly, or
+/// with attention or MLP sub-blocks removed) are written as llama.cpp's `deci` architecture,
+/// which reads `head_count`, `head_count_kv` and `feed_forward_length` as per-layer arrays, 0 heads
+/// meaning no attention sub-block. llama.cpp's deci graph skips the rest of a layer whose FFN
+/// width is 0 (its attention output would be lost), so an MLP-free block is written with one
+/// all-zero neuron instead: exactly the same function.
 pub fn save_gguf(
     model: &Llama,
     tokenizer_meta: &TokenizerMeta,
@@ -294,9 +303,14 @@ pub fn save_gguf(
     extra: &BTreeMap<String, Value>,
 ) -> Result<()> {
     let c = &model.config;
-    let arch = match c.arch {
-        Arch::Qwen2 => "qwen2",
-        Arch::Llama | Arch::Mistral => "llama",
+    let shapes: Vec<crate::config::LayerShape> = (0..model.blocks.len()).map(|i| model.layer_shape(i)).collect();
+    let uneven = shapes.iter().any(|s| *s != shapes[0]) || shapes.iter().any(|s| s.heads == 0 || s.ffn == 0);
+    let arch = match (c.arch, uneven) {
+        (Arch::Qwen2, true) => bail!("a qwen2 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
+        (_, true) if c.attention_bias => bail!("llama.cpp's deci architecture has no q/k/v biases; this model's uneven blocks cannot be written as GGUF"),
+        (_, true) => "deci",
+        (Arch::Qwen2, false) => "qwen2",
+        (Arch::Llama | Arch::Mistral, false) => "llama",
     };
     let mut m: BTreeMap<String, Value> = BTreeMap::new();
     let s = |v: &str| Value::String(v.to_string());
@@ -311,17 +325,27 @@ pub fn save_gguf(
         }),
     );
     let u = |v: usize| Value::U32(v as u32);
+    // An MLP-free block is written with one zero neuron (see above).
+    let ffn_written = |s: &crate::config::LayerShape| s.ffn.max(1);
     m.insert(format!("{arch}.context_length"), u(c.max_position_embeddings));
     m.insert(format!("{arch}.embedding_length"), u(c.hidden_size));
     m.insert(format!("{arch}.block_count"), u(model.blocks.len()));
-    m.insert(format!("{arch}.feed_forward_length"), u(c.intermediate_size));
+    if uneven {
+        let arr = |f: &dyn Fn(&crate::config::LayerShape) -> usize| Value::Array(shapes.iter().map(|s| Value::I32(f(s) as i32)).collect());
+        m.insert(format!("{arch}.feed_forward_length"), arr(&ffn_written));
+        m.insert(format!("{arch}.attention.head_count"), arr(&|s| s.heads));
+        m.insert(format!("{arch}.attention.head_count_kv"), arr(&|s| s.kv_heads));
+    } else {
+        m.insert(format!("{arch}.feed_forward_length"), u(shapes[0].ffn));
+        m.insert(format!("{arch}.attention.head_count"), u(shapes[0].heads));
+        m.insert(format!("{arch}.attention.head_count_kv"), u(shapes[0].kv_heads));
+    }
     m.insert(format!("{arch}.rope.dimension_count"), u(c.head_dim));
-    m.insert(format!("{arch}.attention.head_count"), u(c.num_attention_heads));
-    m.insert(format!("{arch}.attention.head_count_kv"), u(c.num_key_value_heads));
     m.insert(format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32));
     m.insert(format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta as f32));
     m.insert(format!("{arch}.vocab_size"), u(c.vocab_size));
-    if c.head_dim * c.num_attention_heads != c.hidden_size {
+    // llama.cpp derives the head size from hidden / (first layer's heads) unless told.
+    if uneven || c.head_dim * shapes[0].heads != c.hidden_size {
         m.insert(format!("{arch}.attention.key_length"), u(c.head_dim));
         m.insert(format!("{arch}.attention.value_length"), u(c.head_dim));
     }
@@ -342,6 +366,17 @@ pub fn save_gguf(
         let dt = if t.rank() == 1 { WriteDType::F32 } else { dtype };
         out.push(TensorOut::from_tensor(&gname, &t, dt)?);
     }
+    for (i, sh) in shapes.iter().enumerate() {
+        if sh.ffn == 0 {
+            let h = c.hidden_size;
+            let dev = model.device();
+            let zero = |r: usize, k: usize| Tensor::zeros((r, k), candle_core::DType::F32, dev);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_norm.weight"), &Tensor::ones(h, candle_core::DType::F32, dev)?, WriteDType::F32)?);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_gate.weight"), &zero(1, h)?, dtype)?);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_up.weight"), &zero(1, h)?, dtype)?);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_down.weight"), &zero(h, 1)?, dtype)?);
+        }
+    }
     gguf::write_gguf(path, &m, &out)
 }
 
@@ -359,6 +394,9 @@ fn save_hf_with(
     extra: serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     let c = &model.config;
+    if c.per_layer.is_some() || model.blocks.iter().any(|b| !b.has_attention() || !b.has_mlp()) {
+        bail!("this model's blocks differ in shape (or lack attention / MLP sub-blocks); an HF config.json has one width for all layers: write it as GGUF (.gguf), which llama.cpp loads as its deci architecture");
+    }
     let mut cfg = c.to_hf_json();
     if !extra.is_empty() {
         cfg["dropwise"] = serde_json::Value::Object(extra);

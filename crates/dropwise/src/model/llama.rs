@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::hooks::{Hooks, LinearKind, NoHooks};
 use super::kernels;
-use crate::config::LlamaConfig;
+use crate::config::{LayerShape, LlamaConfig};
 
 /// A linear layer stored as PyTorch does: weight `[out, in]`, optional bias `[out]`.
 #[derive(Clone, Debug)]
@@ -62,6 +62,12 @@ pub struct Block {
 }
 
 impl Block {
+    pub fn has_attention(&self) -> bool {
+        self.q.out_features() > 0
+    }
+    pub fn has_mlp(&self) -> bool {
+        self.gate.out_features() > 0
+    }
     pub fn linear(&self, kind: LinearKind) -> &Linear {
         match kind {
             LinearKind::Q => &self.q,
@@ -125,63 +131,88 @@ impl Llama {
     pub fn from_tensors(config: LlamaConfig, mut t: HashMap<String, Tensor>) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        fn take(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
             let x = t.remove(name).with_context(|| format!("model has no tensor {name}"))?;
             if x.dims() != shape {
                 bail!("tensor {name} has shape {:?}, expected {:?}", x.dims(), shape);
             }
             Ok(x.to_dtype(DType::F32)?.contiguous()?)
-        };
-        let embed = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let qd = c.num_attention_heads * c.head_dim;
-        let kvd = c.num_key_value_heads * c.head_dim;
-        let f = c.intermediate_size;
+        }
+        let embed = take(&mut t, "model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let dev = embed.device().clone();
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let lin = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let weight = take(&format!("{p}.{name}.weight"), &[out, inp])?;
-                let bias = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+            let shape = c.layer(i);
+            let qd = shape.heads * c.head_dim;
+            let kvd = shape.kv_heads * c.head_dim;
+            let f = shape.ffn;
+            // A removed sub-block (0 heads, or FFN width 0) has no tensors: its linears are empty
+            // and its norm, never used, is all ones.
+            let lin = |t: &mut HashMap<String, Tensor>, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                if out * inp == 0 {
+                    t.remove(&format!("{p}.{name}.weight"));
+                    t.remove(&format!("{p}.{name}.bias"));
+                    return Ok(Linear { weight: Tensor::zeros((out, inp), DType::F32, &dev)?, bias: None });
+                }
+                let weight = take(t, &format!("{p}.{name}.weight"), &[out, inp])?;
+                let bias = if bias { Some(take(t, &format!("{p}.{name}.bias"), &[out])?) } else { None };
                 Ok(Linear { weight, bias })
             };
             let b = c.attention_bias;
-            blocks.push(Block {
-                attn_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: lin(&mut take, "self_attn.q_proj", qd, h, b)?,
-                k: lin(&mut take, "self_attn.k_proj", kvd, h, b)?,
-                v: lin(&mut take, "self_attn.v_proj", kvd, h, b)?,
-                o: lin(&mut take, "self_attn.o_proj", h, qd, false)?,
-                mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: lin(&mut take, "mlp.gate_proj", f, h, false)?,
-                up: lin(&mut take, "mlp.up_proj", f, h, false)?,
-                down: lin(&mut take, "mlp.down_proj", h, f, false)?,
-            });
+            let q = lin(&mut t, "self_attn.q_proj", qd, h, b)?;
+            let k = lin(&mut t, "self_attn.k_proj", kvd, h, b)?;
+            let v = lin(&mut t, "self_attn.v_proj", kvd, h, b)?;
+            let o = lin(&mut t, "self_attn.o_proj", h, qd, false)?;
+            let gate = lin(&mut t, "mlp.gate_proj", f, h, false)?;
+            let up = lin(&mut t, "mlp.up_proj", f, h, false)?;
+            let down = lin(&mut t, "mlp.down_proj", h, f, false)?;
+            let norm = |t: &mut HashMap<String, Tensor>, name: &str, present: bool| -> Result<Tensor> {
+                let key = format!("{p}.{name}.weight");
+                if present {
+                    take(t, &key, &[h])
+                } else {
+                    t.remove(&key);
+                    Ok(Tensor::ones(h, DType::F32, &dev)?)
+                }
+            };
+            let attn_norm = norm(&mut t, "input_layernorm", qd > 0)?;
+            let mlp_norm = norm(&mut t, "post_attention_layernorm", f > 0)?;
+            blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
         }
-        let final_norm = take("model.norm.weight", &[h])?;
+        let final_norm = take(&mut t, "model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still ship a copy; it must equal the embedding, so drop it.
             t.remove("lm_head.weight");
             None
         } else {
-            Some(take("lm_head.weight", &[c.vocab_size, h])?)
+            Some(take(&mut t, "lm_head.weight", &[c.vocab_size, h])?)
         };
         Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false })
     }
 
-    /// Every tensor by its HF name (the head only when untied).
+    /// Every tensor by its HF name (the head only when untied). A removed sub-block contributes
+    /// no tensors (not even its norm).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
+            if b.has_attention() {
+                out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
+            }
             for (kind, name) in LinearKind::ALL.iter().map(|k| (*k, k.hf_name())) {
                 let l = b.linear(kind);
+                if l.weight.elem_count() == 0 {
+                    continue;
+                }
                 out.push((format!("{p}.{name}.weight"), l.weight.clone()));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{p}.{name}.bias"), bias.clone()));
                 }
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
+            if b.has_mlp() {
+                out.push((format!("{p}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
+            }
         }
         out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
         if let Some(hd) = &self.lm_head {
@@ -192,6 +223,36 @@ impl Llama {
 
     pub fn param_count(&self) -> usize {
         self.named_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Block `i`'s widths as its weights have them.
+    pub fn layer_shape(&self, i: usize) -> LayerShape {
+        let b = &self.blocks[i];
+        let hd = self.config.head_dim;
+        LayerShape { heads: b.q.out_features() / hd, kv_heads: b.k.out_features() / hd, ffn: b.gate.out_features() }
+    }
+
+    /// Makes the config describe the blocks as they now are (after surgery): the layer count,
+    /// and either one set of widths for all blocks or a per-layer list when they differ.
+    pub fn sync_config(&mut self) {
+        let shapes: Vec<LayerShape> = (0..self.blocks.len()).map(|i| self.layer_shape(i)).collect();
+        let c = &mut self.config;
+        c.num_hidden_layers = shapes.len();
+        match shapes.first() {
+            Some(first) if shapes.iter().all(|s| s == first) && first.heads > 0 && first.ffn > 0 => {
+                c.num_attention_heads = first.heads;
+                c.num_key_value_heads = first.kv_heads;
+                c.intermediate_size = first.ffn;
+                c.per_layer = None;
+            }
+            _ => {
+                // The scalar widths become the widest block's, as llama.cpp reports them.
+                c.num_attention_heads = shapes.iter().map(|s| s.heads).max().unwrap_or(0).max(1);
+                c.num_key_value_heads = shapes.iter().map(|s| s.kv_heads).max().unwrap_or(0).max(1);
+                c.intermediate_size = shapes.iter().map(|s| s.ffn).max().unwrap_or(0);
+                c.per_layer = Some(shapes);
+            }
+        }
     }
 
     /// Turns every weight into a candle `Var` (so gradients flow to it), switches to the

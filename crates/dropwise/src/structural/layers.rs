@@ -1,0 +1,283 @@
+//! Choosing which blocks (or which blocks' attention / MLP sub-blocks) to drop.
+//!
+//! * `bi` — ShortGPT's Block Influence, 1 − mean cos(h_in, h_out) over calibration tokens, where
+//!   in/out surround the part being dropped; the least influential go.
+//! * `additive` — LAPTOP-Diff's one-shot criterion: the output loss (KL divergence to the dense
+//!   model on the calibration windows) of removing each part alone; the loss of removing a set is
+//!   taken as the sum, so the set is the parts with the smallest losses. The measured loss of
+//!   the chosen set is reported beside the predicted sum.
+//! * `ppl` — greedy: remove one part at a time, each time the one whose removal gives the lowest
+//!   calibration perplexity of the model as it now is.
+//!
+//! Every candidate is evaluated from cached hidden states: removing part of block l only changes
+//! what happens from block l on, so only blocks l.. and the head are run again.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde::Serialize;
+
+use super::surgery::{self, Part};
+use crate::eval::{score_window, Acc};
+use crate::model::kernels::with_f32_slice;
+use crate::model::hooks::BlockCosineStats;
+use crate::model::{Llama, NoHooks};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerMetric {
+    Bi,
+    Additive,
+    Ppl,
+}
+
+impl LayerMetric {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "bi" => LayerMetric::Bi,
+            "additive" => LayerMetric::Additive,
+            "ppl" => LayerMetric::Ppl,
+            o => bail!("unknown layer metric '{o}' (supported: bi, additive, ppl)"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerPlan {
+    pub metric: LayerMetric,
+    pub part: Part,
+    /// Original indices of the blocks whose part is removed, in the order chosen.
+    pub layers: Vec<usize>,
+    /// Per original block: its score (BI, single-removal KL, or for `ppl` the calibration
+    /// perplexity when it was removed at its greedy step; `None` where not measured).
+    pub scores: Vec<Option<f64>>,
+    /// `additive`: the sum of the chosen parts' single-removal KLs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_kl: Option<f64>,
+    /// The measured calibration KL divergence to the dense model after removing the whole set.
+    pub measured_kl: f64,
+    /// Calibration perplexity of the dense model and of the model with the set removed.
+    pub dense_calib_ppl: f64,
+    pub calib_ppl: f64,
+}
+
+/// Calibration windows and the positional tables every candidate run shares.
+struct Ctx<'a> {
+    windows: &'a [Vec<u32>],
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Ctx<'_> {
+    /// Hidden states entering every block of `model` (index `blocks.len()` is the final output),
+    /// one tensor per window.
+    fn inputs(&self, model: &Llama) -> Result<Vec<Vec<Tensor>>> {
+        let mut all = Vec::with_capacity(model.blocks.len() + 1);
+        let mut h: Vec<Tensor> = self
+            .windows
+            .iter()
+            .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
+            .collect::<Result<_>>()?;
+        for l in 0..model.blocks.len() {
+            let next = h.iter().map(|x| model.forward_block(l, x, &self.mask, &self.cos, &self.sin, &mut NoHooks)).collect::<Result<_>>()?;
+            all.push(std::mem::replace(&mut h, next));
+        }
+        all.push(h);
+        Ok(all)
+    }
+
+    /// Runs `model`'s blocks `from..` on the hidden states `h` and scores the result on every
+    /// window (against `reference`'s final hidden states when given).
+    fn score_from(&self, model: &Llama, from: usize, h: &[Tensor], reference: Option<(&Llama, &[Tensor])>) -> Result<Acc> {
+        let mut total = Acc::default();
+        for (i, (x, w)) in h.iter().zip(self.windows).enumerate() {
+            let mut x = x.clone();
+            for l in from..model.blocks.len() {
+                x = model.forward_block(l, &x, &self.mask, &self.cos, &self.sin, &mut NoHooks)?;
+            }
+            let (acc, _) = score_window(model, &x, reference.map(|(r, hs)| (r, &hs[i])), w)?;
+            total = total.add(acc);
+        }
+        Ok(total)
+    }
+}
+
+/// Mean over tokens of cos(a, b) for `[.., hidden]` tensors of one shape, summed into (sum, count).
+fn cosine_sum(a: &Tensor, b: &Tensor) -> Result<(f64, usize)> {
+    let hdim = a.dims().last().copied().unwrap_or(1);
+    with_f32_slice(a, |xa| {
+        with_f32_slice(b, |xb| {
+            let mut s = 0.0;
+            let mut n = 0;
+            for (ra, rb) in xa.chunks(hdim).zip(xb.chunks(hdim)) {
+                let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+                for (&u, &v) in ra.iter().zip(rb) {
+                    d += u as f64 * v as f64;
+                    na += u as f64 * u as f64;
+                    nb += v as f64 * v as f64;
+                }
+                s += d / (na.sqrt() * nb.sqrt()).max(1e-30);
+                n += 1;
+            }
+            (s, n)
+        })
+    })?
+}
+
+/// Block Influence of `part` of every block: 1 − mean cos between the hidden states entering and
+/// leaving that part (the whole block — the same statistic `analyze` reports, from the same hook
+/// — or its attention residual step, or its MLP residual step).
+pub fn block_influence(model: &Llama, windows: &[Vec<u32>], part: Part) -> Result<Vec<f64>> {
+    let ctx = make_ctx(model, windows)?;
+    if part == Part::Block {
+        let mut st = BlockCosineStats::default();
+        for w in windows {
+            model.forward_hidden(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?, &mut st)?;
+        }
+        return Ok(st.block_influence());
+    }
+    let inputs = ctx.inputs(model)?;
+    let mut out = Vec::with_capacity(model.blocks.len());
+    for l in 0..model.blocks.len() {
+        let (mut s, mut n) = (0.0, 0);
+        for x in &inputs[l] {
+            let mid = match model.attention_context(l, &model.attn_norm(l, x)?, &ctx.mask, &ctx.cos, &ctx.sin, &mut NoHooks)? {
+                Some(c) => (x + model.blocks[l].o.forward(&c)?)?,
+                None => x.clone(),
+            };
+            let (a, b) = if part == Part::Attn {
+                (x.clone(), mid)
+            } else {
+                let out = match model.mlp_hidden(l, &model.mlp_norm(l, &mid)?, &mut NoHooks)? {
+                    Some(a) => (&mid + model.blocks[l].down.forward(&a)?)?,
+                    None => mid.clone(),
+                };
+                (mid, out)
+            };
+            let (ds, dn) = cosine_sum(&a, &b)?;
+            s += ds;
+            n += dn;
+        }
+        out.push(1.0 - s / n.max(1) as f64);
+    }
+    Ok(out)
+}
+
+fn make_ctx<'a>(model: &Llama, windows: &'a [Vec<u32>]) -> Result<Ctx<'a>> {
+    if windows.is_empty() {
+        bail!("layer plans need calibration windows");
+    }
+    let t = windows[0].len();
+    if t < 2 {
+        bail!("calibration windows must hold at least 2 tokens");
+    }
+    let (cos, sin) = model.rope_tables(t)?;
+    Ok(Ctx { windows, mask: model.causal_mask(t)?, cos, sin })
+}
+
+/// Whether block `l` of `model` still has `part` (a block always has itself).
+fn has_part(model: &Llama, l: usize, part: Part) -> bool {
+    match part {
+        Part::Block => true,
+        Part::Attn => model.blocks[l].has_attention(),
+        Part::Mlp => model.blocks[l].has_mlp(),
+    }
+}
+
+/// Plans the removal of `part` from `count` blocks by `metric`, measured on `windows`.
+/// `progress` is told after each candidate evaluation.
+pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part, count: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<LayerPlan> {
+    let n = model.blocks.len();
+    let candidates: Vec<usize> = (0..n).filter(|&l| has_part(model, l, part)).collect();
+    if count == 0 {
+        bail!("nothing to drop: the count is 0");
+    }
+    if part == Part::Block && count >= n {
+        bail!("cannot drop {count} of {n} blocks: at least one must remain");
+    }
+    if count > candidates.len() {
+        bail!("cannot drop {count} {} sub-blocks: only {} blocks have one", part.name(), candidates.len());
+    }
+    let ctx = make_ctx(model, windows)?;
+    let dense_inputs = ctx.inputs(model)?;
+    let dense_out = &dense_inputs[n];
+    let dense = ctx.score_from(model, n, dense_out, None)?;
+    let mut scores: Vec<Option<f64>> = vec![None; n];
+    let mut predicted_kl = None;
+    let chosen: Vec<usize> = match metric {
+        LayerMetric::Bi => {
+            let bi = block_influence(model, windows, part)?;
+            let mut c = candidates.clone();
+            c.sort_by(|&a, &b| bi[a].total_cmp(&bi[b]));
+            for &l in &candidates {
+                scores[l] = Some(bi[l]);
+            }
+            progress(candidates.len(), candidates.len());
+            c.truncate(count);
+            c
+        }
+        LayerMetric::Additive => {
+            for (i, &l) in candidates.iter().enumerate() {
+                let mut m = model.clone();
+                surgery::remove(&mut m, &[l], part)?;
+                let acc = ctx.score_from(&m, l, &dense_inputs[l], Some((model, dense_out)))?;
+                scores[l] = Some(acc.kl / acc.n as f64);
+                progress(i + 1, candidates.len());
+            }
+            let mut c = candidates.clone();
+            c.sort_by(|&a, &b| scores[a].unwrap_or(f64::INFINITY).total_cmp(&scores[b].unwrap_or(f64::INFINITY)));
+            c.truncate(count);
+            predicted_kl = Some(c.iter().map(|&l| scores[l].unwrap_or(0.0)).sum());
+            c
+        }
+        LayerMetric::Ppl => {
+            // `current` is the model with the parts chosen so far removed; `orig[j]` maps its
+            // block j back to the original index; `inputs` are its cached block inputs.
+            let mut current = model.clone();
+            let mut orig: Vec<usize> = (0..n).collect();
+            let mut inputs = dense_inputs.clone();
+            let mut chosen = Vec::with_capacity(count);
+            let total = (0..count).map(|k| candidates.len() - k).sum::<usize>();
+            let mut done = 0;
+            for _ in 0..count {
+                let mut best: Option<(f64, usize)> = None;
+                for j in 0..current.blocks.len() {
+                    if !has_part(&current, j, part) || (part == Part::Block && current.blocks.len() == 1) {
+                        continue;
+                    }
+                    let mut m = current.clone();
+                    surgery::remove(&mut m, &[j], part)?;
+                    let acc = ctx.score_from(&m, j, &inputs[j], None)?;
+                    let ppl = (acc.nll / acc.n as f64).exp();
+                    if best.is_none_or(|(b, _)| ppl < b) {
+                        best = Some((ppl, j));
+                    }
+                    done += 1;
+                    progress(done, total);
+                }
+                let Some((ppl, j)) = best else { bail!("no part left to remove") };
+                scores[orig[j]] = Some(ppl);
+                chosen.push(orig[j]);
+                surgery::remove(&mut current, &[j], part)?;
+                if part == Part::Block {
+                    orig.remove(j);
+                }
+                inputs = ctx.inputs(&current)?;
+            }
+            chosen
+        }
+    };
+    let mut pruned = model.clone();
+    surgery::remove(&mut pruned, &chosen, part)?;
+    let acc = ctx.score_from(&pruned, 0, &dense_inputs[0], Some((model, dense_out)))?;
+    Ok(LayerPlan {
+        metric,
+        part,
+        layers: chosen,
+        scores,
+        predicted_kl,
+        measured_kl: acc.kl / acc.n as f64,
+        dense_calib_ppl: (dense.nll / dense.n as f64).exp(),
+        calib_ppl: (acc.nll / acc.n as f64).exp(),
+    })
+}
