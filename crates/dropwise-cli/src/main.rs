@@ -228,6 +228,12 @@ enum Cmd {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Token ids of text files as the model's tokenizer makes them (no BOS), as a JSON array.
+    Tokenize {
+        model: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -334,6 +340,11 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_prune(model, opts, output, dtype.into(), json)
         }
         Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
+        Cmd::Tokenize { model, data } => {
+            let m = dropwise::load(&model)?;
+            println!("{}", serde_json::to_string(&data::tokenize_files(&m.tokenizer, &data)?)?);
+            Ok(())
+        }
         Cmd::DropLayers { model, count, fraction, layers, metric, part, calib, out } => {
             cmd_drop_layers(model, count, fraction, layers, metric, part, calib, out)
         }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# llama.cpp itself (PyPI llama-cpp-python, built from source into .venv-llama on first use: about
+# 10-15 minutes on 2 cores) loads every kind of GGUF that structural dropping exports, and its
+# perplexity on the first W austen-512 windows of persuasion.txt must agree with dropwise's
+# within 1 %. Also checks that llama.cpp's tokenizer gives dropwise's ids on the whole text.
+# Kept out of the default test run because of the build time.
+#   scripts/llama_cpp_check.sh [WINDOWS=8] [OUT=/tmp/dropwise-llama-cpp-check]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-8}
+OUT=${2:-/tmp/dropwise-llama-cpp-check}
+mkdir -p "$OUT"
+M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+D=assets/austen/persuasion.txt
+python3 scripts/fetch_assets.py > /dev/null
+cargo build --release --quiet
+BIN=./target/release/dropwise
+if ! .venv-llama/bin/python -c "import llama_cpp, numpy" 2>/dev/null; then
+    python3 -m venv .venv-llama
+    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        .venv-llama/bin/pip install -q "llama-cpp-python==0.3.36" numpy
+fi
+$BIN tokenize $M --data $D > "$OUT/ids.json"
+
+export_one() { # name, command...
+    local name=$1; shift
+    [ -s "$OUT/$name.gguf" ] || "$@" -o "$OUT/$name.gguf" > "$OUT/$name.log"
+}
+export_one dense-f32 $BIN convert $M
+export_one drop-3-blocks $BIN drop-layers $M --layers 20,21,22
+export_one drop-3-attn $BIN drop-layers $M --layers 5,10,15 --part attn
+export_one drop-3-mlp $BIN drop-layers $M --layers 5,10,15 --part mlp
+export_one neurons-25-uniform $BIN shrink $M --neurons 0.25 --importance magnitude
+export_one kv-groups-33-uniform $BIN shrink $M --heads 0.33 --head-unit group --importance magnitude
+export_one heads-neurons-25-global $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --importance magnitude
+export_one heads-neurons-25-global-f16 $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --importance magnitude --dtype f16
+
+printf "| export | GGUF architecture | dropwise ppl | llama.cpp ppl | difference | same token ids |\n|---|---|---|---|---|---|\n"
+fail=0
+# llama.cpp's GGUF reader (in .venv from scripts/test.sh) names each file's architecture.
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+for f in "$OUT"/*.gguf; do
+    name=$(basename "$f" .gguf)
+    [ -s "$OUT/$name.dw.json" ] || $BIN --threads 2 eval "$f" --data $D --windows "$W" --json > "$OUT/$name.dw.json"
+    [ -s "$OUT/$name.cpp.json" ] || .venv-llama/bin/python scripts/llama_cpp_ppl.py "$f" $D "$W" "$OUT/ids.json" > "$OUT/$name.cpp.json"
+    line=$($PY - "$f" "$OUT/$name.dw.json" "$OUT/$name.cpp.json" <<'PY'
+import json, sys
+f, a, b = sys.argv[1:]
+dw, cpp = json.load(open(a)), json.load(open(b))
+arch = "?"
+try:
+    from gguf import GGUFReader
+    fld = GGUFReader(f).fields["general.architecture"]
+    arch = bytes(fld.parts[fld.data[0]]).decode()
+except Exception:
+    pass
+d = cpp["perplexity"] / dw["perplexity"] - 1
+ok = abs(d) < 0.01 and dw["tokens"] == cpp["tokens"]
+print("%s|%s|%.4f|%.4f|%+.4f %%|%s|%s" % (f.split("/")[-1][:-5], arch, dw["perplexity"], cpp["perplexity"], 100 * d, cpp.get("ids_identical_to_dropwise"), "ok" if ok else "FAIL"))
+PY
+)
+    IFS='|' read -r n arch p1 p2 diff same ok <<< "$line"
+    echo "| $n | $arch | $p1 | $p2 | $diff | $same |"
+    [ "$ok" = ok ] || fail=1
+done
+echo
+echo "(first $W austen-512 windows of persuasion.txt; pass: |difference| < 1 %)"
+exit $fail
