@@ -1406,12 +1406,18 @@ fn convert_onto_non_model_folder() {
 // ---------------------------------------------------------------------------------------------
 
 fn prune_case(case: &str, extra: &[&str], needles: &[&str]) {
+    command_case("prune", "pruned.gguf", case, extra, needles)
+}
+
+/// Runs `command` on a valid tiny model with `extra` arguments (CALIB stands for a calibration
+/// text) and an output named `out_name`; it must fail cleanly and write nothing.
+fn command_case(command: &str, out_name: &str, case: &str, extra: &[&str], needles: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let model = valid_gguf(dir.path());
     let calib = dir.path().join("calib.txt");
     std::fs::write(&calib, testing::sample_text(4000)).unwrap();
-    let out = dir.path().join("pruned.gguf");
-    let mut args: Vec<OsString> = vec!["prune".into(), model.clone().into_os_string(), "-o".into(), out.clone().into_os_string()];
+    let out = dir.path().join(out_name);
+    let mut args: Vec<OsString> = vec![command.into(), model.clone().into_os_string(), "-o".into(), out.clone().into_os_string()];
     for a in extra {
         args.push(if *a == "CALIB" { calib.clone().into_os_string() } else { OsString::from(a) });
     }
@@ -1469,4 +1475,69 @@ fn prune_calibration_text_too_short() {
 #[test]
 fn prune_sparsity_and_pattern_together() {
     prune_case("--sparsity with --pattern", &["--method", "magnitude", "--sparsity", "0.5", "--pattern", "2:4"], &[]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Structural dropping: impossible budgets and unknown choices (tiny model: 3 blocks, 4 heads in
+// 2 KV groups, FFN 96)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn drop_layers_every_block() {
+    command_case("drop-layers", "d.gguf", "--count 3 of 3", &["--count", "3", "--metric", "bi", "--calib", "CALIB", "--seq-len", "32"], &["at least one must remain"]);
+}
+
+#[test]
+fn drop_layers_fraction_above_one() {
+    command_case("drop-layers", "d.gguf", "--fraction 1.5", &["--fraction", "1.5", "--calib", "CALIB"], &["fraction"]);
+}
+
+#[test]
+fn drop_layers_unknown_metric() {
+    command_case("drop-layers", "d.gguf", "--metric cosine", &["--count", "1", "--metric", "cosine", "--calib", "CALIB"], &["cosine", "bi, additive, ppl"]);
+}
+
+#[test]
+fn drop_layers_unknown_part() {
+    command_case("drop-layers", "d.gguf", "--part heads", &["--layers", "0", "--part", "heads"], &["heads", "block, attn, mlp"]);
+}
+
+#[test]
+fn drop_layers_layer_out_of_range() {
+    command_case("drop-layers", "d.gguf", "--layers 7", &["--layers", "7"], &["layer 7"]);
+}
+
+#[test]
+fn drop_layers_without_calibration() {
+    command_case("drop-layers", "d.gguf", "no --calib", &["--count", "1"], &["--calib"]);
+}
+
+#[test]
+fn drop_layers_uneven_result_to_hf_folder() {
+    command_case("drop-layers", "hf-out", "attn drop to HF", &["--layers", "1", "--part", "attn"], &["GGUF"]);
+}
+
+#[test]
+fn shrink_nothing() {
+    command_case("shrink", "s.gguf", "no --heads/--neurons", &["--importance", "magnitude"], &["nothing to shrink"]);
+}
+
+#[test]
+fn shrink_fraction_above_one() {
+    command_case("shrink", "s.gguf", "--neurons 1.2", &["--neurons", "1.2", "--importance", "magnitude"], &["fractions"]);
+}
+
+#[test]
+fn shrink_every_head() {
+    command_case("shrink", "s.gguf", "--heads 0.99", &["--heads", "0.99", "--importance", "magnitude"], &["every unit"]);
+}
+
+#[test]
+fn shrink_unknown_importance() {
+    command_case("shrink", "s.gguf", "--importance random", &["--heads", "0.5", "--importance", "random"], &["random", "activation, magnitude, taylor"]);
+}
+
+#[test]
+fn shrink_activation_without_calibration() {
+    command_case("shrink", "s.gguf", "activation without --calib", &["--neurons", "0.3"], &["--calib"]);
 }
