@@ -83,3 +83,39 @@ fn convert_through_the_cli_in_half_precision() {
     assert!(r["top1_agreement"].as_f64().unwrap() > 0.98);
     let _ = dropwise::testing::gguf_py_summary(&g);
 }
+
+#[test]
+fn structural_drops_on_the_real_model_evaluate_together() {
+    let a = assets();
+    let model = a.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = a.join("austen/persuasion.txt");
+    let calib = a.join("austen/emma.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let (m, t) = (model.to_str().unwrap(), text.to_str().unwrap());
+    let layers = dir.path().join("layers.gguf");
+    let shrunk = dir.path().join("shrunk.gguf");
+    let d = dropwise(&[
+        "drop-layers", m, "--count", "2", "--metric", "additive", "--calib", calib.to_str().unwrap(), "--calib-windows", "1",
+        "--seq-len", "128", "-o", layers.to_str().unwrap(), "--json", "--threads", "2",
+    ]);
+    assert_eq!(d["layers"].as_array().unwrap().len(), 2);
+    // The additive prediction and the measurement are both reported.
+    assert!(d["predicted_kl"].as_f64().unwrap() > 0.0 && d["measured_kl"].as_f64().unwrap() > 0.0);
+    let s = dropwise(&[
+        "shrink", m, "--neurons", "0.25", "--calib", calib.to_str().unwrap(), "--calib-windows", "1", "--seq-len", "128",
+        "-o", shrunk.to_str().unwrap(), "--json", "--threads", "2",
+    ]);
+    assert!((s["neurons_removed"].as_f64().unwrap() - 0.25).abs() < 0.01);
+    assert_eq!(s["after"][0]["ffn"], 1152);
+    let r = dropwise(&[
+        "eval", layers.to_str().unwrap(), shrunk.to_str().unwrap(), "--data", t, "--windows", "1", "--json", "--reference", m, "--threads", "2",
+    ]);
+    let r = r.as_array().unwrap();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0]["parameters"], d["cost"]["params_after"]);
+    assert_eq!(r[1]["parameters"], s["cost"]["params_after"]);
+    for e in r {
+        let kl = e["kl_divergence"].as_f64().unwrap();
+        assert!(kl > 0.0 && kl < 2.0, "{kl}");
+    }
+}
