@@ -159,13 +159,8 @@ enum Cmd {
         /// throughput as a fraction of it, so times compare across noisy machines.
         #[arg(long)]
         gemm_peak: bool,
-        /// Output: a path ending in .gguf is GGUF, anything else an HF folder.
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: DTypeArg,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Per-layer diagnostics: PQ Index, outlier ratio, Block Influence, activation norms.
     Analyze {
@@ -335,9 +330,9 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
-        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, output, dtype, json } => {
+        Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {
             let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot, gemm_peak };
-            cmd_prune(model, opts, output, dtype.into(), json)
+            cmd_prune(model, opts, out.output, out.dtype.into(), out.json)
         }
         Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
         Cmd::Tokenize { model, data } => {
