@@ -30,7 +30,7 @@ export_one dense-f32 $BIN convert $M
 export_one drop-3-blocks $BIN drop-layers $M --layers 20,21,22
 export_one drop-3-attn $BIN drop-layers $M --layers 5,10,15 --part attn
 export_one drop-3-mlp $BIN drop-layers $M --layers 5,10,15 --part mlp
-export_one neurons-25-uniform $BIN shrink $M --neurons 0.25 --importance magnitude
+export_one neurons-25-uniform $BIN shrink $M --neurons 0.25 --calib assets/austen/emma.txt --calib-windows 2
 export_one kv-groups-33-uniform $BIN shrink $M --heads 0.33 --head-unit group --importance magnitude
 export_one heads-neurons-25-global $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --calib assets/austen/emma.txt --calib-windows 2
 export_one heads-neurons-25-global-f16 $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --calib assets/austen/emma.txt --calib-windows 2 --dtype f16
