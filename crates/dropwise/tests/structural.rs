@@ -188,6 +188,19 @@ fn uneven_models_round_trip_through_gguf_as_deci() -> Result<()> {
 }
 
 #[test]
+fn gguf_refuses_a_first_block_without_attention() -> Result<()> {
+    // llama.cpp's deci reads the head size from layer 0 only.
+    let mut m = model(Arch::Llama, 19);
+    surgery::remove(&mut m, &[0], Part::Attn)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("x.gguf");
+    let err = write_tiny_gguf(&m, &path, WriteDType::F32).unwrap_err();
+    assert!(format!("{err}").contains("first block"), "{err}");
+    assert!(!path.exists());
+    Ok(())
+}
+
+#[test]
 fn even_shrink_stays_a_plain_llama_gguf() -> Result<()> {
     let mut m = model(Arch::Llama, 11);
     for l in 0..5 {

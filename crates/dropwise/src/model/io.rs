@@ -308,6 +308,9 @@ pub fn save_gguf(
     let arch = match (c.arch, uneven) {
         (Arch::Qwen2, true) => bail!("a qwen2 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
         (_, true) if c.attention_bias => bail!("llama.cpp's deci architecture has no q/k/v biases; this model's uneven blocks cannot be written as GGUF"),
+        // llama.cpp takes deci's one head size from layer 0 (0 when it has no heads, which
+        // breaks every other layer's attention).
+        (_, true) if shapes[0].heads == 0 => bail!("llama.cpp's deci architecture takes the head size from the first block, which has no attention here; such a model cannot be written as GGUF (keep the first block's attention)"),
         (_, true) => "deci",
         (Arch::Qwen2, false) => "qwen2",
         (Arch::Llama | Arch::Mistral, false) => "llama",
