@@ -234,6 +234,9 @@ def fetch_texts(cache):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1].startswith("-"):
+        # An option is not a folder name (a stray `--help` once became an assets folder).
+        raise SystemExit("usage: fetch_assets.py [ASSETS_DIR]  (default: assets/ beside scripts/)")
     cache = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets")
     cache = os.path.abspath(cache)
     os.makedirs(cache, exist_ok=True)
