@@ -197,6 +197,12 @@ fn gguf_refuses_a_first_block_without_attention() -> Result<()> {
     let err = write_tiny_gguf(&m, &path, WriteDType::F32).unwrap_err();
     assert!(format!("{err}").contains("first block"), "{err}");
     assert!(!path.exists());
+    // deci is llama-only and has no q/k/v biases: an uneven qwen2 model is refused too.
+    let mut q = model(Arch::Qwen2, 21);
+    surgery::remove(&mut q, &[2], Part::Mlp)?;
+    let err = write_tiny_gguf(&q, &path, WriteDType::F32).unwrap_err();
+    assert!(format!("{err}").contains("deci"), "{err}");
+    assert!(!path.exists());
     Ok(())
 }
 
