@@ -125,6 +125,10 @@ enum Cmd {
         /// Windows per forward pass (results are identical; 1 is fastest on small CPUs).
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Keep block-quantized linear weights of GGUF models as stored and run them with
+        /// quantized matmuls (as llama.cpp does) instead of dequantizing them to f32.
+        #[arg(long)]
+        quantized_matmul: bool,
         #[arg(long)]
         json: bool,
     },
@@ -222,6 +226,35 @@ enum Cmd {
         calib: CalibArgs,
         #[command(flatten)]
         out: OutputArgs,
+    },
+    /// Quantize to GGUF block types at a fractional bits-per-weight budget, bits allocated by
+    /// layer importance (or one uniform type with --uniform).
+    Quantize {
+        model: PathBuf,
+        /// Average bits per weight of the block linears (q, k, v, o, gate, up, down).
+        #[arg(long)]
+        bpw: Option<f64>,
+        /// lim (1 − cos of block input and output), outliers (share of weights with z-score > 1;
+        /// fewer ranks higher) or kld (measured KL when the block alone is quantized lower).
+        #[arg(long, default_value = "lim")]
+        importance: String,
+        /// Weight the quantization error by calibration activations (llama.cpp's imatrix).
+        #[arg(long)]
+        imatrix: bool,
+        /// One type for every block linear instead of a plan (k-quants fall back to 32-block
+        /// types where rows are not a multiple of 256, as llama.cpp does).
+        #[arg(long)]
+        uniform: Option<String>,
+        /// Type of the token embedding (and an untied output head).
+        #[arg(long, default_value = "Q8_0")]
+        embed_type: String,
+        #[command(flatten)]
+        calib: CalibArgs,
+        /// Output GGUF file.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Token ids of text files as the model's tokenizer makes them (no BOS), as a JSON array.
     Tokenize {
@@ -326,8 +359,8 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
-        Cmd::Eval { model, data, seq_len, windows, reference, batch, json } => {
-            cmd_eval(model, data, seq_len, windows, reference, batch, json, threads)
+        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, json } => {
+            cmd_eval(model, data, seq_len, windows, reference, batch, quantized_matmul, json, threads)
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {
@@ -354,6 +387,9 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
                 neuron_multiple,
             };
             cmd_shrink(model, opts, calib, out)
+        }
+        Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, calib, output, json } => {
+            cmd_quantize(model, bpw, &importance, imatrix, uniform.as_deref(), &embed_type, calib, output, json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
@@ -401,8 +437,9 @@ fn print_eval_table(r: &EvalResult, threads: usize) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, json: bool, threads: usize) -> Result<()> {
-    let loaded: Vec<dropwise::LoadedModel> = models.iter().map(|p| dropwise::load(p)).collect::<Result<_>>()?;
+fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, quantized_matmul: bool, json: bool, threads: usize) -> Result<()> {
+    let load = |p: &PathBuf| if quantized_matmul { dropwise::model::io::load_quantized(p) } else { dropwise::load(p) };
+    let loaded: Vec<dropwise::LoadedModel> = models.iter().map(load).collect::<Result<_>>()?;
     // Every model is scored on the first model's tokenization; a model whose tokenizer disagrees
     // would be scored on ids it never saw.
     let ws = load_windows(&loaded[0], &data, seq_len, windows)?;
@@ -794,6 +831,148 @@ fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, 
         let kind = if m.model.config.per_layer.is_some() { "uneven widths: GGUF deci" } else { "even widths" };
         println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
         println!("{:<22} {} ({kind})", "wrote", out.output.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_quantize(
+    model: PathBuf,
+    bpw: Option<f64>,
+    importance: &str,
+    use_imatrix: bool,
+    uniform: Option<&str>,
+    embed_type: &str,
+    calib: CalibArgs,
+    output: PathBuf,
+    json: bool,
+) -> Result<()> {
+    use dropwise::formats::gguf::Value;
+    use dropwise::quant::{plan, QType};
+    if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        bail!("quantize writes GGUF: the output must end in .gguf");
+    }
+    refuse_overwrite(&model, &output)?;
+    let embed = QType::parse(embed_type)?;
+    let importance = plan::Importance::parse(importance)?;
+    let uniform = uniform.map(QType::parse).transpose()?;
+    match (bpw, uniform) {
+        (Some(_), Some(_)) => bail!("--bpw and --uniform are alternatives; give one"),
+        (None, None) => bail!("give a budget (--bpw B) or one type (--uniform TYPE)"),
+        _ => {}
+    }
+    let t0 = std::time::Instant::now();
+    let mut m = dropwise::load(&model)?;
+    let mut units = plan::units(&m.model)?;
+    let (lo, hi) = plan::feasible_range(&units);
+    if let Some(b) = bpw {
+        // Refuse an impossible budget before any calibration work.
+        if !b.is_finite() || b < lo - plan::BPW_TOLERANCE || b > hi + plan::BPW_TOLERANCE {
+            bail!("a budget of {b} bits per weight cannot be met: this model's block linears can take {lo:.3} to {hi:.3}");
+        }
+    }
+    let needs_windows = use_imatrix || (bpw.is_some() && importance != plan::Importance::Outliers);
+    let (offsets, windows) = if needs_windows { calib.windows(&m.tokenizer, "quantize (imatrix, lim and kld)", 8)? } else { (Vec::new(), Vec::new()) };
+    let imatrix = if use_imatrix {
+        let pb = progress(windows.len(), "imatrix");
+        let im = plan::Imatrix::collect(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
+        pb.finish_and_clear();
+        Some(im)
+    } else {
+        None
+    };
+    let calib_s = t0.elapsed().as_secs_f64();
+    let scores = match (bpw, uniform) {
+        (Some(b), None) => {
+            let pb = progress(m.model.blocks.len(), "importance");
+            pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
+            let sc = plan::score_layers(&mut m.model, &windows, importance, imatrix.as_ref(), &mut |i, _| pb.set_position(i as u64))?;
+            pb.finish_and_clear();
+            plan::allocate(&mut units, &sc.rank_key, b)?;
+            Some(sc)
+        }
+        (None, Some(t)) => {
+            plan::uniform(&mut units, t)?;
+            None
+        }
+        _ => unreachable!(),
+    };
+    let plan_s = t0.elapsed().as_secs_f64() - calib_s;
+    let planned = plan::bits_per_weight(&units);
+    let layer_types: Vec<String> = (0..m.model.blocks.len())
+        .map(|l| {
+            let mut ts: Vec<&str> = units.iter().filter(|u| u.layer == l).map(|u| u.ty.name()).collect();
+            ts.dedup();
+            ts.join("/")
+        })
+        .collect();
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("dropwise.quantize.bpw".to_string(), Value::F32(planned as f32));
+    extra.insert("dropwise.quantize.imatrix".to_string(), Value::Bool(use_imatrix));
+    extra.insert(
+        "dropwise.quantize.allocation".to_string(),
+        Value::String(match (&scores, uniform) {
+            (Some(s), _) => format!("{:?}", s.importance).to_lowercase(),
+            (None, Some(t)) => format!("uniform {}", t.name()),
+            _ => unreachable!(),
+        }),
+    );
+    extra.insert("dropwise.quantize.layer_types".to_string(), Value::Array(layer_types.iter().map(|t| Value::String(t.clone())).collect()));
+    if !offsets.is_empty() {
+        extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
+        extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
+    }
+    let tw = std::time::Instant::now();
+    let written = plan::write(&m, &m.model, &units, imatrix.as_ref(), embed, &output, &extra)?;
+    let write_s = tw.elapsed().as_secs_f64();
+    if (written.bpw_in_file - planned).abs() > 1e-9 {
+        bail!("the file holds {:.4} bits per weight in its block linears, the plan {:.4}", written.bpw_in_file, planned);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    if json {
+        let v = serde_json::json!({
+            "model": model.display().to_string(),
+            "output": output.display().to_string(),
+            "target_bpw": bpw,
+            "uniform": uniform.map(|t| t.name()),
+            "importance": scores.as_ref().map(|s| s.importance),
+            "layer_scores": scores.as_ref().map(|s| &s.raw),
+            "imatrix": use_imatrix,
+            "embed_type": embed.name(),
+            "feasible_bpw": [lo, hi],
+            "planned_bpw": planned,
+            "file_bpw": written.bpw_in_file,
+            "file_bytes": written.file_bytes,
+            "bytes_by_type": written.bytes_by_type,
+            "layer_types": layer_types,
+            "tensors": units,
+            "calibration": {"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets},
+            "calibrate_seconds": calib_s,
+            "plan_seconds": plan_s,
+            "write_seconds": write_s,
+            "total_seconds": total,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        if let Some(s) = &scores {
+            println!("{:<6} {:>12} {:>5}  types", "layer", format!("{:?}", s.importance).to_lowercase(), "rank");
+            let mut order: Vec<usize> = (0..s.raw.len()).collect();
+            order.sort_by(|&a, &b| s.rank_key[b].total_cmp(&s.rank_key[a]).then(a.cmp(&b)));
+            let mut rank = vec![0; s.raw.len()];
+            for (r, &l) in order.iter().enumerate() {
+                rank[l] = r + 1;
+            }
+            for (l, t) in layer_types.iter().enumerate() {
+                println!("{:<6} {:>12.5} {:>5}  {}", l, s.raw[l], rank[l], t);
+            }
+        }
+        let by_type: Vec<String> = written.bytes_by_type.iter().map(|(t, b)| format!("{t} {}B", human(*b as f64))).collect();
+        println!("{:<22} {:.4} planned, {:.4} in the file (budget {}; feasible {lo:.3}-{hi:.3})", "bits per weight", planned, written.bpw_in_file,
+            bpw.map(|b| format!("{b}")).unwrap_or_else(|| "uniform".into()));
+        println!("{:<22} {}B ({})", "file size", human(written.file_bytes as f64), by_type.join(", "));
+        println!("{:<22} {} (token embedding), imatrix {}", "embedding", embed.name(), if use_imatrix { "yes" } else { "no" });
+        println!("{:<22} calibrate {:.1}s, plan {:.1}s, write {:.1}s, total {:.1}s", "time", calib_s, plan_s, write_s, total);
+        println!("{:<22} {}", "wrote", output.display());
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod formats;
 pub mod inspect;
 pub mod model;
 pub mod prune;
+pub mod quant;
 pub mod structural;
 pub mod tokenizer;
 pub mod testing;

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::hooks::LinearKind;
-use super::llama::Llama;
+use super::llama::{Linear, Llama};
+use candle_core::quantized::GgmlDType;
 use crate::config::{Arch, LlamaConfig};
 use crate::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
 use crate::formats::safetensors as st;
@@ -142,7 +143,40 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    load_gguf_with(path, false)
+}
+
+/// Loads a model for inference with its block-quantized linear weights kept as they are stored
+/// (candle quantized matmuls, no f32 copy); other files load as [`load`] does.
+pub fn load_quantized(path: &Path) -> Result<LoadedModel> {
+    if path.is_dir() {
+        return load(path);
+    }
+    load_gguf_with(path, true)
+}
+
+/// The row order that undoes llama.cpp's Q/K rope permutation, as source-row indices.
+fn unpermute_rows(rows: usize, n_head: usize) -> Result<Vec<usize>> {
+    let idx = Tensor::from_vec((0..rows).map(|i| i as f32).collect::<Vec<_>>(), (rows, 1), &candle_core::Device::Cpu)?;
+    let p: Vec<f32> = rope_permute(&idx, n_head, false)?.flatten_all()?.to_vec1()?;
+    Ok(p.into_iter().map(|v| v as usize).collect())
+}
+
+/// `model.layers.{i}.{…}.{kind}_proj.weight` → (i, kind).
+fn parse_linear_name(hf: &str) -> Option<(usize, LinearKind)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    let kind = LinearKind::ALL.into_iter().find(|k| rest == format!("{}.weight", k.hf_name()))?;
+    Some((i.parse().ok()?, kind))
+}
+
+fn is_block_linear(hf: &str) -> bool {
+    hf.starts_with("model.layers.") && hf.ends_with("_proj.weight")
+}
+
+fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
+    let mut quantized: Vec<(String, candle_core::quantized::QTensor)> = Vec::new();
     let ctx = || path.display().to_string();
     let config = LlamaConfig::from_gguf(&g).with_context(ctx)?;
     let tokenizer = Tokenizer::from_gguf(&g).with_context(ctx)?;
@@ -161,6 +195,27 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         let Some(hf) = gguf_to_hf_name(&info.name) else {
             bail!("{}: unexpected tensor {} for a {} model", ctx(), info.name, config.arch.name());
         };
+        if keep_quantized && is_block_linear(&hf) && info.shape.len() == 2 && !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let (rows, cols) = (info.shape[0], info.shape[1]);
+            if cols % info.dtype.block_size() != 0 {
+                bail!("{}: tensor {}: rows of {cols} are not whole {} blocks", ctx(), info.name, gguf::ggml_dtype_name(info.dtype));
+            }
+            let bytes = g.tensor_bytes(info);
+            // Blocks run along rows, so the Q/K rope permutation (a row permutation) applies to
+            // the stored bytes row by row.
+            let data = if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+                let row_bytes = bytes.len() / rows.max(1);
+                let order = unpermute_rows(rows, rows / config.head_dim.max(1)).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
+                order.iter().flat_map(|&r| bytes[r * row_bytes..(r + 1) * row_bytes].iter().copied()).collect::<Vec<u8>>()
+            } else {
+                bytes.to_vec()
+            };
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, &data, vec![rows, cols], &candle_core::Device::Cpu)
+                .with_context(|| format!("{}: cannot decode tensor {}", ctx(), info.name))?;
+            tensors.insert(hf.clone(), Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?.broadcast_as((rows, cols))?);
+            quantized.push((hf, q));
+            continue;
+        }
         let mut t = g.dequantize(info).with_context(ctx)?;
         if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
             let heads = t.dims()[0] / config.head_dim.max(1);
@@ -169,7 +224,12 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         tensors.insert(hf, t);
     }
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
-    let model = Llama::from_tensors(config, tensors).with_context(ctx)?;
+    let mut model = Llama::from_tensors(config, tensors).with_context(ctx)?;
+    for (hf, q) in quantized {
+        let (layer, kind) = parse_linear_name(&hf).with_context(|| format!("{}: unexpected tensor {hf}", ctx()))?;
+        let lin = model.blocks[layer].linear_mut(kind);
+        *lin = Linear::quantized(q, lin.bias.take())?;
+    }
     let meta = g.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
     Ok(LoadedModel {
@@ -302,6 +362,29 @@ pub fn save_gguf(
     dtype: WriteDType,
     extra: &BTreeMap<String, Value>,
 ) -> Result<()> {
+    let file_type = match dtype {
+        WriteDType::F32 => 0,
+        WriteDType::F16 => 1,
+        WriteDType::BF16 => 32,
+    };
+    save_gguf_encoded(model, tokenizer_meta, name, path, file_type, extra, &mut |gname, t| {
+        let dt = if t.rank() == 1 { WriteDType::F32 } else { dtype };
+        TensorOut::from_tensor(gname, t, dt)
+    })
+}
+
+/// [`save_gguf`] with the encoding of every tensor left to `encode(gguf_name, tensor)` (the
+/// tensor as the file stores it: Q/K already rope-permuted) — how mixed-precision files are
+/// written. `file_type` is llama.cpp's `general.file_type` (the dominant type).
+pub fn save_gguf_encoded(
+    model: &Llama,
+    tokenizer_meta: &TokenizerMeta,
+    name: &str,
+    path: &Path,
+    file_type: u32,
+    extra: &BTreeMap<String, Value>,
+    encode: &mut dyn FnMut(&str, &Tensor) -> Result<TensorOut>,
+) -> Result<()> {
     let c = &model.config;
     let shapes: Vec<crate::config::LayerShape> = (0..model.blocks.len()).map(|i| model.layer_shape(i)).collect();
     let uneven = shapes.iter().any(|s| *s != shapes[0]) || shapes.iter().any(|s| s.heads == 0 || s.ffn == 0);
@@ -319,14 +402,7 @@ pub fn save_gguf(
     let s = |v: &str| Value::String(v.to_string());
     m.insert("general.architecture".into(), s(arch));
     m.insert("general.name".into(), s(name));
-    m.insert(
-        "general.file_type".into(),
-        Value::U32(match dtype {
-            WriteDType::F32 => 0,
-            WriteDType::F16 => 1,
-            WriteDType::BF16 => 32,
-        }),
-    );
+    m.insert("general.file_type".into(), Value::U32(file_type));
     let u = |v: usize| Value::U32(v as u32);
     // An MLP-free block is written with one zero neuron (see above).
     let ffn_written = |s: &crate::config::LayerShape| s.ffn.max(1);
@@ -366,8 +442,7 @@ pub fn save_gguf(
             let heads = t.dims()[0] / c.head_dim;
             t = rope_permute(&t, heads, true)?;
         }
-        let dt = if t.rank() == 1 { WriteDType::F32 } else { dtype };
-        out.push(TensorOut::from_tensor(&gname, &t, dt)?);
+        out.push(encode(&gname, &t).with_context(|| format!("tensor {gname}"))?);
     }
     for (i, sh) in shapes.iter().enumerate() {
         if sh.ffn == 0 {
@@ -375,9 +450,10 @@ pub fn save_gguf(
             let dev = model.device();
             let zero = |r: usize, k: usize| Tensor::zeros((r, k), candle_core::DType::F32, dev);
             out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_norm.weight"), &Tensor::ones(h, candle_core::DType::F32, dev)?, WriteDType::F32)?);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_gate.weight"), &zero(1, h)?, dtype)?);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_up.weight"), &zero(1, h)?, dtype)?);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_down.weight"), &zero(h, 1)?, dtype)?);
+            // Zeros are exact in every type; F16 keeps the padding small whatever `encode` does.
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_gate.weight"), &zero(1, h)?, WriteDType::F16)?);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_up.weight"), &zero(1, h)?, WriteDType::F16)?);
+            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_down.weight"), &zero(h, 1)?, WriteDType::F16)?);
         }
     }
     gguf::write_gguf(path, &m, &out)

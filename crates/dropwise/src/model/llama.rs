@@ -15,11 +15,19 @@ use super::hooks::{Hooks, LinearKind, NoHooks};
 use super::kernels;
 use crate::config::{LayerShape, LlamaConfig};
 
+/// Input rows up to which a block-quantized [`Linear`] multiplies in its quantized form.
+pub const QMATMUL_MAX_ROWS: usize = 16;
+
 /// A linear layer stored as PyTorch does: weight `[out, in]`, optional bias `[out]`.
+///
+/// `quantized`, when set, holds the weight in a GGUF block type; `weight` is then a zero-stride
+/// placeholder that only carries the shape (see [`Linear::quantized`]), so the model keeps no f32
+/// copy of its weights.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
 impl Linear {
@@ -30,13 +38,32 @@ impl Linear {
         self.weight.dims()[1]
     }
 
+    /// A linear layer whose `[out, in]` weight stays in a GGUF block type; `weight` is a
+    /// broadcast zero that costs no memory. Its forward pass:
+    /// * up to [`QMATMUL_MAX_ROWS`] input rows (token-by-token decoding): candle's quantized
+    ///   matmul, activations quantized to the type's 8-bit dot-product partner as llama.cpp does;
+    /// * more rows (prefill, evaluation windows): the weight is decoded to f32 for this one
+    ///   product and dropped after it. candle's quantized prefill path is a dot product per
+    ///   output, and for Q4_1/Q5_0/Q5_1 a scalar one: 10-20× slower than decode + GEMM here.
+    pub fn quantized(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out, inp) = q.shape().dims2()?;
+        let weight = Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((out, inp))?;
+        Ok(Self { weight, bias, quantized: Some(std::sync::Arc::new(q)) })
+    }
+
     /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (last, lead) = dims.split_last().context("linear input has no dimensions")?;
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match &self.quantized {
+            Some(q) if rows <= QMATMUL_MAX_ROWS => {
+                candle_core::Module::forward(&candle_core::quantized::QMatMul::from_arc(q.clone())?, &x2)?
+            }
+            Some(q) => x2.matmul(&q.dequantize(x2.device())?.t()?)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -153,11 +180,11 @@ impl Llama {
                 if out * inp == 0 {
                     t.remove(&format!("{p}.{name}.weight"));
                     t.remove(&format!("{p}.{name}.bias"));
-                    return Ok(Linear { weight: Tensor::zeros((out, inp), DType::F32, &dev)?, bias: None });
+                    return Ok(Linear { weight: Tensor::zeros((out, inp), DType::F32, &dev)?, bias: None, quantized: None });
                 }
                 let weight = take(t, &format!("{p}.{name}.weight"), &[out, inp])?;
                 let bias = if bias { Some(take(t, &format!("{p}.{name}.bias"), &[out])?) } else { None };
-                Ok(Linear { weight, bias })
+                Ok(Linear { weight, bias, quantized: None })
             };
             let b = c.attention_bias;
             let q = lin(&mut t, "self_attn.q_proj", qd, h, b)?;

@@ -35,7 +35,7 @@ impl Part {
 }
 
 fn empty_linear(rows: usize, cols: usize) -> Result<Linear> {
-    Ok(Linear { weight: Tensor::zeros((rows, cols), DType::F32, &candle_core::Device::Cpu)?, bias: None })
+    Ok(Linear { weight: Tensor::zeros((rows, cols), DType::F32, &candle_core::Device::Cpu)?, bias: None, quantized: None })
 }
 
 /// Removes `part` of every block in `layers` (indices into the current blocks, any order).
@@ -99,6 +99,7 @@ fn slice_out(lin: &Linear, keep: &[usize], unit: usize) -> Result<Linear> {
     Ok(Linear {
         weight: keep_rows(&lin.weight, keep, unit)?,
         bias: lin.bias.as_ref().map(|b| keep_rows(&b.unsqueeze(1)?, keep, unit).and_then(|x| Ok(x.squeeze(1)?))).transpose()?,
+        quantized: None,
     })
 }
 
@@ -134,7 +135,7 @@ pub fn keep_heads(model: &mut Llama, layer: usize, q_keep: &[usize], kv_keep: &[
     b.q = slice_out(&b.q, q_keep, hd)?;
     b.k = slice_out(&b.k, kv_keep, hd)?;
     b.v = slice_out(&b.v, kv_keep, hd)?;
-    b.o = Linear { weight: keep_cols(&b.o.weight, q_keep, hd)?, bias: b.o.bias.clone() };
+    b.o = Linear { weight: keep_cols(&b.o.weight, q_keep, hd)?, bias: b.o.bias.clone(), quantized: None };
     model.sync_config();
     Ok(())
 }
@@ -152,7 +153,7 @@ pub fn keep_neurons(model: &mut Llama, layer: usize, keep: &[usize]) -> Result<(
     let b = model.blocks.get_mut(layer).context("no such layer")?;
     b.gate = slice_out(&b.gate, keep, 1)?;
     b.up = slice_out(&b.up, keep, 1)?;
-    b.down = Linear { weight: keep_cols(&b.down.weight, keep, 1)?, bias: b.down.bias.clone() };
+    b.down = Linear { weight: keep_cols(&b.down.weight, keep, 1)?, bias: b.down.bias.clone(), quantized: None };
     model.sync_config();
     Ok(())
 }
