@@ -136,6 +136,9 @@ pub fn quantize_matrix(w: &[f32], rows: usize, cols: usize, ty: QType, imatrix: 
 
 /// Decodes `ty` bytes of a `rows × cols` matrix back to f32 (ggml's own decoders, via candle).
 pub fn dequantize(bytes: &[u8], rows: usize, cols: usize, ty: QType) -> Result<Vec<f32>> {
+    if !ty.fits(cols) || bytes.len() != rows * cols / ty.block_size() * ty.ggml().type_size() {
+        bail!("{} bytes are not a {rows} × {cols} {} matrix", bytes.len(), ty.name());
+    }
     let q = qtensor_from_ggml(ty.ggml(), bytes, vec![rows, cols], &Device::Cpu)?;
     Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }

@@ -1,0 +1,213 @@
+//! Quantization: every type's quantize → dequantize error stays within its known bound, the
+//! importance-matrix encoders lower the weighted error they target, plans meet their budget, and
+//! the written file holds exactly the planned bits — as llama.cpp's own reader decodes it.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use dropwise::config::Arch;
+use dropwise::formats::gguf::WriteDType;
+use dropwise::model::io::{load, load_quantized};
+use dropwise::model::LinearKind;
+use dropwise::quant::plan::{self, Importance, Imatrix};
+use dropwise::quant::{dequantize, quantize_matrix, roundtrip, QType};
+use dropwise::testing::{gguf_py_summary, tiny_config, tiny_model, write_tiny_gguf, TINY_VOCAB};
+
+/// Gaussian-ish values (sum of uniforms) with a few large outliers, like trained weights.
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = dropwise::data::SplitMix64(seed);
+    let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    (0..n)
+        .map(|i| {
+            let g = (0..4).map(|_| u()).sum::<f64>() - 2.0;
+            (if i % 97 == 0 { 6.0 * g } else { g }) as f32 * 0.05
+        })
+        .collect()
+}
+
+fn rms(v: &[f32]) -> f64 {
+    (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+#[test]
+fn bits_per_weight_of_every_type() {
+    let expect = [
+        (QType::Q2K, 2.625),
+        (QType::Q3K, 3.4375),
+        (QType::Q4_0, 4.5),
+        (QType::Q4_1, 5.0),
+        (QType::Q4K, 4.5),
+        (QType::Q5_0, 5.5),
+        (QType::Q5_1, 6.0),
+        (QType::Q5K, 5.5),
+        (QType::Q6K, 6.5625),
+        (QType::Q8_0, 8.5),
+        (QType::F16, 16.0),
+    ];
+    for (t, b) in expect {
+        assert_eq!(t.bits(), b, "{}", t.name());
+        assert_eq!(QType::parse(&t.name().to_lowercase()).unwrap(), t);
+    }
+    assert!(QType::parse("Q3_0").is_err());
+    // llama.cpp's fallbacks where k-quants do not fit rows of 576.
+    assert_eq!(QType::Q4K.for_cols(576), Some(QType::Q5_0));
+    assert_eq!(QType::Q6K.for_cols(576), Some(QType::Q8_0));
+    assert_eq!(QType::Q4K.for_cols(1536), Some(QType::Q4K));
+}
+
+/// The 32-block types: every value is within its block's step of the original (half a step for
+/// round-to-nearest, a whole one where ggml's symmetric types clamp the top level), plus f16
+/// rounding of the scale.
+#[test]
+fn block_types_stay_within_their_step() {
+    let (rows, cols) = (16, 256);
+    let x = data(rows * cols, 1);
+    for (ty, with_im) in [(QType::Q4_0, false), (QType::Q4_0, true), (QType::Q5_0, false), (QType::Q5_0, true), (QType::Q4_1, false), (QType::Q4_1, true), (QType::Q5_1, false), (QType::Q5_1, true), (QType::Q8_0, false)] {
+        let im: Vec<f32> = (0..cols).map(|c| 1.0 + (c % 7) as f32).collect();
+        let y = roundtrip(&x, rows, cols, ty, with_im.then_some(im.as_slice())).unwrap();
+        for (b, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let range = xb.iter().copied().fold(f32::NEG_INFINITY, f32::max) - xb.iter().copied().fold(f32::INFINITY, f32::min);
+            let bound = match ty {
+                // The weighted search may stretch the scale by up to 9 tenths of a level.
+                QType::Q4_0 => amax / (8.0 - 0.9) * 1.01,
+                QType::Q5_0 => amax / (16.0 - 0.9) * 1.01,
+                QType::Q4_1 => range / (15.0 - 0.9) * if with_im { 1.01 } else { 0.51 },
+                QType::Q5_1 => range / (31.0 - 0.9) * if with_im { 1.01 } else { 0.51 },
+                QType::Q8_0 => amax / 127.0 * 0.51,
+                _ => unreachable!(),
+            } + 1e-3 * amax;
+            let err = xb.iter().zip(yb).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= bound, "{} (imatrix {with_im}) block {b}: error {err} > bound {bound}", ty.name());
+        }
+    }
+}
+
+/// k-quants: relative RMS error on this data within bounds set about 1.5× above what ggml's
+/// quantizers reach on Gaussian weights (Q2_K ≈ 0.33, Q3_K ≈ 0.17, Q4_K ≈ 0.085, Q5_K ≈ 0.043,
+/// Q6_K ≈ 0.021), and each type better than the one below it.
+#[test]
+fn k_quants_error_falls_with_bits() {
+    let (rows, cols) = (8, 1536);
+    let x = data(rows * cols, 2);
+    let mut last = f64::INFINITY;
+    for (ty, bound) in [(QType::Q2K, 0.5), (QType::Q3K, 0.26), (QType::Q4K, 0.13), (QType::Q5K, 0.065), (QType::Q6K, 0.032), (QType::Q8_0, 0.01), (QType::F16, 1e-3)] {
+        let y = roundtrip(&x, rows, cols, ty, None).unwrap();
+        let e: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a - b).collect();
+        let rel = rms(&e) / rms(&x);
+        assert!(rel < bound, "{}: relative RMS error {rel}", ty.name());
+        assert!(rel < last, "{} is not better than the type below it", ty.name());
+        last = rel;
+    }
+}
+
+#[test]
+fn importance_matrix_lowers_the_weighted_error() {
+    let (rows, cols) = (32, 512);
+    let x = data(rows * cols, 3);
+    // A few input channels carry most of the activation energy.
+    let im: Vec<f32> = (0..cols).map(|c| if c % 16 == 3 { 50.0 } else { 0.2 }).collect();
+    let werr = |y: &[f32]| -> f64 { x.iter().zip(y).enumerate().map(|(i, (a, b))| im[i % cols] as f64 * ((a - b) as f64).powi(2)).sum() };
+    for ty in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q5_1, QType::Q2K, QType::Q3K, QType::Q4K, QType::Q5K, QType::Q6K] {
+        let plain = werr(&roundtrip(&x, rows, cols, ty, None).unwrap());
+        let weighted = werr(&roundtrip(&x, rows, cols, ty, Some(&im)).unwrap());
+        assert!(weighted < 0.9 * plain, "{}: weighted error {weighted} vs {plain} without the imatrix", ty.name());
+    }
+}
+
+#[test]
+fn bad_shapes_are_refused() {
+    let x = data(2 * 576, 4);
+    assert!(quantize_matrix(&x, 2, 576, QType::Q4K, None).unwrap_err().to_string().contains("multiple of 256"));
+    assert!(quantize_matrix(&x, 3, 576, QType::Q4_0, None).is_err());
+    assert!(quantize_matrix(&x, 2, 576, QType::Q4_0, Some(&[1.0; 10])).is_err());
+    assert!(dequantize(&[0u8; 7], 1, 32, QType::Q4_0).is_err());
+}
+
+fn model_for_plans() -> dropwise::model::Llama {
+    let mut c = tiny_config(Arch::Llama);
+    c.num_hidden_layers = 6;
+    c.hidden_size = 64;
+    c.intermediate_size = 256; // down_proj rows of 256: k-quants fit there only
+    tiny_model(c, 7).unwrap()
+}
+
+#[test]
+fn plans_meet_the_budget_and_follow_importance() {
+    let m = model_for_plans();
+    let base = plan::units(&m).unwrap();
+    let (lo, hi) = plan::feasible_range(&base);
+    assert!(lo < 4.2 && hi == 16.0, "range {lo}..{hi}");
+    let importance = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2];
+    for bpw in [lo, 4.5, 4.8, 5.25, 5.6, 6.0, 7.0, 8.5, 12.0, hi] {
+        let mut u = base.clone();
+        plan::allocate(&mut u, &importance, bpw).unwrap();
+        let got = plan::bits_per_weight(&u);
+        assert!((got - bpw).abs() <= plan::BPW_TOLERANCE && got <= bpw + 1e-9, "budget {bpw}: plan has {got}");
+        // A more important layer never gets fewer bits than a less important one.
+        let layer_bits = |l: usize| plan::bits_per_weight(&u.iter().filter(|x| x.layer == l).cloned().collect::<Vec<_>>());
+        for a in 0..6 {
+            for b in 0..6 {
+                if importance[a] > importance[b] {
+                    assert!(layer_bits(a) >= layer_bits(b) - 1e-9, "budget {bpw}: layer {a} has fewer bits than less important {b}");
+                }
+            }
+        }
+        // Rows that are not a multiple of 256 never get a k-quant.
+        assert!(u.iter().all(|x| x.ty.fits(x.cols)));
+    }
+    for bad in [lo - 0.2, hi + 1.0, f64::NAN] {
+        let err = plan::allocate(&mut base.clone(), &importance, bad).unwrap_err().to_string();
+        assert!(err.contains("cannot be met") && err.contains(&format!("{lo:.3}")), "{err}");
+    }
+}
+
+#[test]
+fn written_file_holds_the_planned_bits_and_llama_cpp_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&model_for_plans(), &src, WriteDType::F32).unwrap();
+    let loaded = load(&src).unwrap();
+    let windows: Vec<Vec<u32>> = (0..3).map(|s| {
+        let mut r = dropwise::data::SplitMix64(50 + s);
+        (0..48).map(|_| r.below(TINY_VOCAB as u64) as u32).collect()
+    }).collect();
+    let mut model = loaded.model.clone();
+    let im = Imatrix::collect(&model, &windows, &mut |_| {}).unwrap();
+    assert_eq!(im.get(2, LinearKind::Down).unwrap().len(), 256);
+    for importance in [Importance::Lim, Importance::Outliers, Importance::Kld] {
+        let sc = plan::score_layers(&mut model, &windows, importance, Some(&im), &mut |_, _| {}).unwrap();
+        assert_eq!(sc.raw.len(), 6);
+        assert!(sc.raw.iter().all(|v| v.is_finite() && *v >= 0.0), "{importance:?}: {:?}", sc.raw);
+        let mut u = plan::units(&model).unwrap();
+        plan::allocate(&mut u, &sc.rank_key, 5.3).unwrap();
+        let out = dir.path().join(format!("q-{importance:?}.gguf"));
+        let w = plan::write(&loaded, &model, &u, Some(&im), QType::Q8_0, &out, &BTreeMap::new()).unwrap();
+        assert!((w.bpw_in_file - plan::bits_per_weight(&u)).abs() < 1e-12);
+        // llama.cpp's reader decodes every quantized tensor to what candle's decoders give.
+        let s = gguf_py_summary(&out);
+        let q = dropwise::formats::gguf::GgufFile::open(&out).unwrap();
+        for info in &q.tensors {
+            let t = &s["tensors"][&info.name];
+            assert_eq!(t["type"].as_str().unwrap(), dropwise::formats::gguf::ggml_dtype_name(info.dtype), "{}", info.name);
+            let ours: f64 = q.dequantize(info).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let theirs = t["abs_sum"].as_f64().unwrap();
+            assert!((ours - theirs).abs() <= 1e-4 * theirs.max(1.0), "{}: |x| sums {ours} vs {theirs}", info.name);
+        }
+        // Keeping the blocks quantized computes the same function as decoding them to f32.
+        let deq = load(&out).unwrap().model;
+        let qm = load_quantized(&out).unwrap().model;
+        assert!(qm.blocks[0].q.quantized.is_some() && qm.blocks[0].down.quantized.is_some());
+        let ids = Tensor::new(windows[0].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let d = (deq.forward(&ids).unwrap() - qm.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-3, "{importance:?}: quantized-matmul logits differ by {d}");
+        // Single-token steps take candle's quantized matmul path: close to, not equal to, f32.
+        let one = Tensor::new(&windows[0][..1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let a = deq.forward(&one).unwrap();
+        let b = qm.forward(&one).unwrap();
+        let rel = ((&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+            / a.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        .sqrt();
+        assert!(rel < 0.05, "{importance:?}: decode-path logits off by {rel}");
+    }
+}
