@@ -1541,3 +1541,38 @@ fn shrink_unknown_importance() {
 fn shrink_activation_without_calibration() {
     command_case("shrink", "s.gguf", "activation without --calib", &["--neurons", "0.3"], &["--calib"]);
 }
+
+#[test]
+fn quantize_impossible_budget() {
+    command_case("quantize", "q.gguf", "--bpw 2.0", &["--bpw", "2.0", "--importance", "outliers"], &["cannot be met", "bits per weight"]);
+}
+
+#[test]
+fn quantize_budget_above_f16() {
+    command_case("quantize", "q.gguf", "--bpw 20", &["--bpw", "20", "--importance", "outliers"], &["cannot be met"]);
+}
+
+#[test]
+fn quantize_unknown_type() {
+    command_case("quantize", "q.gguf", "--uniform Q3_0", &["--uniform", "Q3_0"], &["unknown GGUF type", "Q4_K"]);
+}
+
+#[test]
+fn quantize_not_gguf_output() {
+    command_case("quantize", "q-folder", "HF folder output", &["--uniform", "Q8_0"], &["must end in .gguf"]);
+}
+
+#[test]
+fn quantize_lim_without_calibration() {
+    command_case("quantize", "q.gguf", "lim without --calib", &["--bpw", "5.0"], &["--calib"]);
+}
+
+#[test]
+fn quantize_unknown_importance() {
+    command_case("quantize", "q.gguf", "--importance random", &["--bpw", "5.0", "--importance", "random"], &["random", "lim, outliers or kld"]);
+}
+
+#[test]
+fn quantize_budget_and_uniform() {
+    command_case("quantize", "q.gguf", "--bpw with --uniform", &["--bpw", "5.0", "--uniform", "Q8_0"], &["alternatives"]);
+}
