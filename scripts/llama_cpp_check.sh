@@ -20,7 +20,7 @@ if ! .venv-llama/bin/python -c "import llama_cpp, numpy" 2>/dev/null; then
     CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
         .venv-llama/bin/pip install -q "llama-cpp-python==0.3.36" numpy
 fi
-$BIN tokenize $M --data $D > "$OUT/ids.json"
+
 
 export_one() { # name, command...
     local name=$1; shift
@@ -35,35 +35,4 @@ export_one kv-groups-33-uniform $BIN shrink $M --heads 0.33 --head-unit group --
 export_one heads-neurons-25-global $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --calib assets/austen/emma.txt --calib-windows 2
 export_one heads-neurons-25-global-f16 $BIN shrink $M --heads 0.25 --neurons 0.25 --allocation global --calib assets/austen/emma.txt --calib-windows 2 --dtype f16
 
-printf "| export | GGUF architecture | dropwise ppl | llama.cpp ppl | difference | same token ids |\n|---|---|---|---|---|---|\n"
-fail=0
-# llama.cpp's GGUF reader (in .venv from scripts/test.sh) names each file's architecture.
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-for f in "$OUT"/*.gguf; do
-    name=$(basename "$f" .gguf)
-    [ -s "$OUT/$name.dw.json" ] || $BIN --threads 2 eval "$f" --data $D --windows "$W" --json > "$OUT/$name.dw.json"
-    [ -s "$OUT/$name.cpp.json" ] || .venv-llama/bin/python scripts/llama_cpp_ppl.py "$f" $D "$W" "$OUT/ids.json" > "$OUT/$name.cpp.json"
-    line=$($PY - "$f" "$OUT/$name.dw.json" "$OUT/$name.cpp.json" <<'PY'
-import json, sys
-f, a, b = sys.argv[1:]
-dw, cpp = json.load(open(a)), json.load(open(b))
-arch = "?"
-try:
-    from gguf import GGUFReader
-    fld = GGUFReader(f).fields["general.architecture"]
-    arch = bytes(fld.parts[fld.data[0]]).decode()
-except Exception:
-    pass
-d = cpp["perplexity"] / dw["perplexity"] - 1
-ok = abs(d) < 0.01 and dw["tokens"] == cpp["tokens"]
-print("%s|%s|%.4f|%.4f|%+.4f %%|%s|%s" % (f.split("/")[-1][:-5], arch, dw["perplexity"], cpp["perplexity"], 100 * d, cpp.get("ids_identical_to_dropwise"), "ok" if ok else "FAIL"))
-PY
-)
-    IFS='|' read -r n arch p1 p2 diff same ok <<< "$line"
-    echo "| $n | $arch | $p1 | $p2 | $diff | $same |"
-    [ "$ok" = ok ] || fail=1
-done
-echo
-echo "(first $W austen-512 windows of persuasion.txt; pass: |difference| < 1 %)"
-exit $fail
+scripts/llama_cpp_compare.sh "$OUT" "$W"

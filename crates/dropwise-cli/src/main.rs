@@ -248,6 +248,10 @@ enum Cmd {
         /// Type of the token embedding (and an untied output head).
         #[arg(long, default_value = "Q8_0")]
         embed_type: String,
+        /// Take the layer scores from an earlier `quantize --json` output of the same model,
+        /// importance and imatrix setting instead of measuring them again (kld takes minutes).
+        #[arg(long)]
+        reuse_scores: Option<PathBuf>,
         #[command(flatten)]
         calib: CalibArgs,
         /// Output GGUF file.
@@ -388,8 +392,8 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             };
             cmd_shrink(model, opts, calib, out)
         }
-        Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, calib, output, json } => {
-            cmd_quantize(model, bpw, &importance, imatrix, uniform.as_deref(), &embed_type, calib, output, json)
+        Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, reuse_scores, calib, output, json } => {
+            cmd_quantize(model, bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib, output, json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
     }
@@ -843,6 +847,7 @@ fn cmd_quantize(
     use_imatrix: bool,
     uniform: Option<&str>,
     embed_type: &str,
+    reuse_scores: Option<PathBuf>,
     calib: CalibArgs,
     output: PathBuf,
     json: bool,
@@ -886,7 +891,10 @@ fn cmd_quantize(
         (Some(b), None) => {
             let pb = progress(m.model.blocks.len(), "importance");
             pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
-            let sc = plan::score_layers(&mut m.model, &windows, importance, imatrix.as_ref(), &mut |i, _| pb.set_position(i as u64))?;
+            let sc = match &reuse_scores {
+                Some(p) => reused_scores(p, &model, importance, use_imatrix, m.model.blocks.len())?,
+                None => plan::score_layers(&mut m.model, &windows, importance, imatrix.as_ref(), &mut |i, _| pb.set_position(i as u64))?,
+            };
             pb.finish_and_clear();
             plan::allocate(&mut units, &sc.rank_key, b)?;
             Some(sc)
@@ -975,4 +983,25 @@ fn cmd_quantize(
         println!("{:<22} {}", "wrote", output.display());
     }
     Ok(())
+}
+
+/// Layer scores from an earlier `quantize --json` run, checked to describe the same model,
+/// importance and imatrix setting.
+fn reused_scores(path: &std::path::Path, model: &std::path::Path, importance: dropwise::quant::plan::Importance, imatrix: bool, layers: usize) -> Result<dropwise::quant::plan::LayerScores> {
+    use dropwise::quant::plan::{Importance, LayerScores};
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a quantize --json output", path.display()))?;
+    let want = serde_json::to_value(importance)?;
+    if v["importance"] != want || v["imatrix"] != serde_json::Value::Bool(imatrix) {
+        bail!("{} holds {} scores (imatrix {}), not {} (imatrix {imatrix})", path.display(), v["importance"], v["imatrix"], want);
+    }
+    if v["model"].as_str().map(std::path::Path::new) != Some(model) {
+        bail!("{} was scored on {}, not {}", path.display(), v["model"], model.display());
+    }
+    let raw: Vec<f64> = serde_json::from_value(v["layer_scores"].clone()).with_context(|| format!("{} has no layer_scores", path.display()))?;
+    if raw.len() != layers {
+        bail!("{} scores {} layers; the model has {layers}", path.display(), raw.len());
+    }
+    let rank_key = if importance == Importance::Outliers { raw.iter().map(|v| -v).collect() } else { raw.clone() };
+    Ok(LayerScores { importance, raw, rank_key })
 }
