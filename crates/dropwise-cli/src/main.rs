@@ -988,7 +988,7 @@ fn cmd_quantize(
 /// Layer scores from an earlier `quantize --json` run, checked to describe the same model,
 /// importance and imatrix setting.
 fn reused_scores(path: &std::path::Path, model: &std::path::Path, importance: dropwise::quant::plan::Importance, imatrix: bool, layers: usize) -> Result<dropwise::quant::plan::LayerScores> {
-    use dropwise::quant::plan::{Importance, LayerScores};
+    use dropwise::quant::plan::LayerScores;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a quantize --json output", path.display()))?;
     let want = serde_json::to_value(importance)?;
@@ -1002,6 +1002,5 @@ fn reused_scores(path: &std::path::Path, model: &std::path::Path, importance: dr
     if raw.len() != layers {
         bail!("{} scores {} layers; the model has {layers}", path.display(), raw.len());
     }
-    let rank_key = if importance == Importance::Outliers { raw.iter().map(|v| -v).collect() } else { raw.clone() };
-    Ok(LayerScores { importance, raw, rank_key })
+    Ok(LayerScores::from_raw(importance, raw))
 }

@@ -270,6 +270,18 @@ pub struct LayerScores {
     pub rank_key: Vec<f64>,
 }
 
+impl LayerScores {
+    /// Scores as the method defines them; the ranking key follows (a smaller outlier share ranks
+    /// higher).
+    pub fn from_raw(importance: Importance, raw: Vec<f64>) -> Self {
+        let rank_key = match importance {
+            Importance::Outliers => raw.iter().map(|v| -v).collect(),
+            _ => raw.clone(),
+        };
+        Self { importance, raw, rank_key }
+    }
+}
+
 /// Scores every block by `importance` on `windows` (`outliers` needs none). `kld` quantizes one
 /// block at a time to the lowest rung (with `imatrix` when given) and runs only that block and
 /// the ones after it from cached dense inputs.
@@ -296,11 +308,7 @@ pub fn score_layers(model: &mut Llama, windows: &[Vec<u32>], importance: Importa
         }
         Importance::Kld => kld_scores(model, windows, imatrix, progress)?,
     };
-    let rank_key = match importance {
-        Importance::Outliers => raw.iter().map(|v| -v).collect(),
-        _ => raw.clone(),
-    };
-    Ok(LayerScores { importance, raw, rank_key })
+    Ok(LayerScores::from_raw(importance, raw))
 }
 
 fn kld_scores(model: &mut Llama, windows: &[Vec<u32>], imatrix: Option<&Imatrix>, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<f64>> {
