@@ -119,3 +119,29 @@ fn structural_drops_on_the_real_model_evaluate_together() {
         assert!(kl > 0.0 && kl < 2.0, "{kl}");
     }
 }
+
+/// Mixed-precision quantization of the real model: the plan meets the budget, only ffn_down's
+/// 1536-wide rows take k-quants, and the file evaluates with its weights kept quantized, close to
+/// the f32 model and at the quality the table in docs/results.md reports.
+#[test]
+fn quantize_to_a_fractional_budget_and_evaluate_quantized() {
+    let a = assets();
+    let model = a.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let text = a.join("austen/persuasion.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.gguf");
+    let q = dropwise(&["quantize", model.to_str().unwrap(), "--bpw", "5.3", "--importance", "outliers", "-o", out.to_str().unwrap(), "--json"]);
+    let bpw = q["file_bpw"].as_f64().unwrap();
+    assert!((bpw - 5.3).abs() <= 0.05 && bpw <= 5.3 + 1e-9, "file holds {bpw} bits per weight");
+    assert_eq!(q["planned_bpw"], q["file_bpw"]);
+    for t in q["tensors"].as_array().unwrap() {
+        let ty = t["type"].as_str().unwrap();
+        assert_eq!(ty.ends_with("K"), t["cols"] == 1536, "{t}");
+    }
+    let r = dropwise(&[
+        "eval", out.to_str().unwrap(), "--data", text.to_str().unwrap(), "--windows", "1", "--json", "--reference", model.to_str().unwrap(),
+        "--quantized-matmul",
+    ]);
+    let kl = r["kl_divergence"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl < 0.15, "KL to f32 {kl}");
+}
