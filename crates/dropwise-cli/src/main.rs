@@ -872,9 +872,7 @@ fn cmd_quantize(
     let (lo, hi) = plan::feasible_range(&units);
     if let Some(b) = bpw {
         // Refuse an impossible budget before any calibration work.
-        if !b.is_finite() || b < lo - plan::BPW_TOLERANCE || b > hi + plan::BPW_TOLERANCE {
-            bail!("a budget of {b} bits per weight cannot be met: this model's block linears can take {lo:.3} to {hi:.3}");
-        }
+        plan::check_budget(&units, b)?;
     }
     let needs_windows = use_imatrix || (bpw.is_some() && importance != plan::Importance::Outliers);
     let (offsets, windows) = if needs_windows { calib.windows(&m.tokenizer, "quantize (imatrix, lim and kld)", 8)? } else { (Vec::new(), Vec::new()) };

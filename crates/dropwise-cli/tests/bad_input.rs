@@ -1576,3 +1576,8 @@ fn quantize_unknown_importance() {
 fn quantize_budget_and_uniform() {
     command_case("quantize", "q.gguf", "--bpw with --uniform", &["--bpw", "5.0", "--uniform", "Q8_0"], &["alternatives"]);
 }
+
+#[test]
+fn quantize_reuse_scores_not_json() {
+    command_case("quantize", "q.gguf", "--reuse-scores on a text file", &["--bpw", "5.0", "--importance", "outliers", "--reuse-scores", "CALIB"], &["not a quantize --json output"]);
+}

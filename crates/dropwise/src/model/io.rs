@@ -170,13 +170,9 @@ fn parse_linear_name(hf: &str) -> Option<(usize, LinearKind)> {
     Some((i.parse().ok()?, kind))
 }
 
-fn is_block_linear(hf: &str) -> bool {
-    hf.starts_with("model.layers.") && hf.ends_with("_proj.weight")
-}
-
 fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let mut quantized: Vec<(String, candle_core::quantized::QTensor)> = Vec::new();
+    let mut quantized: Vec<(usize, LinearKind, candle_core::quantized::QTensor)> = Vec::new();
     let ctx = || path.display().to_string();
     let config = LlamaConfig::from_gguf(&g).with_context(ctx)?;
     let tokenizer = Tokenizer::from_gguf(&g).with_context(ctx)?;
@@ -195,7 +191,8 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
         let Some(hf) = gguf_to_hf_name(&info.name) else {
             bail!("{}: unexpected tensor {} for a {} model", ctx(), info.name, config.arch.name());
         };
-        if keep_quantized && is_block_linear(&hf) && info.shape.len() == 2 && !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        let block_linear = if keep_quantized { parse_linear_name(&hf) } else { None };
+        if let Some((layer, kind)) = block_linear.filter(|_| info.shape.len() == 2 && !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             if cols % info.dtype.block_size() != 0 {
                 bail!("{}: tensor {}: rows of {cols} are not whole {} blocks", ctx(), info.name, gguf::ggml_dtype_name(info.dtype));
@@ -212,8 +209,9 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
             };
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, &data, vec![rows, cols], &candle_core::Device::Cpu)
                 .with_context(|| format!("{}: cannot decode tensor {}", ctx(), info.name))?;
-            tensors.insert(hf.clone(), Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?.broadcast_as((rows, cols))?);
-            quantized.push((hf, q));
+            // from_tensors checks shapes only; the quantized weight replaces it below.
+            tensors.insert(hf, Linear::shape_only(rows, cols)?);
+            quantized.push((layer, kind, q));
             continue;
         }
         let mut t = g.dequantize(info).with_context(ctx)?;
@@ -225,8 +223,7 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     }
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     let mut model = Llama::from_tensors(config, tensors).with_context(ctx)?;
-    for (hf, q) in quantized {
-        let (layer, kind) = parse_linear_name(&hf).with_context(|| format!("{}: unexpected tensor {hf}", ctx()))?;
+    for (layer, kind, q) in quantized {
         let lin = model.blocks[layer].linear_mut(kind);
         *lin = Linear::quantized(q, lin.bias.take())?;
     }

@@ -47,8 +47,12 @@ impl Linear {
     ///   output, and for Q4_1/Q5_0/Q5_1 a scalar one: 10-20× slower than decode + GEMM here.
     pub fn quantized(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, inp) = q.shape().dims2()?;
-        let weight = Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((out, inp))?;
-        Ok(Self { weight, bias, quantized: Some(std::sync::Arc::new(q)) })
+        Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)) })
+    }
+
+    /// An `[out, in]` zero that allocates nothing (stride 0): the shape of a quantized weight.
+    pub fn shape_only(out: usize, inp: usize) -> Result<Tensor> {
+        Ok(Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((out, inp))?)
     }
 
     /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.

@@ -153,15 +153,22 @@ pub fn feasible_range(units: &[Unit]) -> (f64, f64) {
 /// How close to the budget a plan must land.
 pub const BPW_TOLERANCE: f64 = 0.05;
 
+/// Refuses a budget no plan of `units` can meet, naming the feasible range.
+pub fn check_budget(units: &[Unit], bpw: f64) -> Result<()> {
+    let (lo, hi) = feasible_range(units);
+    if !bpw.is_finite() || bpw < lo - BPW_TOLERANCE || bpw > hi + BPW_TOLERANCE {
+        bail!("a budget of {bpw} bits per weight cannot be met: this model's block linears can take {lo:.3} to {hi:.3} (the 32-block types on rows that are not a multiple of 256)");
+    }
+    Ok(())
+}
+
 /// Types every unit so the average meets `bpw` (within [`BPW_TOLERANCE`], never above it by more
 /// than that): all blocks start on the highest rung whose uniform average fits, then blocks are
 /// lifted one rung in order of `importance` (higher first) while the budget allows; whatever is
 /// left is spent on single matrices of the next blocks in that order, smallest first.
 pub fn allocate(units: &mut [Unit], importance: &[f64], bpw: f64) -> Result<()> {
-    let (lo, hi) = feasible_range(units);
-    if !bpw.is_finite() || bpw < lo - BPW_TOLERANCE || bpw > hi + BPW_TOLERANCE {
-        bail!("a budget of {bpw} bits per weight cannot be met: this model's block linears can take {lo:.3} to {hi:.3} (the 32-block types on rows that are not a multiple of 256)");
-    }
+    check_budget(units, bpw)?;
+    let (_, hi) = feasible_range(units);
     let n_layers = units.iter().map(|u| u.layer).max().unwrap_or(0) + 1;
     if importance.len() != n_layers {
         bail!("{} importance scores for {n_layers} layers", importance.len());
