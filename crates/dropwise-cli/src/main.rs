@@ -126,7 +126,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// Keep block-quantized linear weights of GGUF models as stored and run them with
-        /// quantized matmuls (as llama.cpp does) instead of dequantizing them to f32.
+        /// quantized matmuls (as llama.cpp does: activations rounded to each type's 8-bit
+        /// partner, Q8_0/Q8_1/Q8_K) instead of dequantizing them to f32.
         #[arg(long)]
         quantized_matmul: bool,
         #[arg(long)]

@@ -223,6 +223,10 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     }
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     let mut model = Llama::from_tensors(config, tensors).with_context(ctx)?;
+    if keep_quantized {
+        let head = g.tensors.iter().find(|t| t.name == "output.weight").or_else(|| g.tensors.iter().find(|t| t.name == "token_embd.weight"));
+        model.head_stored_as = head.map(|t| t.dtype);
+    }
     for (layer, kind, q) in quantized {
         let lin = model.blocks[layer].linear_mut(kind);
         *lin = Linear::quantized(q, lin.bias.take())?;

@@ -107,3 +107,97 @@ pub fn column_sum_squares(x: &Tensor, width: usize) -> Result<Vec<f64>> {
             })
     })
 }
+
+/// `x @ Wᵀ` for `x` `[rows, in]` and a block-quantized `W` `[out, in]`, computed as llama.cpp
+/// (and candle's quantized matmul) compute it, but with an f32 GEMM on the decoded weight: the
+/// activations are first rounded to the weight type's 8-bit dot-product partner
+/// ([`round_to_dot_partner`]). Q4_1/Q5_1 weights meet Q8_1 activations, whose per-block sum `s`
+/// is stored in f16 and multiplies the weight block's offset `m`; the product then carries
+/// `m · (s − Σ x')`, which is added here as a small `[rows, blocks] × [blocks, out]` product.
+pub fn quantized_product(x: &Tensor, w: &candle_core::quantized::QTensor) -> Result<Tensor> {
+    use candle_core::quantized::GgmlDType as G;
+    let (rows, cols) = x.dims2()?;
+    let dense = w.dequantize(x.device())?;
+    let block_bytes = match w.dtype() {
+        G::Q4_1 => 20,
+        G::Q5_1 => 24,
+        other => return Ok(round_to_dot_partner(x, other)?.matmul(&dense.t()?)?),
+    };
+    let (out, inp) = w.shape().dims2()?;
+    if inp != cols || cols % 32 != 0 {
+        bail!("quantized product: input of {cols} columns for a [{out}, {inp}] weight");
+    }
+    let nb = cols / 32;
+    let mut v: Vec<f32> = with_f32_slice(x, |s| s.to_vec())?;
+    let mut err = vec![0f32; rows * nb];
+    v.par_chunks_mut(cols).zip(err.par_chunks_mut(nb)).with_min_len(8).for_each(|(row, e)| {
+        for (blk, e) in row.chunks_mut(32).zip(e.iter_mut()) {
+            *e = round_q8_1_block(blk);
+        }
+    });
+    let data = w.data()?;
+    if data.len() != out * nb * block_bytes {
+        bail!("quantized product: {} bytes for a [{out}, {inp}] {:?} weight", data.len(), w.dtype());
+    }
+    // Each block starts with its f16 scale d and then its f16 offset m.
+    let m: Vec<f32> = data.chunks(block_bytes).map(|b| half::f16::from_le_bytes([b[2], b[3]]).to_f32()).collect();
+    let xr = Tensor::from_vec(v, (rows, cols), x.device())?;
+    let e = Tensor::from_vec(err, (rows, nb), x.device())?;
+    let m = Tensor::from_vec(m, (out, nb), x.device())?;
+    Ok((xr.matmul(&dense.t()?)? + e.matmul(&m.t()?)?)?)
+}
+
+/// Rounds one 32-value block to Q8_1 in place (candle's `BlockQ8_1::from_float` arithmetic) and
+/// returns `s − Σ x'`: the stored f16 block sum minus the sum of the rounded values.
+fn round_q8_1_block(blk: &mut [f32]) -> f32 {
+    use half::f16;
+    let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let d16 = f16::from_f32(d);
+    let mut sum_q = 0i32;
+    let mut sum_x = 0f32;
+    for x in blk.iter_mut() {
+        let q = (*x * id).round() as i8;
+        sum_q += q as i32;
+        *x = q as f32 * d16.to_f32();
+        sum_x += *x;
+    }
+    (f16::from_f32(sum_q as f32) * d16).to_f32() - sum_x
+}
+
+/// Rounds a matmul's activations `x` `[rows, cols]` as ggml does before multiplying them with a
+/// weight stored as `weight`: every quantized weight type has an 8-bit "dot-product partner" the
+/// activations are quantized to, block by block along each row (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1
+/// for Q4_1/Q5_1, Q8_K for the k-quants); F16/BF16 weights meet activations rounded to the same
+/// type; F32 leaves them alone. candle's quantized matmul does this internally; the decode +
+/// f32 GEMM path of a quantized [`super::Linear`] calls this so that both paths, and llama.cpp,
+/// compute the same product.
+pub fn round_to_dot_partner(x: &Tensor, weight: candle_core::quantized::GgmlDType) -> Result<Tensor> {
+    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+    use candle_core::quantized::GgmlDType as G;
+    use candle_core::DType;
+    match weight {
+        G::F32 => Ok(x.clone()),
+        G::F16 => Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
+        G::BF16 => Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?),
+        G::Q4_0 | G::Q5_0 | G::Q8_0 => round_rows_through::<BlockQ8_0>(x),
+        G::Q4_1 | G::Q5_1 | G::Q8_1 => round_rows_through::<BlockQ8_1>(x),
+        G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K | G::Q8K => round_rows_through::<BlockQ8K>(x),
+    }
+}
+
+/// Quantizes each row of `x` `[rows, cols]` to the block type `T` and decodes it back.
+fn round_rows_through<T: candle_core::quantized::k_quants::GgmlType>(x: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = x.dims2()?;
+    if cols % T::BLCK_SIZE != 0 {
+        bail!("activation rows of {cols} are not whole {:?} blocks", T::DTYPE);
+    }
+    let mut v: Vec<f32> = with_f32_slice(x, |s| s.to_vec())?;
+    v.par_chunks_mut(cols.max(1)).with_min_len(8).for_each(|row| {
+        let mut blocks = vec![T::zeros(); cols / T::BLCK_SIZE];
+        T::from_float(row, &mut blocks);
+        T::to_float(&blocks, row);
+    });
+    Ok(Tensor::from_vec(v, (rows, cols), x.device())?)
+}

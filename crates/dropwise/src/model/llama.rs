@@ -43,8 +43,10 @@ impl Linear {
     /// * up to [`QMATMUL_MAX_ROWS`] input rows (token-by-token decoding): candle's quantized
     ///   matmul, activations quantized to the type's 8-bit dot-product partner as llama.cpp does;
     /// * more rows (prefill, evaluation windows): the weight is decoded to f32 for this one
-    ///   product and dropped after it. candle's quantized prefill path is a dot product per
-    ///   output, and for Q4_1/Q5_0/Q5_1 a scalar one: 10-20× slower than decode + GEMM here.
+    ///   product and dropped after it, and the activations are rounded to the same 8-bit partner
+    ///   first ([`kernels::quantized_product`]), so both paths compute llama.cpp's product.
+    ///   candle's quantized prefill path is a dot product per output, and for Q4_1/Q5_0/Q5_1 a
+    ///   scalar one: 10-20× slower than decode + GEMM here.
     pub fn quantized(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, inp) = q.shape().dims2()?;
         Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)) })
@@ -65,7 +67,7 @@ impl Linear {
             Some(q) if rows <= QMATMUL_MAX_ROWS => {
                 candle_core::Module::forward(&candle_core::quantized::QMatMul::from_arc(q.clone())?, &x2)?
             }
-            Some(q) => x2.matmul(&q.dequantize(x2.device())?.t()?)?,
+            Some(q) => kernels::quantized_product(&x2, q)?,
             None => x2.matmul(&self.weight.t()?)?,
         };
         if let Some(b) = &self.bias {
@@ -133,6 +135,10 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// Use elementary (differentiable) ops instead of fused kernels.
     pub differentiable: bool,
+    /// The head's stored GGUF type when the model was loaded to run as stored
+    /// ([`super::io::load_quantized`]): the head's input is then rounded to that type's 8-bit
+    /// dot-product partner, as llama.cpp does. `None`: plain f32 product.
+    pub head_stored_as: Option<candle_core::quantized::GgmlDType>,
 }
 
 /// HF parameter names of block `i`'s tensors, in a fixed order.
@@ -219,7 +225,7 @@ impl Llama {
         } else {
             Some(take(&mut t, "lm_head.weight", &[c.vocab_size, h])?)
         };
-        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false })
+        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false, head_stored_as: None })
     }
 
     /// Every tensor by its HF name (the head only when untied). A removed sub-block contributes
@@ -530,7 +536,11 @@ impl Llama {
     pub fn head_input(&self, h: &Tensor) -> Result<Tensor> {
         let x = self.rms_norm(h, &self.final_norm)?;
         let (b, t, hdim) = x.dims3()?;
-        Ok(x.reshape((b * t, hdim))?)
+        let x = x.reshape((b * t, hdim))?;
+        match self.head_stored_as {
+            Some(dtype) => kernels::round_to_dot_partner(&x, dtype),
+            None => Ok(x),
+        }
     }
 
     /// The output head's weight `[vocab, hidden]` (the embedding when tied).

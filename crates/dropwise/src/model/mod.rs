@@ -5,4 +5,4 @@ pub mod kernels;
 pub mod llama;
 
 pub use hooks::{Hooks, LinearKind, NoHooks};
-pub use llama::{Block, Linear, Llama};
+pub use llama::{Block, Linear, Llama, QMATMUL_MAX_ROWS};
