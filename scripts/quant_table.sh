@@ -7,8 +7,8 @@
 # the importance matrix, from 8 × 512-token windows of emma.txt (seed 0); each importance is
 # scored once (at 5.0) and its scores reused at the other budgets (--reuse-scores).
 # Evaluation keeps the files quantized and rounds activations as llama.cpp does (eval
-# --quantized-matmul); the first group has the f32
-# model beside the single-type files for the speed ratio. Builds llama-cpp-python into
+# --quantized-matmul); the first group has the f32 model beside the single-type files for the
+# speed ratio. Builds llama-cpp-python into
 # .venv-llama on first use (~15 min). Writes under OUT (a rerun skips what is done).
 #   scripts/quant_table.sh [W=16] [OUT=/tmp/dropwise-quant-table]
 set -euo pipefail

@@ -116,7 +116,7 @@ pub fn column_sum_squares(x: &Tensor, width: usize) -> Result<Vec<f64>> {
 /// `m · (s − Σ x')`, which is added here as a small `[rows, blocks] × [blocks, out]` product.
 pub fn quantized_product(x: &Tensor, w: &candle_core::quantized::QTensor) -> Result<Tensor> {
     use candle_core::quantized::GgmlDType as G;
-    let (rows, cols) = x.dims2()?;
+    let (_, cols) = x.dims2()?;
     let dense = w.dequantize(x.device())?;
     let block_bytes = match w.dtype() {
         G::Q4_1 => 20,
@@ -128,23 +128,33 @@ pub fn quantized_product(x: &Tensor, w: &candle_core::quantized::QTensor) -> Res
         bail!("quantized product: input of {cols} columns for a [{out}, {inp}] weight");
     }
     let nb = cols / 32;
-    let mut v: Vec<f32> = with_f32_slice(x, |s| s.to_vec())?;
-    let mut err = vec![0f32; rows * nb];
-    v.par_chunks_mut(cols).zip(err.par_chunks_mut(nb)).with_min_len(8).for_each(|(row, e)| {
-        for (blk, e) in row.chunks_mut(32).zip(e.iter_mut()) {
-            *e = round_q8_1_block(blk);
-        }
-    });
+    let (xr, e) = round_rows_q8_1(x)?;
     let data = w.data()?;
     if data.len() != out * nb * block_bytes {
         bail!("quantized product: {} bytes for a [{out}, {inp}] {:?} weight", data.len(), w.dtype());
     }
     // Each block starts with its f16 scale d and then its f16 offset m.
     let m: Vec<f32> = data.chunks(block_bytes).map(|b| half::f16::from_le_bytes([b[2], b[3]]).to_f32()).collect();
-    let xr = Tensor::from_vec(v, (rows, cols), x.device())?;
-    let e = Tensor::from_vec(err, (rows, nb), x.device())?;
     let m = Tensor::from_vec(m, (out, nb), x.device())?;
     Ok((xr.matmul(&dense.t()?)? + e.matmul(&m.t()?)?)?)
+}
+
+/// Rounds every row of `x` `[rows, cols]` to Q8_1 (32-value blocks) and decodes it back; also
+/// returns each block's `s − Σ x'` `[rows, cols / 32]` (see [`quantized_product`]).
+fn round_rows_q8_1(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, cols) = x.dims2()?;
+    if cols % 32 != 0 {
+        bail!("activation rows of {cols} are not whole Q8_1 blocks");
+    }
+    let nb = cols / 32;
+    let mut v: Vec<f32> = with_f32_slice(x, |s| s.to_vec())?;
+    let mut err = vec![0f32; rows * nb];
+    v.par_chunks_mut(cols.max(1)).zip(err.par_chunks_mut(nb.max(1))).with_min_len(8).for_each(|(row, e)| {
+        for (blk, e) in row.chunks_mut(32).zip(e.iter_mut()) {
+            *e = round_q8_1_block(blk);
+        }
+    });
+    Ok((Tensor::from_vec(v, (rows, cols), x.device())?, Tensor::from_vec(err, (rows, nb), x.device())?))
 }
 
 /// Rounds one 32-value block to Q8_1 in place (candle's `BlockQ8_1::from_float` arithmetic) and
@@ -174,7 +184,7 @@ fn round_q8_1_block(blk: &mut [f32]) -> f32 {
 /// f32 GEMM path of a quantized [`super::Linear`] calls this so that both paths, and llama.cpp,
 /// compute the same product.
 pub fn round_to_dot_partner(x: &Tensor, weight: candle_core::quantized::GgmlDType) -> Result<Tensor> {
-    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0};
     use candle_core::quantized::GgmlDType as G;
     use candle_core::DType;
     match weight {
@@ -182,7 +192,8 @@ pub fn round_to_dot_partner(x: &Tensor, weight: candle_core::quantized::GgmlDTyp
         G::F16 => Ok(x.to_dtype(DType::F16)?.to_dtype(DType::F32)?),
         G::BF16 => Ok(x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?),
         G::Q4_0 | G::Q5_0 | G::Q8_0 => round_rows_through::<BlockQ8_0>(x),
-        G::Q4_1 | G::Q5_1 | G::Q8_1 => round_rows_through::<BlockQ8_1>(x),
+        // The block sums (`s`) matter only with the weight's offsets: see quantized_product.
+        G::Q4_1 | G::Q5_1 | G::Q8_1 => Ok(round_rows_q8_1(x)?.0),
         G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K | G::Q8K => round_rows_through::<BlockQ8K>(x),
     }
 }
