@@ -216,28 +216,99 @@ fn written_file_holds_the_planned_bits_and_llama_cpp_reads_it() {
     }
 }
 
-/// The two forward paths of a quantized linear — candle's quantized matmul (≤ 16 rows) and
-/// decode + f32 GEMM on activations rounded to the type's 8-bit partner (longer inputs) — compute
-/// the same product, for every block type (F16 weights load as f32 tensors, and candle's matmul
-/// of them does not round the activations).
+/// The worst disagreement, relative to the output's scale, between the short path (`short`, a
+/// function of the few-row input) and the long path (decode + f32 GEMM on rounded activations)
+/// of a quantized `[out, inp]` linear, for every block type that fits the shape; also how far
+/// plain f32 activations would be. Asserts the two paths agree within 1e-4 of the scale.
+fn check_paths_agree(
+    label: &str,
+    short: &dyn Fn(&Tensor, &std::sync::Arc<candle_core::quantized::QTensor>) -> Tensor,
+) {
+    use candle_core::quantized::{GgmlDType as G, QTensor};
+    use dropwise::model::{kernels, QMATMUL_MAX_ROWS};
+    // One shape every type fits (k-quant rows of 256, candle's 16-row tiles), one only the
+    // 32-block types fit (SmolLM2's hidden width).
+    for (out, inp, seed) in [(64usize, 512usize, 11u64), (40, 576, 13)] {
+        let rows = 40;
+        let w = Tensor::from_vec(data(out * inp, seed), (out, inp), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(data(rows * inp, seed + 1).iter().map(|v| v * 20.0).collect::<Vec<_>>(), (rows, inp), &Device::Cpu).unwrap();
+        for dtype in [G::Q4_0, G::Q4_1, G::Q5_0, G::Q5_1, G::Q8_0, G::Q2K, G::Q3K, G::Q4K, G::Q5K, G::Q6K] {
+            if inp % dtype.block_size() != 0 {
+                continue;
+            }
+            let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let long = kernels::quantized_product(&x, &q).unwrap();
+            let steps: Vec<Tensor> =
+                (0..rows).step_by(QMATMUL_MAX_ROWS).map(|r| short(&x.narrow(0, r, QMATMUL_MAX_ROWS.min(rows - r)).unwrap(), &q)).collect();
+            let one = short(&x.narrow(0, 0, 1).unwrap(), &q); // a single decode row
+            let short = Tensor::cat(&steps, 0).unwrap();
+            let scale = short.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (&long - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d1 = (&long.narrow(0, 0, 1).unwrap() - &one).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            // Plain f32 activations would be off by the 8-bit rounding, ~1e-2 of the scale.
+            let plain = x.matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
+            let dp = (&plain - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{label} [{out}x{inp}] {dtype:?}: rounded {:.2e}, plain {:.2e} (scale {scale:.3})", d.max(d1) / scale, dp / scale);
+            assert!(d.max(d1) <= 1e-4 * scale, "{label} {dtype:?} [{out}x{inp}]: paths differ by {} (scale {scale})", d.max(d1));
+        }
+    }
+}
+
+/// The two forward paths of a quantized linear — the short path (≤ 16 rows, quantized dot
+/// products on the tier `DROPWISE_SIMD` picks) and decode + f32 GEMM on activations rounded to
+/// the type's 8-bit partner (longer inputs) — compute the same product, for every block type.
 #[test]
 fn quantized_linear_paths_agree_for_every_type() {
-    use candle_core::quantized::{GgmlDType as G, QTensor};
-    use dropwise::model::{Linear, QMATMUL_MAX_ROWS};
-    let (out, inp, rows) = (64, 512, 40);
-    let w = Tensor::from_vec(data(out * inp, 11), (out, inp), &Device::Cpu).unwrap();
-    let x = Tensor::from_vec(data(rows * inp, 12).iter().map(|v| v * 20.0).collect::<Vec<_>>(), (rows, inp), &Device::Cpu).unwrap();
-    for dtype in [G::Q4_0, G::Q4_1, G::Q5_0, G::Q5_1, G::Q8_0, G::Q2K, G::Q3K, G::Q4K, G::Q5K, G::Q6K] {
-        let lin = Linear::quantized(QTensor::quantize(&w, dtype).unwrap(), None).unwrap();
-        let long = lin.forward(&x).unwrap();
-        let steps: Vec<Tensor> = (0..rows).step_by(QMATMUL_MAX_ROWS).map(|r| lin.forward(&x.narrow(0, r, QMATMUL_MAX_ROWS.min(rows - r)).unwrap()).unwrap()).collect();
-        let short = Tensor::cat(&steps, 0).unwrap();
-        let scale = short.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let d = (&long - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        // Plain f32 activations would be off by the 8-bit rounding, ~1e-2 of the scale.
-        let plain = x.matmul(&lin.quantized.as_ref().unwrap().dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
-        let dp = (&plain - &short).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        eprintln!("{dtype:?}: rounded {:.2e}, plain {:.2e} (scale {scale:.3})", d / scale, dp / scale);
-        assert!(d <= 1e-4 * scale, "{dtype:?}: paths differ by {d} (scale {scale})");
+    use dropwise::model::{qmatmul, Linear};
+    let label = format!(
+        "{:?}{}",
+        qmatmul::simd_path(),
+        std::env::var("MISTRALRS_FORCE_AVX2").map(|_| "+candle-avx2").or(std::env::var("MISTRALRS_FORCE_AVXVNNI").map(|_| "+candle-avxvnni")).unwrap_or_default()
+    );
+    check_paths_agree(&label, &|x, q| {
+        let (out, inp) = q.shape().dims2().unwrap();
+        let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()) };
+        lin.forward(x).unwrap()
+    });
+}
+
+/// Every kernel tier the short path can take agrees with the long path on this machine: the
+/// scalar (reference) and AVX2 dot products and the native tier in this process, and candle's
+/// repacked tiles forced down to their AVX-VNNI and AVX2 levels in child processes (candle reads
+/// those switches once per process). A CPU that lacks a tier's instructions runs the next lower
+/// one, so on such a machine that row re-checks a lower tier.
+#[test]
+fn quantized_short_path_agrees_at_every_simd_tier() {
+    use dropwise::model::qmatmul::{cpu_simd_features, short_product, SimdPath};
+    eprintln!("cpu: {}", cpu_simd_features());
+    {
+        // The cause of issue 11, shown not asserted (it depends on the CPU): candle's own QMatMul
+        // for Q8_0 weights, which on VNNI CPUs rounds the activations to Q8_K.
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        let (out, inp) = (64, 512);
+        let w = Tensor::from_vec(data(out * inp, 11), (out, inp), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(data(4 * inp, 12).iter().map(|v| v * 20.0).collect::<Vec<_>>(), (4, inp), &Device::Cpu).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let ours = short_product(&x, &q, SimdPath::Native).unwrap();
+        let theirs = candle_core::Module::forward(&QMatMul::from_arc(q.clone()).unwrap(), &x).unwrap();
+        let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = ours.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("candle QMatMul on Q8_0 vs llama.cpp's product on this CPU: {:.2e} of the scale", d / scale);
+    }
+    for path in [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Native] {
+        check_paths_agree(&format!("{path:?}"), &|x, q| short_product(x, q, path).unwrap());
+    }
+    let exe = std::env::current_exe().unwrap();
+    for force in ["MISTRALRS_FORCE_AVXVNNI", "MISTRALRS_FORCE_AVX2"] {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "quantized_linear_paths_agree_for_every_type", "--nocapture", "--test-threads", "1"])
+            .env(force, "1")
+            .env("DROPWISE_SIMD", "native")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprint!("{err}");
+        assert!(out.status.success(), "{force}=1: the child test failed:\n{err}\n{}", String::from_utf8_lossy(&out.stdout));
+        assert!(err.contains("Q8_0: rounded"), "{force}=1: the child test did not run:\n{err}");
     }
 }

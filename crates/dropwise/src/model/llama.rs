@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::hooks::{Hooks, LinearKind, NoHooks};
-use super::kernels;
+use super::{kernels, qmatmul};
 use crate::config::{LayerShape, LlamaConfig};
 
 /// Input rows up to which a block-quantized [`Linear`] multiplies in its quantized form.
@@ -40,8 +40,9 @@ impl Linear {
 
     /// A linear layer whose `[out, in]` weight stays in a GGUF block type; `weight` is a
     /// broadcast zero that costs no memory. Its forward pass:
-    /// * up to [`QMATMUL_MAX_ROWS`] input rows (token-by-token decoding): candle's quantized
-    ///   matmul, activations quantized to the type's 8-bit dot-product partner as llama.cpp does;
+    /// * up to [`QMATMUL_MAX_ROWS`] input rows (token-by-token decoding): quantized dot products,
+    ///   activations quantized to the type's 8-bit dot-product partner as llama.cpp does
+    ///   ([`qmatmul::short_product`], on the kernel tier `DROPWISE_SIMD` picks);
     /// * more rows (prefill, evaluation windows): the weight is decoded to f32 for this one
     ///   product and dropped after it, and the activations are rounded to the same 8-bit partner
     ///   first ([`kernels::quantized_product`]), so both paths compute llama.cpp's product.
@@ -64,9 +65,7 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, *last))?;
         let mut y = match &self.quantized {
-            Some(q) if rows <= QMATMUL_MAX_ROWS => {
-                candle_core::Module::forward(&candle_core::quantized::QMatMul::from_arc(q.clone())?, &x2)?
-            }
+            Some(q) if rows <= QMATMUL_MAX_ROWS => qmatmul::short_product(&x2, q, qmatmul::simd_path())?,
             Some(q) => kernels::quantized_product(&x2, q)?,
             None => x2.matmul(&self.weight.t()?)?,
         };
@@ -76,6 +75,24 @@ impl Linear {
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Keys and values of the positions seen so far, per block (`[1, kv_heads, len, head_dim]`, keys
+/// rotated), for incremental decoding ([`Llama::forward_cached`]).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -447,22 +464,9 @@ impl Llama {
         sin: &Tensor,
         hooks: &mut dyn Hooks,
     ) -> Result<Option<Tensor>> {
-        let blk = &self.blocks[layer];
-        let (b, t, _) = x.dims3()?;
-        let hd = self.config.head_dim;
-        let n_q = blk.q.out_features() / hd;
-        let n_kv = blk.k.out_features() / hd;
-        if n_q == 0 {
-            return Ok(None);
-        }
-        let q = self.hooked_linear(hooks, layer, LinearKind::Q, x)?;
-        let k = self.hooked_linear(hooks, layer, LinearKind::K, x)?;
-        let v = self.hooked_linear(hooks, layer, LinearKind::V, x)?;
-        let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
-        let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
-        let k = self.rope(&k, cos, sin)?;
+        let Some((q, k, v)) = self.project_qkv(layer, x, cos, sin, hooks)? else { return Ok(None) };
+        let (b, n_q, t, hd) = q.dims4()?;
+        let n_kv = k.dim(1)?;
         let rep = n_q / n_kv;
         let ctx = if self.differentiable || hooks.wants_attention_probs() {
             // Grouped-query attention without copying K/V: the `rep` query heads sharing one KV
@@ -480,6 +484,83 @@ impl Llama {
             self.causal_attention_blocked(&q, &k, &v, rep)?
         };
         Ok(Some(ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?))
+    }
+
+    /// Block `layer`'s queries, keys and values from its normed input `x` `[b, seq, hidden]`:
+    /// `[b, heads, seq, head_dim]` each, q and k rotated (`cos`/`sin` for the positions of `x`)
+    /// and q scaled by 1/√head_dim; `None` when the block has no heads left.
+    fn project_qkv(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let blk = &self.blocks[layer];
+        let (b, t, _) = x.dims3()?;
+        let hd = self.config.head_dim;
+        let n_q = blk.q.out_features() / hd;
+        let n_kv = blk.k.out_features() / hd;
+        if n_q == 0 {
+            return Ok(None);
+        }
+        if n_kv == 0 || n_q % n_kv != 0 {
+            bail!("block {layer}: {n_q} query heads cannot share {n_kv} key/value heads");
+        }
+        let q = self.hooked_linear(hooks, layer, LinearKind::Q, x)?;
+        let k = self.hooked_linear(hooks, layer, LinearKind::K, x)?;
+        let v = self.hooked_linear(hooks, layer, LinearKind::V, x)?;
+        let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.rope(&k, cos, sin)?.contiguous()?;
+        Ok(Some((q, k, v)))
+    }
+
+    /// Runs the blocks on `ids` `[1, n]`, the tokens at positions `cache.len()..cache.len()+n`,
+    /// attending to the keys and values `cache` holds for the earlier positions and appending
+    /// theirs; returns the last block's hidden states `[1, n, hidden]`. Calling it on a prompt
+    /// and then token by token computes what [`Llama::forward_hidden`] computes on the whole
+    /// sequence (incremental decoding).
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        if b != 1 || n == 0 {
+            bail!("incremental decoding takes one non-empty sequence, not [{b}, {n}]");
+        }
+        if cache.layers.len() != self.blocks.len() {
+            cache.layers = vec![None; self.blocks.len()];
+            cache.len = 0;
+        }
+        let pos = cache.len;
+        let (cos, sin) = self.rope_tables(pos + n)?;
+        let (cos, sin) = (cos.narrow(0, pos, n)?, sin.narrow(0, pos, n)?);
+        let mut h = self.embed_tokens(ids)?;
+        for layer in 0..self.blocks.len() {
+            let x = self.attn_norm(layer, &h)?;
+            if let Some((q, k, v)) = self.project_qkv(layer, &x, &cos, &sin, &mut NoHooks)? {
+                let (k, v) = match cache.layers[layer].take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                let (_, n_q, _, hd) = q.dims4()?;
+                let n_kv = k.dim(1)?;
+                let rep = n_q / n_kv;
+                let qg = q.contiguous()?.reshape((1, n_kv, rep * n, hd))?;
+                let scores = qg.matmul(&k.t()?)?;
+                let probs = kernels::causal_softmax_block(&scores, n, pos)?;
+                let ctx = probs.matmul(&v)?.reshape((1, n_q, n, hd))?.transpose(1, 2)?.reshape((1, n, n_q * hd))?;
+                h = (h + self.blocks[layer].o.forward(&ctx)?)?;
+                cache.layers[layer] = Some((k, v));
+            }
+            let x = self.mlp_norm(layer, &h)?;
+            if let Some(a) = self.mlp_hidden(layer, &x, &mut NoHooks)? {
+                h = (&h + self.blocks[layer].down.forward(&a)?)?;
+            }
+        }
+        cache.len = pos + n;
+        Ok(h)
     }
 
     /// The MLP of block `layer` from its normed input up to the input of down_proj,

@@ -3,6 +3,7 @@ pub mod hooks;
 pub mod io;
 pub mod kernels;
 pub mod llama;
+pub mod qmatmul;
 
 pub use hooks::{Hooks, LinearKind, NoHooks};
-pub use llama::{Block, Linear, Llama, QMATMUL_MAX_ROWS};
+pub use llama::{Block, KvCache, Linear, Llama, QMATMUL_MAX_ROWS};
