@@ -267,6 +267,28 @@ enum Cmd {
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
     },
+    /// Continue a prompt (greedy at temperature 0) with a KV cache; reports prefill and decode
+    /// tokens/s. The text goes to stdout as it is written, the figures to stderr.
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 is greedy decoding; above 0, sampling from softmax(logits / T).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template (one user turn, then the assistant's).
+        #[arg(long)]
+        chat: bool,
+        /// Keep block-quantized weights as stored (see eval --quantized-matmul).
+        #[arg(long)]
+        quantized_matmul: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -397,6 +419,10 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             cmd_quantize(model, bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib, output, json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
+        Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {
+            let opts = GenerateArgs { prompt, max_tokens, temperature, seed, chat, quantized_matmul, json };
+            cmd_generate(model, opts, threads)
+        }
     }
 }
 
@@ -419,6 +445,98 @@ fn cmd_inspect(model: PathBuf, seq_len: usize, json: bool) -> Result<()> {
     println!("  {:<8} {:>8} {:>14} {:>12}", "dtype", "tensors", "elements", "bytes");
     for (d, b) in &r.bytes_by_dtype {
         println!("  {:<8} {:>8} {:>14} {:>12}", d, b.tensors, b.elements, b.bytes);
+    }
+    Ok(())
+}
+
+struct GenerateArgs {
+    prompt: String,
+    max_tokens: usize,
+    temperature: f64,
+    seed: u64,
+    chat: bool,
+    quantized_matmul: bool,
+    json: bool,
+}
+
+fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
+    use dropwise::generate::{chat_prompt, generate, stop_tokens, GenerateOptions};
+    use dropwise::model::io::TokenizerMeta;
+    use std::io::Write;
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if !a.temperature.is_finite() || a.temperature < 0.0 {
+        bail!("--temperature must be a finite number ≥ 0, not {}", a.temperature);
+    }
+    let m = if a.quantized_matmul { dropwise::model::io::load_quantized(&model)? } else { dropwise::load(&model)? };
+    // The chat template and the BOS rule come with the tokenizer: GGUF metadata, or an HF
+    // folder's tokenizer_config.json.
+    let hf_config: Option<serde_json::Value> = match &m.tokenizer_meta {
+        TokenizerMeta::HfJson(_) => std::fs::read_to_string(model.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()),
+        TokenizerMeta::Gguf(_) => None,
+    };
+    let (template, add_bos) = match &m.tokenizer_meta {
+        TokenizerMeta::Gguf(meta) => (
+            meta.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+            meta.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+        ),
+        TokenizerMeta::HfJson(_) => (
+            hf_config.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()).map(str::to_string),
+            hf_config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(false),
+        ),
+    };
+    let text = if a.chat { chat_prompt(template.as_deref(), &a.prompt)? } else { a.prompt.clone() };
+    let mut prompt: Vec<u32> = Vec::new();
+    if add_bos {
+        prompt.extend(m.model.config.bos_token_id);
+    }
+    prompt.extend(m.tokenizer.encode(&text)?);
+    let vocab = m.tokenizer.inner().get_vocab(true);
+    let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, stop: stop_tokens(m.model.config.eos_token_id, &vocab) };
+    // Stream the text: decode everything so far and print what is new, so a character split
+    // across tokens appears whole.
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut out = std::io::stdout();
+    let json = a.json;
+    let g = generate(&m.model, &prompt, &opts, &mut |t| {
+        so_far.push(t);
+        if !json {
+            let s = m.tokenizer.decode(&so_far)?;
+            if s.len() > printed && s.is_char_boundary(printed) && !s.ends_with('\u{fffd}') {
+                write!(out, "{}", &s[printed..])?;
+                out.flush()?;
+                printed = s.len();
+            }
+        }
+        Ok(())
+    })?;
+    let completion = m.tokenizer.decode(&g.ids)?;
+    if json {
+        let mut v = serde_json::to_value(&g)?;
+        v["model"] = model.display().to_string().into();
+        v["prompt"] = a.prompt.into();
+        v["chat"] = a.chat.into();
+        v["bos_added"] = add_bos.into();
+        v["text"] = completion.into();
+        v["temperature"] = a.temperature.into();
+        v["seed"] = a.seed.into();
+        v["threads"] = threads.into();
+        v["quantized_matmul"] = a.quantized_matmul.into();
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        if completion.len() > printed && completion.is_char_boundary(printed) {
+            write!(out, "{}", &completion[printed..])?;
+        }
+        println!();
+        let stop = match g.stopped_by {
+            Some(t) => format!("stop token {t}"),
+            None => "--max-tokens".to_string(),
+        };
+        eprintln!("{:<10} {} tokens, {:.1} tokens/s", "prefill", g.prompt_ids.len(), g.prefill_tokens_per_second);
+        eprintln!("{:<10} {} tokens, {:.1} tokens/s ({} threads; ended by {stop})", "decode", g.ids.len(), g.decode_tokens_per_second, threads);
     }
     Ok(())
 }

@@ -1581,3 +1581,39 @@ fn quantize_budget_and_uniform() {
 fn quantize_reuse_scores_not_json() {
     command_case("quantize", "q.gguf", "--reuse-scores on a text file", &["--bpw", "5.0", "--importance", "outliers", "--reuse-scores", "CALIB"], &["not a quantize --json output"]);
 }
+
+/// `generate` on a tiny model with a bad argument: one error line naming it.
+fn generate_case(case: &str, extra: &[&str], needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = valid_gguf(dir.path());
+    let mut args: Vec<OsString> = vec!["generate".into(), model.into_os_string()];
+    args.extend(extra.iter().map(OsString::from));
+    assert_clean_error(case, &dropwise(args), needles);
+}
+
+#[test]
+fn generate_zero_tokens() {
+    generate_case("--max-tokens 0", &["--prompt", "hello", "--max-tokens", "0"], &["--max-tokens"]);
+}
+
+#[test]
+fn generate_bad_temperatures() {
+    generate_case("--temperature -1", &["--prompt", "hello", "--temperature=-1"], &["--temperature"]);
+    generate_case("--temperature nan", &["--prompt", "hello", "--temperature", "nan"], &["--temperature"]);
+    generate_case("--temperature inf", &["--prompt", "hello", "--temperature", "inf"], &["--temperature"]);
+}
+
+#[test]
+fn generate_empty_prompt() {
+    generate_case("--prompt ''", &["--prompt", ""], &["prompt is empty"]);
+}
+
+#[test]
+fn generate_past_the_context() {
+    generate_case("--max-tokens huge", &["--prompt", "hello", "--max-tokens", "100000000"], &["context"]);
+}
+
+#[test]
+fn generate_chat_without_template() {
+    generate_case("--chat, no template", &["--prompt", "hello", "--chat"], &["chat template"]);
+}

@@ -145,3 +145,23 @@ fn quantize_to_a_fractional_budget_and_evaluate_quantized() {
     let kl = r["kl_divergence"].as_f64().unwrap();
     assert!(kl > 0.0 && kl < 0.15, "KL to f32 {kl}");
 }
+
+#[test]
+fn generate_greedy_is_repeatable_and_reports_speed() {
+    let model = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = model.to_str().unwrap();
+    let args = ["generate", m, "--prompt", "The capital of France is", "--max-tokens", "8", "--json"];
+    let a = dropwise(&args);
+    let b = dropwise(&args);
+    assert_eq!(a["ids"], b["ids"], "greedy decoding is deterministic");
+    assert_eq!(a["prompt_ids"].as_array().unwrap().len(), 5);
+    assert!(a["text"].as_str().unwrap().contains("Paris"), "{}", a["text"]);
+    assert!(a["decode_tokens_per_second"].as_f64().unwrap() > 0.0 && a["prefill_tokens_per_second"].as_f64().unwrap() > 0.0);
+    // The chat template's default system message and the turn markers are special tokens.
+    let c = dropwise(&["generate", m, "--prompt", "Hi", "--chat", "--max-tokens", "4", "--json"]);
+    let ids = c["prompt_ids"].as_array().unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|> is one token");
+    // Quantized decode steps take the short quantized path and still write the same answer.
+    let q = dropwise(&["generate", m, "--prompt", "The capital of France is", "--max-tokens", "8", "--quantized-matmul", "--json"]);
+    assert!(q["text"].as_str().unwrap().contains("Paris"), "{}", q["text"]);
+}

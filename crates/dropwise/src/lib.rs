@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod formats;
+pub mod generate;
 pub mod inspect;
 pub mod model;
 pub mod prune;

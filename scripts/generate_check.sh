@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `dropwise generate` against llama.cpp itself: the first N greedy tokens for five prompts (and
+# one chat turn) on SmolLM2 as f32 (convert), as uniform Q8_0 and as the shipped Q4_1 file, the
+# quantized ones with --quantized-matmul (decode steps take the short quantized path). Prints a
+# table and exits non-zero if any prompt's tokens differ. Needs .venv-llama (llama_cpp_check.sh
+# builds it).
+#   scripts/generate_check.sh [TOKENS=32] [OUT=/tmp/dropwise-generate-check]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-32}
+OUT=${2:-/tmp/dropwise-generate-check}
+mkdir -p "$OUT"
+M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+BIN=./target/release/dropwise
+cargo build --release --quiet
+[ -s "$OUT/f32.gguf" ] || $BIN convert $M -o "$OUT/f32.gguf" > /dev/null
+[ -s "$OUT/q8_0.gguf" ] || $BIN quantize $M --uniform Q8_0 -o "$OUT/q8_0.gguf" > /dev/null
+cp -n $M "$OUT/q4_1.gguf"
+prompts=(
+    "The capital of France is"
+    "Once upon a time, in a small village by the sea,"
+    "def fibonacci(n):"
+    "It is a truth universally acknowledged, that"
+    "The three primary colors are"
+)
+fail=0
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(grep -o 'avx512f\|avx512_vnni\|avx2 \|fma' /proc/cpuinfo | sort -u | xargs)"
+printf "| file | prompt | tokens | identical | first difference | dropwise decode tok/s | llama.cpp decode tok/s |\n|---|---|---|---|---|---|---|\n"
+for f in f32 q8_0 q4_1; do
+    args=()
+    [ "$f" != f32 ] && args=(--quantized-matmul)
+    : > "$OUT/$f.jsonl"
+    for p in "${prompts[@]}"; do
+        $BIN --threads 2 generate "$OUT/$f.gguf" --prompt "$p" --max-tokens "$N" "${args[@]}" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$OUT/$f.jsonl"
+    done
+    $BIN --threads 2 generate "$OUT/$f.gguf" --prompt "What is the tallest mountain in the world?" --chat --max-tokens "$N" "${args[@]}" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$OUT/$f.jsonl"
+    .venv-llama/bin/python scripts/llama_cpp_generate.py "$OUT/$f.gguf" "$OUT/$f.jsonl" > "$OUT/$f.cpp.jsonl"
+    while read -r line; do
+        row=$(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+p = r["prompt"][:40] + (" (chat)" if r["chat"] else "")
+ok = r["identical"] and r["prompt_ids_identical"]
+print("%s|%d|%s|%s|%.1f|%.1f|%s" % (p, r["tokens"], r["identical"] and r["prompt_ids_identical"], "-" if r["first_difference"] is None else r["first_difference"], r["dropwise_decode_tokens_per_second"], r["llama_cpp_decode_tokens_per_second"], "ok" if ok else "FAIL"))' "$line")
+        IFS='|' read -r p n same diff a b ok <<< "$row"
+        echo "| $f | $p | $n | $same | $diff | $a | $b |"
+        [ "$ok" = ok ] || fail=1
+    done < "$OUT/$f.cpp.jsonl"
+done
+echo
+echo "(greedy, $N new tokens at most, 2 threads; identical = same prompt ids and same new tokens)"
+exit $fail
