@@ -16,12 +16,12 @@ import sys
 import time
 
 import numpy as np
-from llama_cpp import Llama
+from llama_cpp_load import open_llama
 
 
 def main():
     path, runs = sys.argv[1], [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-    llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    llm = open_llama(path, n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
     template = llm.metadata.get("tokenizer.chat_template")
     for r in runs:
         text = r["prompt"]

@@ -12,13 +12,13 @@ import json
 import sys
 
 import numpy as np
-from llama_cpp import Llama
+from llama_cpp_load import open_llama
 
 
 def main():
     path, text_path, windows = sys.argv[1], sys.argv[2], int(sys.argv[3])
     seq = 512
-    llm = Llama(model_path=path, n_ctx=seq, n_batch=seq, n_ubatch=seq, logits_all=True, verbose=False, n_threads=2)
+    llm = open_llama(path, n_ctx=seq, n_batch=seq, n_ubatch=seq, logits_all=True, verbose=False, n_threads=2)
     text = open(text_path, encoding="utf-8").read()
     ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     out = {"model": path, "tokens_in_text": len(ids)}

@@ -437,7 +437,12 @@ fn cmd_inspect(model: PathBuf, seq_len: usize, json: bool) -> Result<()> {
     println!("model        {} ({}, {})", r.path, r.format, if r.name.is_empty() { "unnamed" } else { &r.name });
     println!("architecture {} — {} layers, hidden {}, {} heads / {} KV heads (head dim {}), FFN {}, vocab {}",
         c.arch.name(), c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.vocab_size);
-    println!("             rope theta {}, rms eps {:e}, tied embeddings {}, qkv bias {}", c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.attention_bias);
+    let scaling = match &c.rope_scaling {
+        None => String::new(),
+        Some(dropwise::config::RopeScaling::Llama3 { factor, .. }) => format!(" (llama3 scaling ×{factor})"),
+        Some(dropwise::config::RopeScaling::FreqFactors(f)) => format!(" (scaled by {} per-frequency factors)", f.len()),
+    };
+    println!("             rope theta {}{scaling}, rms eps {:e}, tied embeddings {}, qkv bias {}", c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings, c.attention_bias);
     println!("tokenizer    {}", r.tokenizer);
     println!("parameters   {} ({} as f32)", human(r.parameters as f64), human(r.f32_bytes as f64) + "B");
     println!("FLOPs/token  {} at seq len {}", human(r.flops_per_token), r.seq_len);

@@ -19,7 +19,7 @@ fn inner() -> anyhow::Result<()> {
     let cfg = LlamaConfig {
         arch: Arch::Llama, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 1, num_attention_heads: 9,
         num_key_value_heads: 3, head_dim: 64, vocab_size: 49152, rope_theta: 1e5, rms_norm_eps: 1e-5,
-        max_position_embeddings: 8192, tie_word_embeddings: true, attention_bias: false, bos_token_id: None, eos_token_id: None, per_layer: None,
+        max_position_embeddings: 8192, tie_word_embeddings: true, attention_bias: false, bos_token_id: None, eos_token_id: None, rope_scaling: None, per_layer: None,
     };
     let dev = Device::Cpu;
     let mut t = HashMap::new();

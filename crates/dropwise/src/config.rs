@@ -43,6 +43,92 @@ pub struct LayerShape {
     pub ffn: usize,
 }
 
+/// How rope's frequencies are scaled for long contexts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Llama 3.1's rule (HF `rope_scaling.rope_type = "llama3"`): wavelengths longer than
+    /// `original_max_position_embeddings / low_freq_factor` are stretched by `factor`, shorter
+    /// than `… / high_freq_factor` kept, and those between interpolated smoothly.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// One divisor per frequency (`head_dim / 2`), as a GGUF file stores them (`rope_freqs.weight`,
+    /// which llama.cpp's converter computes from the rule above).
+    FreqFactors(Vec<f32>),
+}
+
+impl RopeScaling {
+    /// Reads HF's `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) object;
+    /// `Ok(None)` for plain rope.
+    pub fn from_hf(v: &serde_json::Value) -> Result<Option<Self>> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let num = |k: &str| -> Result<f64> {
+            v.get(k).and_then(|x| x.as_f64()).filter(|x| x.is_finite() && *x > 0.0).with_context(|| format!("rope scaling 'llama3' needs a positive number {k}"))
+        };
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let r = Self::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                };
+                if let Self::Llama3 { low_freq_factor: l, high_freq_factor: h, .. } = r {
+                    if h <= l {
+                        bail!("rope scaling 'llama3': high_freq_factor {h} must exceed low_freq_factor {l}");
+                    }
+                }
+                Ok(Some(r))
+            }
+            other => bail!("rope scaling '{other}' is not supported (supported: llama3)"),
+        }
+    }
+
+    /// The divisor of each rope frequency `inv_freq[i]` (`i < head_dim / 2`).
+    pub fn factors(&self, inv_freq: &[f64]) -> Result<Vec<f64>> {
+        match self {
+            Self::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => Ok(inv_freq
+                .iter()
+                .map(|&f| {
+                    // transformers' _compute_llama3_parameters, as a divisor of the frequency.
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / high_freq_factor {
+                        1.0
+                    } else if wavelen > old / low_freq_factor {
+                        *factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect()),
+            Self::FreqFactors(v) => {
+                if v.len() != inv_freq.len() {
+                    bail!("{} rope frequency factors for {} frequencies", v.len(), inv_freq.len());
+                }
+                Ok(v.iter().map(|&x| x as f64).collect())
+            }
+        }
+    }
+
+    /// HF's `rope_scaling` object, when the rule is known (a bare factor list has no HF form).
+    pub fn to_hf(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => Some(serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
+            })),
+            Self::FreqFactors(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub arch: Arch,
@@ -61,6 +147,9 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Rope frequency scaling (Llama 3.1/3.2); `None` is plain rope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Per-block widths when blocks differ (width-pruned models, GGUF `deci` files); `None` when
     /// every block has the widths above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +174,7 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
 }
@@ -106,11 +196,13 @@ impl LlamaConfig {
         let c: HfConfig = serde_json::from_value(raw).context("config.json lacks a field dropwise needs")?;
         let arch = Arch::parse(c.model_type.as_deref().unwrap_or(""))?;
         let _ = c.architectures;
-        if let Some(rs) = &c.rope_scaling {
-            if !rs.is_null() {
-                bail!("config.json sets rope_scaling ({rs}); dropwise supports plain rope only");
-            }
-        }
+        // transformers 5 writes rope_parameters (with rope_theta inside), 4 wrote rope_scaling.
+        let rope_scaling = match (&c.rope_scaling, &c.rope_parameters) {
+            (Some(v), _) if !v.is_null() => RopeScaling::from_hf(v)?,
+            (_, Some(v)) => RopeScaling::from_hf(v)?,
+            _ => None,
+        };
+        let rope_theta = c.rope_theta.or_else(|| c.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()));
         let cfg = Self {
             arch,
             hidden_size: c.hidden_size,
@@ -120,13 +212,14 @@ impl LlamaConfig {
             num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             head_dim: c.head_dim.unwrap_or(if c.num_attention_heads > 0 { c.hidden_size / c.num_attention_heads } else { 0 }),
             vocab_size: c.vocab_size,
-            rope_theta: c.rope_theta.unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             bos_token_id: first_id(&c.bos_token_id),
             eos_token_id: first_id(&c.eos_token_id),
+            rope_scaling,
             per_layer: None,
         };
         cfg.validate()?;
@@ -159,6 +252,9 @@ impl LlamaConfig {
         if self.arch == Arch::Llama {
             v["attention_bias"] = serde_json::json!(self.attention_bias);
             v["mlp_bias"] = serde_json::json!(false);
+        }
+        if let Some(r) = self.rope_scaling.as_ref().and_then(|r| r.to_hf()) {
+            v["rope_scaling"] = r;
         }
         if let Some(b) = self.bos_token_id {
             v["bos_token_id"] = b.into();
@@ -256,6 +352,7 @@ impl LlamaConfig {
             attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
             eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
+            rope_scaling: gguf_rope_factors(g, head_dim)?.map(RopeScaling::FreqFactors),
             per_layer: uneven.then_some(shapes),
         };
         cfg.validate()?;
@@ -326,4 +423,18 @@ impl LlamaConfig {
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + blocks + h + head
     }
+}
+
+/// llama.cpp's per-frequency rope divisors (`rope_freqs.weight`, F32 `[head_dim / 2]`), which its
+/// converter writes for Llama 3.1/3.2; `None` when the file has none.
+fn gguf_rope_factors(g: &GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> {
+    let Some(info) = g.tensor_info("rope_freqs.weight") else { return Ok(None) };
+    if info.dtype != candle_core::quantized::GgmlDType::F32 || info.shape.iter().product::<usize>() != head_dim / 2 {
+        bail!("GGUF rope_freqs.weight must be F32 with head_dim / 2 = {} values (it is {:?} {:?})", head_dim / 2, info.dtype, info.shape);
+    }
+    let v: Vec<f32> = g.tensor_bytes(info).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    if v.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+        bail!("GGUF rope_freqs.weight holds a factor that is not a positive number");
+    }
+    Ok(Some(v))
 }

@@ -81,6 +81,7 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         attention_bias: arch == Arch::Qwen2,
         bos_token_id: Some(0),
         eos_token_id: Some(0),
+        rope_scaling: None,
         per_layer: None,
     }
 }

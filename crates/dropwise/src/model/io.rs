@@ -445,6 +445,13 @@ pub fn save_gguf_encoded(
         }
         out.push(encode(&gname, &t).with_context(|| format!("tensor {gname}"))?);
     }
+    if let Some(r) = &c.rope_scaling {
+        // llama.cpp reads rope scaling as one divisor per frequency (its converter's rope_freqs).
+        let hd = c.head_dim;
+        let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let f: Vec<f32> = r.factors(&inv)?.into_iter().map(|x| x as f32).collect();
+        out.push(TensorOut::from_tensor("rope_freqs.weight", &Tensor::from_vec(f, hd / 2, model.device())?, WriteDType::F32)?);
+    }
     for (i, sh) in shapes.iter().enumerate() {
         if sh.ffn == 0 {
             let h = c.hidden_size;
@@ -476,6 +483,9 @@ fn save_hf_with(
     let c = &model.config;
     if c.per_layer.is_some() || model.blocks.iter().any(|b| !b.has_attention() || !b.has_mlp()) {
         bail!("this model's blocks differ in shape (or lack attention / MLP sub-blocks); an HF config.json has one width for all layers: write it as GGUF (.gguf), which llama.cpp loads as its deci architecture");
+    }
+    if matches!(c.rope_scaling, Some(crate::config::RopeScaling::FreqFactors(_))) {
+        bail!("this model's rope scaling came from a GGUF file as per-frequency factors (rope_freqs.weight), which config.json cannot express; export it as GGUF");
     }
     let mut cfg = c.to_hf_json();
     if !extra.is_empty() {

@@ -359,7 +359,11 @@ impl Llama {
     pub fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.config.head_dim;
         let theta = self.config.rope_theta;
-        let inv: Vec<f32> = (0..hd / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        let inv64: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let inv: Vec<f32> = match &self.config.rope_scaling {
+            Some(r) => inv64.iter().zip(r.factors(&inv64)?).map(|(f, d)| (f / d) as f32).collect(),
+            None => inv64.iter().map(|&f| f as f32).collect(),
+        };
         let mut ang = Vec::with_capacity(seq * hd / 2);
         for p in 0..seq {
             for f in &inv {

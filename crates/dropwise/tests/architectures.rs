@@ -1,0 +1,95 @@
+//! Architectures and variants with no real weights in the registries, proven against tiny random
+//! models that Hugging Face transformers itself built from a config
+//! (`scripts/golden/make_tiny_golden.py`, outputs in tests/golden/tiny-*/).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use dropwise::config::RopeScaling;
+use dropwise::formats::gguf::{GgufFile, WriteDType};
+use dropwise::model::io::{load, save_gguf, save_hf, TokenizerMeta};
+use dropwise::testing::{repo_root, tiny_tokenizer_meta};
+use dropwise::tokenizer::Tokenizer;
+
+/// A copy of tests/golden/tiny-NAME with the tiny test tokenizer added (the golden folder holds
+/// only what transformers wrote), and the input ids and transformers' logits.
+fn golden(name: &str, dir: &Path) -> (PathBuf, Vec<u32>, Tensor) {
+    let src = repo_root().join("tests/golden").join(format!("tiny-{name}"));
+    let dst = dir.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let tmp = dir.join("tok.gguf");
+    let meta = tiny_tokenizer_meta();
+    let mut m = meta.clone();
+    m.insert("general.architecture".into(), dropwise::formats::gguf::Value::String("llama".into()));
+    dropwise::formats::gguf::write_gguf(&tmp, &m, &[]).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&tmp).unwrap()).unwrap();
+    std::fs::write(dst.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
+    let ids: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("ids.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = ids["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let raw = std::fs::read(src.join("logits.f32")).unwrap();
+    let v: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let vocab = v.len() / ids.len();
+    (dst, ids.clone(), Tensor::from_vec(v, (ids.len(), vocab), &Device::Cpu).unwrap())
+}
+
+fn logits(model: &dropwise::model::Llama, ids: &[u32]) -> Tensor {
+    model.forward(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap().squeeze(0).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Llama 3.1/3.2 rope scaling: transformers' logits within 1e-4 from the HF folder; the GGUF
+/// export carries the scaling as llama.cpp's per-frequency factors (rope_freqs.weight) and
+/// reloads to the same logits; the HF export keeps `rope_scaling`; an HF export of the
+/// GGUF-loaded model (factors only) is refused with a reason.
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, ids, want) = golden("llama3", dir.path());
+    let m = load(&folder).unwrap();
+    assert!(matches!(m.model.config.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    let got = logits(&m.model, &ids);
+    let d = max_abs(&got, &want);
+    eprintln!("llama3 rope scaling: max |logit difference| to transformers {d:.2e}");
+    assert!(d <= 1e-4, "logits differ from transformers' by {d}");
+    // The test can fail: plain rope gives other logits.
+    let mut plain = m.model.clone();
+    plain.config.rope_scaling = None;
+    let dp = max_abs(&logits(&plain, &ids), &want);
+    assert!(dp > 1e-2, "plain rope is only {dp} away: the golden does not exercise the scaling");
+
+    let gguf = dir.path().join("llama3.gguf");
+    save_gguf(&m.model, &m.tokenizer_meta, "tiny-llama3", &gguf, WriteDType::F32, &Default::default()).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    assert!(g.tensor_info("rope_freqs.weight").is_some(), "GGUF export lacks rope_freqs.weight");
+    drop(g);
+    let back = load(&gguf).unwrap();
+    assert!(matches!(back.model.config.rope_scaling, Some(RopeScaling::FreqFactors(ref f)) if f.len() == 8));
+    let d2 = max_abs(&logits(&back.model, &ids), &want);
+    assert!(d2 <= 1e-4, "GGUF round trip: logits differ by {d2}");
+    let err = save_hf(&back.model, &back.tokenizer, &back.tokenizer_meta, &dir.path().join("from-gguf"), WriteDType::F32).unwrap_err();
+    assert!(format!("{err:#}").contains("export it as GGUF"), "{err:#}");
+
+    let hf = dir.path().join("hf-out");
+    save_hf(&m.model, &m.tokenizer, &m.tokenizer_meta, &hf, WriteDType::F32).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["rope_scaling"]["rope_type"], "llama3");
+    let d3 = max_abs(&logits(&load(&hf).unwrap().model, &ids), &want);
+    assert!(d3 <= 1e-4, "HF round trip: logits differ by {d3}");
+    let _ = TokenizerMeta::HfJson(String::new());
+}
+
+/// Unknown rope scaling rules are refused by name, not run as plain rope.
+#[test]
+fn unknown_rope_scaling_is_refused() {
+    let v = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    let e = RopeScaling::from_hf(&v).unwrap_err().to_string();
+    assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
+    assert!(RopeScaling::from_hf(&serde_json::json!({"rope_type": "default", "rope_theta": 1e4})).unwrap().is_none());
+    assert!(RopeScaling::from_hf(&serde_json::json!({"rope_type": "llama3", "factor": 8.0})).is_err());
+}

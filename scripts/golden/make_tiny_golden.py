@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Tiny random models that Hugging Face transformers itself builds from a config, with their
+logits, as references for architectures (or variants) that ship no real weights in the
+registries. Writes tests/golden/tiny-<name>/: config.json and model.safetensors as
+`save_pretrained` writes them (f32), ids.json (the input) and logits.f32 (little-endian f32,
+[len(ids), vocab], row-major, from the model's forward pass on ids, no BOS).
+
+  .venv-torch/bin/python scripts/golden/make_tiny_golden.py
+
+Vocabulary size 262 matches dropwise's tiny test tokenizer (testing::TINY_VOCAB), so the Rust
+test can give the folder a tokenizer.json. Models:
+  * llama3: llama with rope_scaling type llama3 (Llama 3.1/3.2). original_max_position_embeddings
+    32 with head_dim 16 puts one frequency below the high-frequency cut, one in the smoothed band
+    and the rest above the low-frequency cut, so every branch of the rule is exercised.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 262
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+
+
+def ids(n, seed):
+    g = np.random.default_rng(seed)
+    return [int(x) for x in g.integers(0, VOCAB, size=n)]
+
+
+def write(name, model, seq):
+    out = os.path.join(ROOT, "tests", "golden", f"tiny-{name}")
+    os.makedirs(out, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0].to(torch.float32).numpy()
+    json.dump({"ids": seq, "transformers": transformers.__version__, "torch": torch.__version__}, open(os.path.join(out, "ids.json"), "w"))
+    logits.astype("<f4").tofile(os.path.join(out, "logits.f32"))
+    # save_pretrained may write a generation config; the test needs only these files.
+    for f in os.listdir(out):
+        if f not in ("config.json", "model.safetensors", "ids.json", "logits.f32"):
+            os.remove(os.path.join(out, f))
+    print(f"{out}: logits {logits.shape}, |max| {abs(logits).max():.3f}")
+
+
+def llama3():
+    torch.manual_seed(3)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    cfg.rope_theta = 10000.0
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    # Larger than the default init so attention patterns (and so rope) matter in the logits.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+    write("llama3", model, ids(64, 3))
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["llama3"]
+    for w in which:
+        globals()[w]()
