@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 VOCAB = 262
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
@@ -81,7 +81,37 @@ def llama3():
     write("llama3", model, ids(64, 3))
 
 
+def qwen3():
+    torch.manual_seed(4)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            elif "q_norm" in n or "k_norm" in n:
+                # Not all ones, so the test sees whether the norm weights are applied.
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    write("qwen3", model, ids(64, 4))
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["llama3"]
+    which = sys.argv[1:] or ["llama3", "qwen3"]
     for w in which:
         globals()[w]()

@@ -26,7 +26,7 @@ fn inner() -> anyhow::Result<()> {
     let r = |s: &[usize]| Tensor::randn(0f32, 0.02, s, &dev).unwrap();
     t.insert("model.embed_tokens.weight".to_string(), r(&[49152, 576]));
     t.insert("model.norm.weight".to_string(), Tensor::ones(576, candle_core::DType::F32, &dev)?);
-    for n in dropwise::model::llama::block_param_names(0, false) {
+    for n in dropwise::model::llama::block_param_names(0, false, false) {
         let s: Vec<usize> = if n.contains("norm") { vec![576] } else if n.contains("q_proj") || n.contains("o_proj") { vec![576, 576] }
             else if n.contains("k_proj") || n.contains("v_proj") { vec![192, 576] } else if n.contains("down") { vec![576, 1536] } else { vec![1536, 576] };
         t.insert(n, r(&s));

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::gguf::GgufFile;
 
-pub const SUPPORTED_ARCHS: &str = "llama, mistral, qwen2, smollm (llama family)";
+pub const SUPPORTED_ARCHS: &str = "llama, mistral, qwen2, qwen3, smollm (llama family)";
 
 /// Which member of the llama family; they differ only in details the config captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +14,8 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3: RMSNorm over each query and key head (`q_norm`, `k_norm`) before rope, no qkv bias.
+    Qwen3,
 }
 
 impl Arch {
@@ -22,6 +24,7 @@ impl Arch {
             "llama" | "smollm" | "smollm2" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => bail!("unsupported architecture '{other}' (supported: {SUPPORTED_ARCHS})"),
         })
     }
@@ -30,7 +33,13 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether each query and key head is RMS-normed before rope (q_norm / k_norm weights).
+    pub fn has_qk_norm(self) -> bool {
+        self == Arch::Qwen3
     }
 }
 
@@ -175,6 +184,7 @@ struct HfConfig {
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
     rope_parameters: Option<serde_json::Value>,
+    use_sliding_window: Option<bool>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
 }
@@ -196,6 +206,9 @@ impl LlamaConfig {
         let c: HfConfig = serde_json::from_value(raw).context("config.json lacks a field dropwise needs")?;
         let arch = Arch::parse(c.model_type.as_deref().unwrap_or(""))?;
         let _ = c.architectures;
+        if raw_sliding(&c) {
+            bail!("config.json turns on sliding-window attention (use_sliding_window); dropwise runs full attention only for {}", arch.name());
+        }
         // transformers 5 writes rope_parameters (with rope_theta inside), 4 wrote rope_scaling.
         let rope_scaling = match (&c.rope_scaling, &c.rope_parameters) {
             (Some(v), _) if !v.is_null() => RopeScaling::from_hf(v)?,
@@ -231,6 +244,7 @@ impl LlamaConfig {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         };
         let mut v = serde_json::json!({
             "architectures": [arch_class],
@@ -249,6 +263,9 @@ impl LlamaConfig {
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
+        if self.arch == Arch::Qwen3 {
+            v["attention_bias"] = serde_json::json!(self.attention_bias);
+        }
         if self.arch == Arch::Llama {
             v["attention_bias"] = serde_json::json!(self.attention_bias);
             v["mlp_bias"] = serde_json::json!(false);
@@ -437,4 +454,9 @@ fn gguf_rope_factors(g: &GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> 
         bail!("GGUF rope_freqs.weight holds a factor that is not a positive number");
     }
     Ok(Some(v))
+}
+
+/// Qwen2/Qwen3 configs may switch sliding-window attention on for some layers.
+fn raw_sliding(c: &HfConfig) -> bool {
+    c.use_sliding_window == Some(true)
 }

@@ -123,6 +123,10 @@ pub fn tiny_model(config: LlamaConfig, seed: u64) -> Result<Llama> {
         t.insert(format!("{p}.mlp.gate_proj.weight"), randn(&[f, h], 0.0, 0.1)?);
         t.insert(format!("{p}.mlp.up_proj.weight"), randn(&[f, h], 0.0, 0.1)?);
         t.insert(format!("{p}.mlp.down_proj.weight"), randn(&[h, f], 0.0, 0.1)?);
+        if c.arch.has_qk_norm() {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), randn(&[c.head_dim], 1.0, 0.1)?);
+            t.insert(format!("{p}.self_attn.k_norm.weight"), randn(&[c.head_dim], 1.0, 0.1)?);
+        }
         if c.attention_bias {
             t.insert(format!("{p}.self_attn.q_proj.bias"), randn(&[qd], 0.0, 0.1)?);
             t.insert(format!("{p}.self_attn.k_proj.bias"), randn(&[kvd], 0.0, 0.1)?);

@@ -93,3 +93,34 @@ fn unknown_rope_scaling_is_refused() {
     assert!(RopeScaling::from_hf(&serde_json::json!({"rope_type": "default", "rope_theta": 1e4})).unwrap().is_none());
     assert!(RopeScaling::from_hf(&serde_json::json!({"rope_type": "llama3", "factor": 8.0})).is_err());
 }
+
+/// Qwen3 (per-head q/k RMSNorm before rope, head_dim ≠ hidden / heads, tied embeddings):
+/// transformers' logits within 1e-4 from the HF folder, and through a GGUF export (llama.cpp's
+/// qwen3 names, attn_q_norm / attn_k_norm) and back.
+#[test]
+fn qwen3_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, ids, want) = golden("qwen3", dir.path());
+    let m = load(&folder).unwrap();
+    assert_eq!(m.model.config.arch, dropwise::config::Arch::Qwen3);
+    assert!(m.model.blocks[0].q_norm.is_some());
+    let d = max_abs(&logits(&m.model, &ids), &want);
+    eprintln!("qwen3: max |logit difference| to transformers {d:.2e}");
+    assert!(d <= 1e-4, "logits differ from transformers' by {d}");
+    // The test can fail: without the q/k norms the logits move.
+    let mut plain = m.model.clone();
+    for b in &mut plain.blocks {
+        b.q_norm = None;
+        b.k_norm = None;
+    }
+    assert!(max_abs(&logits(&plain, &ids), &want) > 1e-2);
+
+    let gguf = dir.path().join("qwen3.gguf");
+    save_gguf(&m.model, &m.tokenizer_meta, "tiny-qwen3", &gguf, WriteDType::F32, &Default::default()).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    assert_eq!(g.get("general.architecture").and_then(|v| v.as_str()), Some("qwen3"));
+    assert!(g.tensor_info("blk.1.attn_k_norm.weight").is_some());
+    drop(g);
+    let d2 = max_abs(&logits(&load(&gguf).unwrap().model, &ids), &want);
+    assert!(d2 <= 1e-4, "GGUF round trip: logits differ by {d2}");
+}

@@ -39,8 +39,8 @@ fn model(arch: Arch, seed: u64) -> Llama {
     tiny_model(c, seed).unwrap()
 }
 
-fn archs() -> [Arch; 2] {
-    [Arch::Llama, Arch::Qwen2]
+fn archs() -> [Arch; 3] {
+    [Arch::Llama, Arch::Qwen2, Arch::Qwen3]
 }
 
 /// Replaces the output of the listed blocks with their input: the dense model skipping them.

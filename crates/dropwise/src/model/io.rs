@@ -60,6 +60,8 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     let hf = match base {
         "attn_norm" => format!("{p}.input_layernorm"),
         "ffn_norm" => format!("{p}.post_attention_layernorm"),
+        "attn_q_norm" => format!("{p}.self_attn.q_norm"),
+        "attn_k_norm" => format!("{p}.self_attn.k_norm"),
         _ => {
             let kind = LinearKind::ALL.into_iter().find(|k| k.gguf_name() == base)?;
             format!("{p}.{}", kind.hf_name())
@@ -83,6 +85,8 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
     let g = match base {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         _ => LinearKind::ALL.into_iter().find(|k| k.hf_name() == base)?.gguf_name(),
     };
     Some(format!("blk.{i}.{g}.{suffix}"))
@@ -262,7 +266,7 @@ pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
     let (mut tensors, stats) = st::read_folder(dir)?;
     tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
     let known: std::collections::HashSet<String> = (0..config.num_hidden_layers)
-        .flat_map(|i| super::llama::block_param_names(i, config.attention_bias))
+        .flat_map(|i| super::llama::block_param_names(i, config.attention_bias, config.arch.has_qk_norm()))
         .chain(["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"].map(String::from))
         .collect();
     if let Some(extra) = tensors.keys().find(|k| !known.contains(*k)) {
@@ -390,6 +394,7 @@ pub fn save_gguf_encoded(
     let shapes: Vec<crate::config::LayerShape> = (0..model.blocks.len()).map(|i| model.layer_shape(i)).collect();
     let uneven = shapes.iter().any(|s| *s != shapes[0]) || shapes.iter().any(|s| s.heads == 0 || s.ffn == 0);
     let arch = match (c.arch, uneven) {
+        (Arch::Qwen3, true) => bail!("a qwen3 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
         (Arch::Qwen2, true) => bail!("a qwen2 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
         (_, true) if c.attention_bias => bail!("llama.cpp's deci architecture has no q/k/v biases; this model's uneven blocks cannot be written as GGUF"),
         // llama.cpp takes deci's one head size from layer 0 (0 when it has no heads, which
@@ -397,6 +402,7 @@ pub fn save_gguf_encoded(
         (_, true) if shapes[0].heads == 0 => bail!("llama.cpp's deci architecture takes the head size from the first block, which has no attention here; such a model cannot be written as GGUF (keep the first block's attention)"),
         (_, true) => "deci",
         (Arch::Qwen2, false) => "qwen2",
+        (Arch::Qwen3, false) => "qwen3",
         (Arch::Llama | Arch::Mistral, false) => "llama",
     };
     let mut m: BTreeMap<String, Value> = BTreeMap::new();

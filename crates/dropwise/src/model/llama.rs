@@ -109,6 +109,9 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// Per-head RMSNorm weights `[head_dim]` of queries and keys, applied before rope (Qwen3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 impl Block {
@@ -159,7 +162,7 @@ pub struct Llama {
 }
 
 /// HF parameter names of block `i`'s tensors, in a fixed order.
-pub fn block_param_names(i: usize, bias: bool) -> Vec<String> {
+pub fn block_param_names(i: usize, bias: bool, qk_norm: bool) -> Vec<String> {
     let p = format!("model.layers.{i}");
     let mut v = vec![
         format!("{p}.input_layernorm.weight"),
@@ -176,6 +179,10 @@ pub fn block_param_names(i: usize, bias: bool) -> Vec<String> {
         v.push(format!("{p}.self_attn.q_proj.bias"));
         v.push(format!("{p}.self_attn.k_proj.bias"));
         v.push(format!("{p}.self_attn.v_proj.bias"));
+    }
+    if qk_norm {
+        v.push(format!("{p}.self_attn.q_norm.weight"));
+        v.push(format!("{p}.self_attn.k_norm.weight"));
     }
     v
 }
@@ -232,7 +239,21 @@ impl Llama {
             };
             let attn_norm = norm(&mut t, "input_layernorm", qd > 0)?;
             let mlp_norm = norm(&mut t, "post_attention_layernorm", f > 0)?;
-            blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down });
+            let (q_norm, k_norm) = if c.arch.has_qk_norm() {
+                let mut head_norm = |name: &str| -> Result<Tensor> {
+                    let key = format!("{p}.self_attn.{name}.weight");
+                    if qd > 0 {
+                        take(&mut t, &key, &[c.head_dim])
+                    } else {
+                        t.remove(&key);
+                        Ok(Tensor::ones(c.head_dim, DType::F32, &dev)?)
+                    }
+                };
+                (Some(head_norm("q_norm")?), Some(head_norm("k_norm")?))
+            } else {
+                (None, None)
+            };
+            blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down, q_norm, k_norm });
         }
         let final_norm = take(&mut t, "model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
@@ -262,6 +283,13 @@ impl Llama {
                 out.push((format!("{p}.{name}.weight"), l.weight.clone()));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{p}.{name}.bias"), bias.clone()));
+                }
+            }
+            if b.has_attention() {
+                for (name, w) in [("q_norm", &b.q_norm), ("k_norm", &b.k_norm)] {
+                    if let Some(w) = w {
+                        out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+                    }
                 }
             }
             if b.has_mlp() {
@@ -324,6 +352,12 @@ impl Llama {
             let p = format!("model.layers.{i}");
             var(format!("{p}.input_layernorm.weight"), &mut b.attn_norm)?;
             var(format!("{p}.post_attention_layernorm.weight"), &mut b.mlp_norm)?;
+            if let Some(w) = b.q_norm.as_mut() {
+                var(format!("{p}.self_attn.q_norm.weight"), w)?;
+            }
+            if let Some(w) = b.k_norm.as_mut() {
+                var(format!("{p}.self_attn.k_norm.weight"), w)?;
+            }
             for kind in LinearKind::ALL {
                 let l = b.linear_mut(kind);
                 var(format!("{p}.{}.weight", kind.hf_name()), &mut l.weight)?;
@@ -515,8 +549,16 @@ impl Llama {
         let q = self.hooked_linear(hooks, layer, LinearKind::Q, x)?;
         let k = self.hooked_linear(hooks, layer, LinearKind::K, x)?;
         let v = self.hooked_linear(hooks, layer, LinearKind::V, x)?;
-        let q = q.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
+        let mut q = q.reshape((b, t, n_q, hd))?;
+        let mut k = k.reshape((b, t, n_kv, hd))?;
+        if let Some(w) = &blk.q_norm {
+            q = self.rms_norm(&q, w)?;
+        }
+        if let Some(w) = &blk.k_norm {
+            k = self.rms_norm(&k, w)?;
+        }
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
         let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
         let k = self.rope(&k, cos, sin)?.contiguous()?;
