@@ -26,9 +26,34 @@ VOCAB = 262
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 
+# The shape both tiny models share.
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
 def ids(n, seed):
     g = np.random.default_rng(seed)
     return [int(x) for x in g.integers(0, VOCAB, size=n)]
+
+
+def widen(model):
+    """Matrices ~ N(0, 0.15²), larger than the default init so attention patterns (and so rope)
+    matter in the logits; q/k norm weights 1 ± 0.3, so a test sees whether they are applied."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            elif "q_norm" in n or "k_norm" in n:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
 
 
 def write(name, model, seq):
@@ -50,14 +75,8 @@ def write(name, model, seq):
 def llama3():
     torch.manual_seed(3)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         head_dim=16,
-        max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         rope_scaling={
@@ -68,46 +87,26 @@ def llama3():
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         },
-        bos_token_id=0,
-        eos_token_id=0,
     )
     cfg.rope_theta = 10000.0
     model = LlamaForCausalLM(cfg).to(torch.float32)
-    # Larger than the default init so attention patterns (and so rope) matter in the logits.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.15)
+    widen(model)
     write("llama3", model, ids(64, 3))
 
 
 def qwen3():
     torch.manual_seed(4)
     cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         head_dim=24,
-        max_position_embeddings=256,
         rms_norm_eps=1e-6,
         rope_theta=1000000.0,
         tie_word_embeddings=True,
         attention_bias=False,
         use_sliding_window=False,
-        bos_token_id=0,
-        eos_token_id=0,
     )
     model = Qwen3ForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.15)
-            elif "q_norm" in n or "k_norm" in n:
-                # Not all ones, so the test sees whether the norm weights are applied.
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    widen(model)
     write("qwen3", model, ids(64, 4))
 
 

@@ -362,3 +362,21 @@ fn kv_cache_decoding_matches_the_full_forward_pass() {
         assert_eq!(g.ids.len(), 6);
     }
 }
+
+/// The decode-step gemv computes the GEMM's product (to f32 summation order), for every row
+/// count it takes and for widths with and without a 16-lane tail.
+#[test]
+fn gemv_matches_the_gemm() {
+    use dropwise::model::kernels::{gemv, GEMV_MAX_ROWS};
+    for (out, k) in [(130usize, 576usize), (7, 37), (64, 16)] {
+        let mut r = dropwise::data::SplitMix64(out as u64);
+        let mut v = |n: usize| -> Vec<f32> { (0..n).map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect() };
+        let w = Tensor::from_vec(v(out * k), (out, k), &Device::Cpu).unwrap();
+        for rows in 1..=GEMV_MAX_ROWS {
+            let x = Tensor::from_vec(v(rows * k), (rows, k), &Device::Cpu).unwrap();
+            let d = max_abs_diff(&gemv(&x, &w).unwrap(), &x.matmul(&w.t().unwrap()).unwrap());
+            assert!(d < 1e-5, "[{rows}x{k}]·[{out}x{k}]ᵀ: gemv differs by {d}");
+        }
+    }
+    assert!(gemv(&Tensor::zeros((5, 8), candle_core::DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((3, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
+}

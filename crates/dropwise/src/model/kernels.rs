@@ -212,3 +212,62 @@ fn round_rows_through<T: candle_core::quantized::k_quants::GgmlType>(x: &Tensor)
     });
     Ok(Tensor::from_vec(v, (rows, cols), x.device())?)
 }
+
+/// Input rows up to which an f32 linear layer multiplies with [`gemv`] instead of a GEMM.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// `x @ Wᵀ` for a few rows of `x` `[rows, k]` and an f32 weight `W` `[out, k]` (row-major): the
+/// decode step's product, which is bound by reading `W` once. Each weight row is read once for all
+/// rows of `x`, outputs are split across threads in runs of 64, and each dot product sums 16 lanes
+/// apart so it vectorizes. A GEMM library's m = 1 path does several times more bookkeeping per
+/// byte here.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (out, k2) = w.dims2()?;
+    if k != k2 || rows == 0 || rows > GEMV_MAX_ROWS {
+        bail!("gemv: [{rows}, {k}] input for a [{out}, {k2}] weight");
+    }
+    let xs: Vec<f32> = with_f32_slice(x, |s| s.to_vec())?;
+    let mut dst = vec![0f32; rows * out];
+    with_f32_slice(w, |ws| {
+        // Outputs are computed in runs; results are scattered into [rows, out] afterwards.
+        let runs: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(64))
+            .into_par_iter()
+            .map(|c| {
+                let (o0, o1) = (c * 64, (c * 64 + 64).min(out));
+                let mut acc = vec![0f32; rows * (o1 - o0)];
+                for o in o0..o1 {
+                    let wr = &ws[o * k..(o + 1) * k];
+                    for r in 0..rows {
+                        acc[r * (o1 - o0) + (o - o0)] = dot(wr, &xs[r * k..(r + 1) * k]);
+                    }
+                }
+                (o0, acc)
+            })
+            .collect();
+        for (o0, acc) in runs {
+            let n = acc.len() / rows;
+            for r in 0..rows {
+                dst[r * out + o0..r * out + o0 + n].copy_from_slice(&acc[r * n..(r + 1) * n]);
+            }
+        }
+    })?;
+    Ok(Tensor::from_vec(dst, (rows, out), x.device())?)
+}
+
+/// Dot product in 16 independent lanes (vectorizes without fast-math), then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let mut s = lanes.iter().sum::<f32>();
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}

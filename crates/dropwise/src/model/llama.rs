@@ -67,6 +67,11 @@ impl Linear {
         let mut y = match &self.quantized {
             Some(q) if rows <= QMATMUL_MAX_ROWS => qmatmul::short_product(&x2, q, qmatmul::simd_path())?,
             Some(q) => kernels::quantized_product(&x2, q)?,
+            // The decode step: bound by reading the weight once (not in the differentiable
+            // mode, whose weights are Vars that need the graph).
+            None if rows <= kernels::GEMV_MAX_ROWS && !self.weight.is_variable() && self.weight.is_contiguous() && !x2.track_op() => {
+                kernels::gemv(&x2, &self.weight)?
+            }
             None => x2.matmul(&self.weight.t()?)?,
         };
         if let Some(b) = &self.bias {
@@ -655,7 +660,12 @@ impl Llama {
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let w = self.head_weight();
-        let logits = self.head_input(h)?.matmul(&w.t()?)?;
+        let x = self.head_input(h)?;
+        let logits = if x.dim(0)? <= kernels::GEMV_MAX_ROWS && !self.differentiable && w.is_contiguous() && !w.is_variable() {
+            kernels::gemv(&x, w)?
+        } else {
+            x.matmul(&w.t()?)?
+        };
         Ok(logits.reshape((b, t, w.dims()[0]))?)
     }
 
