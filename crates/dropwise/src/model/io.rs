@@ -230,6 +230,11 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     if keep_quantized {
         let head = g.tensors.iter().find(|t| t.name == "output.weight").or_else(|| g.tensors.iter().find(|t| t.name == "token_embd.weight"));
         model.head_stored_as = head.map(|t| t.dtype);
+        if let Some(info) = head.filter(|t| t.shape.len() == 2 && !matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, g.tensor_bytes(info), vec![info.shape[0], info.shape[1]], &candle_core::Device::Cpu)
+                .with_context(|| format!("{}: cannot decode tensor {}", ctx(), info.name))?;
+            model.head_quantized = Some(std::sync::Arc::new(q));
+        }
     }
     for (layer, kind, q) in quantized {
         let lin = model.blocks[layer].linear_mut(kind);

@@ -164,6 +164,9 @@ pub struct Llama {
     /// ([`super::io::load_quantized`]): the head's input is then rounded to that type's 8-bit
     /// dot-product partner, as llama.cpp does. `None`: plain f32 product.
     pub head_stored_as: Option<candle_core::quantized::GgmlDType>,
+    /// The head as stored, when it is block-quantized and the model runs as stored: decode steps
+    /// (≤ [`QMATMUL_MAX_ROWS`] rows) multiply it quantized, reading a quarter of the f32 bytes.
+    pub head_quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
 /// HF parameter names of block `i`'s tensors, in a fixed order.
@@ -268,7 +271,7 @@ impl Llama {
         } else {
             Some(take(&mut t, "lm_head.weight", &[c.vocab_size, h])?)
         };
-        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false, head_stored_as: None })
+        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false, head_stored_as: None, head_quantized: None })
     }
 
     /// Every tensor by its HF name (the head only when untied). A removed sub-block contributes
@@ -660,6 +663,12 @@ impl Llama {
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let w = self.head_weight();
+        if let Some(q) = self.head_quantized.as_ref().filter(|_| b * t <= QMATMUL_MAX_ROWS && !self.differentiable) {
+            // The short quantized path rounds the input to the head type's partner itself.
+            let x = self.rms_norm(h, &self.final_norm)?.reshape((b * t, self.config.hidden_size))?;
+            let logits = qmatmul::short_product(&x, q, qmatmul::simd_path())?;
+            return Ok(logits.reshape((b, t, w.dims()[0]))?);
+        }
         let x = self.head_input(h)?;
         let logits = if x.dim(0)? <= kernels::GEMV_MAX_ROWS && !self.differentiable && w.is_contiguous() && !w.is_variable() {
             kernels::gemv(&x, w)?
