@@ -31,11 +31,13 @@ printf "| file | prompt | tokens | identical | first difference | llama.cpp marg
 for f in f32 q8_0 q4_1; do
     args=()
     [ "$f" != f32 ] && args=(--quantized-matmul)
+    # One compact JSON line per run, for llama_cpp_generate.py.
+    gen() { $BIN --threads 2 generate "$OUT/$f.gguf" --max-tokens "$N" "${args[@]}" --json "$@" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$OUT/$f.jsonl"; }
     : > "$OUT/$f.jsonl"
     for p in "${prompts[@]}"; do
-        $BIN --threads 2 generate "$OUT/$f.gguf" --prompt "$p" --max-tokens "$N" "${args[@]}" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$OUT/$f.jsonl"
+        gen --prompt "$p"
     done
-    $BIN --threads 2 generate "$OUT/$f.gguf" --prompt "What is the tallest mountain in the world?" --chat --max-tokens "$N" "${args[@]}" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' >> "$OUT/$f.jsonl"
+    gen --prompt "What is the tallest mountain in the world?" --chat
     .venv-llama/bin/python scripts/llama_cpp_generate.py "$OUT/$f.gguf" "$OUT/$f.jsonl" > "$OUT/$f.cpp.jsonl"
     while read -r line; do
         row=$(python3 -c '

@@ -471,25 +471,18 @@ fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    if !a.temperature.is_finite() || a.temperature < 0.0 {
-        bail!("--temperature must be a finite number ≥ 0, not {}", a.temperature);
-    }
     let m = if a.quantized_matmul { dropwise::model::io::load_quantized(&model)? } else { dropwise::load(&model)? };
     // The chat template and the BOS rule come with the tokenizer: GGUF metadata, or an HF
     // folder's tokenizer_config.json.
-    let hf_config: Option<serde_json::Value> = match &m.tokenizer_meta {
-        TokenizerMeta::HfJson(_) => std::fs::read_to_string(model.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()),
-        TokenizerMeta::Gguf(_) => None,
-    };
     let (template, add_bos) = match &m.tokenizer_meta {
         TokenizerMeta::Gguf(meta) => (
             meta.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
             meta.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
         ),
-        TokenizerMeta::HfJson(_) => (
-            hf_config.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()).map(str::to_string),
-            hf_config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(false),
-        ),
+        TokenizerMeta::HfJson(_) => {
+            let c: serde_json::Value = std::fs::read_to_string(model.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            (c["chat_template"].as_str().map(str::to_string), c["add_bos_token"].as_bool().unwrap_or(false))
+        }
     };
     let text = if a.chat { chat_prompt(template.as_deref(), &a.prompt)? } else { a.prompt.clone() };
     let mut prompt: Vec<u32> = Vec::new();

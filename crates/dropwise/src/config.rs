@@ -79,18 +79,16 @@ impl RopeScaling {
         match kind {
             "default" => Ok(None),
             "llama3" => {
-                let r = Self::Llama3 {
-                    factor: num("factor")?,
-                    low_freq_factor: num("low_freq_factor")?,
-                    high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: num("original_max_position_embeddings")?,
-                };
-                if let Self::Llama3 { low_freq_factor: l, high_freq_factor: h, .. } = r {
-                    if h <= l {
-                        bail!("rope scaling 'llama3': high_freq_factor {h} must exceed low_freq_factor {l}");
-                    }
+                let (low_freq_factor, high_freq_factor) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high_freq_factor <= low_freq_factor {
+                    bail!("rope scaling 'llama3': high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}");
                 }
-                Ok(Some(r))
+                Ok(Some(Self::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }))
             }
             other => bail!("rope scaling '{other}' is not supported (supported: llama3)"),
         }
@@ -206,7 +204,7 @@ impl LlamaConfig {
         let c: HfConfig = serde_json::from_value(raw).context("config.json lacks a field dropwise needs")?;
         let arch = Arch::parse(c.model_type.as_deref().unwrap_or(""))?;
         let _ = c.architectures;
-        if raw_sliding(&c) {
+        if c.use_sliding_window == Some(true) {
             bail!("config.json turns on sliding-window attention (use_sliding_window); dropwise runs full attention only for {}", arch.name());
         }
         // transformers 5 writes rope_parameters (with rope_theta inside), 4 wrote rope_scaling.
@@ -237,6 +235,21 @@ impl LlamaConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Rope's frequencies before scaling: `theta^(-2i/head_dim)` for `i < head_dim / 2`.
+    pub fn rope_base_frequencies(&self) -> Vec<f64> {
+        let hd = self.head_dim;
+        (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect()
+    }
+
+    /// Rope's frequencies as the model uses them: the base ones divided by the scaling's factors.
+    pub fn rope_frequencies(&self) -> Result<Vec<f64>> {
+        let base = self.rope_base_frequencies();
+        Ok(match &self.rope_scaling {
+            Some(r) => base.iter().zip(r.factors(&base)?).map(|(f, d)| f / d).collect(),
+            None => base,
+        })
     }
 
     pub fn to_hf_json(&self) -> serde_json::Value {
@@ -456,7 +469,3 @@ fn gguf_rope_factors(g: &GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> 
     Ok(Some(v))
 }
 
-/// Qwen2/Qwen3 configs may switch sliding-window attention on for some layers.
-fn raw_sliding(c: &HfConfig) -> bool {
-    c.use_sliding_window == Some(true)
-}

@@ -143,13 +143,21 @@ pub fn write_tiny_gguf(model: &Llama, path: &Path, dtype: WriteDType) -> Result<
 
 /// Writes a tiny model as an HF folder with its byte-level tokenizer.
 pub fn write_tiny_hf(model: &Llama, dir: &Path, dtype: WriteDType) -> Result<()> {
-    let tmp = std::env::temp_dir().join(format!("dropwise-tiny-tok-{}.gguf", std::process::id()));
-    write_tiny_gguf(model, &tmp, WriteDType::F32)?;
-    let g = crate::formats::gguf::GgufFile::open(&tmp)?;
-    let tok = Tokenizer::from_gguf(&g)?;
-    drop(g);
+    save_hf(model, &tiny_tokenizer()?, &TokenizerMeta::Gguf(tiny_tokenizer_meta()), dir, dtype)
+}
+
+/// The byte-level tokenizer of the tiny models, rebuilt as a GGUF reader would (through a
+/// metadata-only GGUF file in the temp folder, named uniquely so parallel tests never share one).
+pub fn tiny_tokenizer() -> Result<Tokenizer> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("dropwise-tiny-tok-{}-{n}.gguf", std::process::id()));
+    let mut meta = tiny_tokenizer_meta();
+    meta.insert("general.architecture".into(), Value::String("llama".into()));
+    crate::formats::gguf::write_gguf(&tmp, &meta, &[])?;
+    let tok = crate::formats::gguf::GgufFile::open(&tmp).and_then(|g| Tokenizer::from_gguf(&g));
     let _ = std::fs::remove_file(&tmp);
-    save_hf(model, &tok, &TokenizerMeta::Gguf(tiny_tokenizer_meta()), dir, dtype)
+    tok
 }
 
 /// Some English text for tiny-model evaluation windows.

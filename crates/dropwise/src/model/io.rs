@@ -458,10 +458,8 @@ pub fn save_gguf_encoded(
     }
     if let Some(r) = &c.rope_scaling {
         // llama.cpp reads rope scaling as one divisor per frequency (its converter's rope_freqs).
-        let hd = c.head_dim;
-        let inv: Vec<f64> = (0..hd / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
-        let f: Vec<f32> = r.factors(&inv)?.into_iter().map(|x| x as f32).collect();
-        out.push(TensorOut::from_tensor("rope_freqs.weight", &Tensor::from_vec(f, hd / 2, model.device())?, WriteDType::F32)?);
+        let f: Vec<f32> = r.factors(&c.rope_base_frequencies())?.into_iter().map(|x| x as f32).collect();
+        out.push(TensorOut::from_tensor("rope_freqs.weight", &Tensor::from_vec(f, c.head_dim / 2, model.device())?, WriteDType::F32)?);
     }
     for (i, sh) in shapes.iter().enumerate() {
         if sh.ffn == 0 {

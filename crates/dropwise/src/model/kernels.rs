@@ -255,6 +255,17 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(dst, (rows, out), x.device())?)
 }
 
+/// `x @ Wᵀ` for f32 `x` `[rows, k]` and `W` `[out, k]`: [`gemv`] for the few rows of a decode
+/// step (bound by reading `W` once), the GEMM otherwise and whenever autograd needs the graph
+/// (a `Var` weight or a tracked input).
+pub fn f32_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.dim(0)? <= GEMV_MAX_ROWS && w.is_contiguous() && !w.is_variable() && !x.track_op() {
+        gemv(x, w)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
 /// Dot product in 16 independent lanes (vectorizes without fast-math), then the tail.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];

@@ -67,12 +67,7 @@ impl Linear {
         let mut y = match &self.quantized {
             Some(q) if rows <= QMATMUL_MAX_ROWS => qmatmul::short_product(&x2, q, qmatmul::simd_path())?,
             Some(q) => kernels::quantized_product(&x2, q)?,
-            // The decode step: bound by reading the weight once (not in the differentiable
-            // mode, whose weights are Vars that need the graph).
-            None if rows <= kernels::GEMV_MAX_ROWS && !self.weight.is_variable() && self.weight.is_contiguous() && !x2.track_op() => {
-                kernels::gemv(&x2, &self.weight)?
-            }
-            None => x2.matmul(&self.weight.t()?)?,
+            None => kernels::f32_product(&x2, &self.weight)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -399,15 +394,15 @@ impl Llama {
 
     /// Rope tables for positions `0..seq`: cos and sin of shape `[seq, head_dim/2]`.
     pub fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        self.rope_tables_at(0, seq)
+    }
+
+    /// Rope tables for positions `start..start+seq` (a decode step needs only its own).
+    pub fn rope_tables_at(&self, start: usize, seq: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.config.head_dim;
-        let theta = self.config.rope_theta;
-        let inv64: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
-        let inv: Vec<f32> = match &self.config.rope_scaling {
-            Some(r) => inv64.iter().zip(r.factors(&inv64)?).map(|(f, d)| (f / d) as f32).collect(),
-            None => inv64.iter().map(|&f| f as f32).collect(),
-        };
+        let inv: Vec<f32> = self.config.rope_frequencies()?.into_iter().map(|f| f as f32).collect();
         let mut ang = Vec::with_capacity(seq * hd / 2);
-        for p in 0..seq {
+        for p in start..start + seq {
             for f in &inv {
                 ang.push(p as f32 * f);
             }
@@ -478,14 +473,19 @@ impl Llama {
             Some(ctx) => (h + self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)?,
             None => h.clone(),
         };
-        let x = self.mlp_norm(layer, &h)?;
-        let h = match self.mlp_hidden(layer, &x, hooks)? {
-            Some(a) => (&h + self.hooked_linear(hooks, layer, LinearKind::Down, &a)?)?,
-            None => h,
-        };
+        let h = self.mlp_residual(layer, &h, hooks)?;
         Ok(match hooks.block_output(layer, &h)? {
             Some(replaced) => replaced,
             None => h,
+        })
+    }
+
+    /// `h` plus block `layer`'s MLP output (`h` itself when the block has no MLP left).
+    fn mlp_residual(&self, layer: usize, h: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let x = self.mlp_norm(layer, h)?;
+        Ok(match self.mlp_hidden(layer, &x, hooks)? {
+            Some(a) => (h + self.hooked_linear(hooks, layer, LinearKind::Down, &a)?)?,
+            None => h.clone(),
         })
     }
 
@@ -527,7 +527,7 @@ impl Llama {
             hooks.attention_probs(layer, &probs)?;
             probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?.reshape((b, n_q, t, hd))?
         } else {
-            self.causal_attention_blocked(&q, &k, &v, rep)?
+            self.causal_attention_blocked(&q, &k, &v, rep, 0)?
         };
         Ok(Some(ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?))
     }
@@ -588,8 +588,7 @@ impl Llama {
             cache.len = 0;
         }
         let pos = cache.len;
-        let (cos, sin) = self.rope_tables(pos + n)?;
-        let (cos, sin) = (cos.narrow(0, pos, n)?, sin.narrow(0, pos, n)?);
+        let (cos, sin) = self.rope_tables_at(pos, n)?;
         let mut h = self.embed_tokens(ids)?;
         for layer in 0..self.blocks.len() {
             let x = self.attn_norm(layer, &h)?;
@@ -599,19 +598,12 @@ impl Llama {
                     None => (k, v),
                 };
                 let (_, n_q, _, hd) = q.dims4()?;
-                let n_kv = k.dim(1)?;
-                let rep = n_q / n_kv;
-                let qg = q.contiguous()?.reshape((1, n_kv, rep * n, hd))?;
-                let scores = qg.matmul(&k.t()?)?;
-                let probs = kernels::causal_softmax_block(&scores, n, pos)?;
-                let ctx = probs.matmul(&v)?.reshape((1, n_q, n, hd))?.transpose(1, 2)?.reshape((1, n, n_q * hd))?;
+                let ctx = self.causal_attention_blocked(&q, &k, &v, n_q / k.dim(1)?, pos)?;
+                let ctx = ctx.transpose(1, 2)?.reshape((1, n, n_q * hd))?;
                 h = (h + self.blocks[layer].o.forward(&ctx)?)?;
                 cache.layers[layer] = Some((k, v));
             }
-            let x = self.mlp_norm(layer, &h)?;
-            if let Some(a) = self.mlp_hidden(layer, &x, &mut NoHooks)? {
-                h = (&h + self.blocks[layer].down.forward(&a)?)?;
-            }
+            h = self.mlp_residual(layer, &h, &mut NoHooks)?;
         }
         cache.len = pos + n;
         Ok(h)
@@ -629,10 +621,11 @@ impl Llama {
     }
 
     /// Inference attention in blocks of query positions: block `[s, s+B)` only multiplies
-    /// against keys `0..s+B`, so the masked upper triangle is mostly never computed (37% fewer
-    /// score entries at seq 512). `q` is `[b, n_q, t, hd]` (rope'd, scaled), `k`/`v` are
-    /// `[b, n_kv, t, hd]`; returns the context `[b, n_q, t, hd]`.
-    fn causal_attention_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, rep: usize) -> Result<Tensor> {
+    /// against keys `0..offset+s+B`, so the masked upper triangle is mostly never computed (37%
+    /// fewer score entries at seq 512). `q` is `[b, n_q, t, hd]` (rope'd, scaled) for positions
+    /// `offset..offset+t`, `k`/`v` are `[b, n_kv, offset+t, hd]` (earlier positions first, as a
+    /// KV cache holds them); returns the context `[b, n_q, t, hd]`.
+    fn causal_attention_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, rep: usize, offset: usize) -> Result<Tensor> {
         const BLOCK: usize = 128;
         let (b, n_q, t, hd) = q.dims4()?;
         let n_kv = n_q / rep;
@@ -641,14 +634,14 @@ impl Llama {
         let mut s = 0;
         while s < t {
             let tb = BLOCK.min(t - s);
-            let kend = s + tb;
+            let kend = offset + s + tb;
             let qb = q5.narrow(3, s, tb)?.contiguous()?.reshape((b, n_kv, rep * tb, hd))?;
             let kb = k.narrow(2, 0, kend)?.contiguous()?;
             let vb = v.narrow(2, 0, kend)?.contiguous()?;
             let scores = qb.matmul(&kb.t()?)?;
-            let probs = kernels::causal_softmax_block(&scores, tb, s)?;
+            let probs = kernels::causal_softmax_block(&scores, tb, offset + s)?;
             outs.push(probs.matmul(&vb)?.reshape((b, n_kv, rep, tb, hd))?);
-            s = kend;
+            s += tb;
         }
         Ok(Tensor::cat(&outs, 3)?.reshape((b, n_q, t, hd))?)
     }
@@ -669,12 +662,7 @@ impl Llama {
             let logits = qmatmul::short_product(&x, q, qmatmul::simd_path())?;
             return Ok(logits.reshape((b, t, w.dims()[0]))?);
         }
-        let x = self.head_input(h)?;
-        let logits = if x.dim(0)? <= kernels::GEMV_MAX_ROWS && !self.differentiable && w.is_contiguous() && !w.is_variable() {
-            kernels::gemv(&x, w)?
-        } else {
-            x.matmul(&w.t()?)?
-        };
+        let logits = kernels::f32_product(&self.head_input(h)?, w)?;
         Ok(logits.reshape((b, t, w.dims()[0]))?)
     }
 
