@@ -1617,3 +1617,75 @@ fn generate_past_the_context() {
 fn generate_chat_without_template() {
     generate_case("--chat, no template", &["--prompt", "hello", "--chat"], &["chat template"]);
 }
+
+/// An HF tiny model whose config.json gets `edit`.
+fn hf_config_case(case: &str, edit: impl FnOnce(&mut serde_json::Value), needles: &[&str]) {
+    hf_case(
+        case,
+        |hf| {
+            let p = hf.join("config.json");
+            let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            edit(&mut j);
+            std::fs::write(&p, j.to_string()).unwrap();
+        },
+        needles,
+    );
+}
+
+#[test]
+fn hf_config_unknown_rope_scaling() {
+    hf_config_case("rope_scaling yarn", |j| j["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}), &["yarn", "llama3"]);
+}
+
+#[test]
+fn hf_config_llama3_rope_scaling_incomplete() {
+    hf_config_case("llama3 rope_parameters without its factors", |j| j["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}), &["low_freq_factor"]);
+}
+
+#[test]
+fn hf_config_llama3_rope_scaling_bands_inverted() {
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192});
+    hf_config_case("llama3 high_freq_factor below low_freq_factor", |j| j["rope_scaling"] = scaling, &["high_freq_factor"]);
+}
+
+#[test]
+fn hf_config_sliding_window_on() {
+    hf_config_case("use_sliding_window true", |j| j["use_sliding_window"] = serde_json::json!(true), &["sliding-window"]);
+}
+
+#[test]
+fn gguf_rope_freqs_wrong_length() {
+    let t = TensorOut { name: "rope_freqs.weight".into(), shape: vec![4], dtype: GgmlDType::F32, data: [1f32; 4].iter().flat_map(|x| x.to_le_bytes()).collect() };
+    meta_case("rope_freqs of 4 values for head_dim 16", |_, ts| ts.push(t), &["rope_freqs", "head_dim / 2"]);
+}
+
+#[test]
+fn gguf_rope_freqs_not_positive() {
+    let v = [1f32, 1.0, 2.0, 0.0, 4.0, 8.0, 8.0, 8.0];
+    let t = TensorOut { name: "rope_freqs.weight".into(), shape: vec![8], dtype: GgmlDType::F32, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    meta_case("rope_freqs holding 0", |_, ts| ts.push(t), &["rope_freqs", "positive"]);
+}
+
+#[test]
+fn generate_chat_with_an_unknown_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = valid_gguf(dir.path());
+    let (mut meta, tensors) = gguf_parts(&good);
+    meta.insert("tokenizer.chat_template".into(), Value::String("{{ messages[0]['content'] }}".into()));
+    let p = dir.path().join("template.gguf");
+    write_parts(&p, &meta, &tensors);
+    let o = dropwise([OsString::from("generate"), p.into_os_string(), "--prompt".into(), "hello".into(), "--chat".into()]);
+    assert_clean_error("unknown chat template", &o, &["chat template", "ChatML"]);
+}
+
+#[test]
+fn qwen3_uneven_export_to_gguf_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dropwise::testing::tiny_model(dropwise::testing::tiny_config(Arch::Qwen3), 3).unwrap();
+    let model = dir.path().join("qwen3.gguf");
+    testing::write_tiny_gguf(&m, &model, WriteDType::F32).unwrap();
+    let out = dir.path().join("out.gguf");
+    let o = dropwise([OsString::from("drop-layers"), model.into_os_string(), "--layers".into(), "1".into(), "--part".into(), "attn".into(), "-o".into(), out.clone().into_os_string()]);
+    assert_clean_error("qwen3 with a removed attention sub-block to GGUF", &o, &["qwen3", "no GGUF form"]);
+    assert!(!out.exists(), "wrote an output despite failing");
+}
