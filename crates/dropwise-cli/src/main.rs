@@ -60,7 +60,7 @@ struct CalibArgs {
 
 impl CalibArgs {
     /// The offsets and windows, or an error naming `who` needs them.
-    fn windows(&self, tok: &dropwise::tokenizer::Tokenizer, who: &str, default_windows: usize) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    fn windows(&self, m: &dropwise::LoadedModel, who: &str, default_windows: usize) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
         if self.calib.is_empty() {
             bail!("{who} needs calibration text: pass --calib FILE");
         }
@@ -68,8 +68,8 @@ impl CalibArgs {
         if n == 0 {
             bail!("--calib-windows must be at least 1");
         }
-        let ids = data::tokenize_files(tok, &self.calib)?;
-        data::calibration_windows(&ids, self.seq_len, n, self.seed)
+        let ids = data::tokenize_files(&m.tokenizer, &self.calib)?;
+        data::calibration_windows(&ids, self.seq_len, n, self.seed, m.window_bos())
     }
 }
 
@@ -466,7 +466,6 @@ struct GenerateArgs {
 
 fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
     use dropwise::generate::{chat_prompt, generate, stop_tokens, GenerateOptions};
-    use dropwise::model::io::TokenizerMeta;
     use std::io::Write;
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
@@ -474,24 +473,14 @@ fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
     let m = if a.quantized_matmul { dropwise::model::io::load_quantized(&model)? } else { dropwise::load(&model)? };
     // The chat template and the BOS rule come with the tokenizer: GGUF metadata, or an HF
     // folder's tokenizer_config.json.
-    let (template, add_bos) = match &m.tokenizer_meta {
-        TokenizerMeta::Gguf(meta) => (
-            meta.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
-            meta.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-        ),
-        TokenizerMeta::HfJson(_) => {
-            let c: serde_json::Value = std::fs::read_to_string(model.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-            (c["chat_template"].as_str().map(str::to_string), c["add_bos_token"].as_bool().unwrap_or(false))
-        }
-    };
+    let (template, add_bos) = (m.chat_template.clone(), m.adds_bos);
     let text = if a.chat { chat_prompt(template.as_deref(), &a.prompt)? } else { a.prompt.clone() };
     let mut prompt: Vec<u32> = Vec::new();
     if add_bos {
         prompt.extend(m.model.config.bos_token_id);
     }
-    prompt.extend(m.tokenizer.encode(&text)?);
-    let vocab = m.tokenizer.inner().get_vocab(true);
-    let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, stop: stop_tokens(m.model.config.eos_token_id, &vocab) };
+    prompt.extend(m.tokenizer.encode_with_special(&text)?);
+    let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, stop: stop_tokens(m.model.config.eos_token_id, &m.tokenizer) };
     // Stream the text: decode everything so far and print what is new, so a character split
     // across tokens appears whole.
     let mut so_far: Vec<u32> = Vec::new();
@@ -541,7 +530,7 @@ fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
 
 fn load_windows(m: &dropwise::LoadedModel, data: &[PathBuf], seq_len: usize, windows: usize) -> Result<Vec<Vec<u32>>> {
     let ids = data::tokenize_files(&m.tokenizer, data)?;
-    data::eval_windows(&ids, seq_len, windows)
+    data::eval_windows(&ids, seq_len, windows, m.window_bos())
 }
 
 fn print_eval_table(r: &EvalResult, threads: usize) {
@@ -578,8 +567,13 @@ fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: u
     }
     let pb = progress(ws.len(), "eval");
     let refs: Vec<&dropwise::model::Llama> = loaded.iter().map(|m| &m.model).collect();
-    let results = eval::evaluate_many(&refs, reference.as_ref().map(|r| &r.model), &ws, batch, &mut |i| pb.set_position(i as u64))?;
+    let mut results = eval::evaluate_many(&refs, reference.as_ref().map(|r| &r.model), &ws, batch, &mut |i| pb.set_position(i as u64))?;
     pb.finish_and_clear();
+    if loaded[0].window_bos().is_some() {
+        for r in &mut results {
+            r.protocol = format!("{} BOS rule (BOS + {} text tokens)", r.protocol, seq_len - 1);
+        }
+    }
     let peak = dropwise::util::peak_rss_bytes();
     if json {
         let mut out = Vec::new();
@@ -684,7 +678,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     let head_flops = 2.0 * m.model.head_weight().elem_count() as f64;
     let block_flops_per_token = m.model.flops_per_token(a.calib.seq_len) - head_flops;
     let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
-    let (offsets, windows) = if needs_calib { a.calib.windows(&m.tokenizer, method.name(), 64)? } else { (Vec::new(), Vec::new()) };
+    let (offsets, windows) = if needs_calib { a.calib.windows(&m, method.name(), 64)? } else { (Vec::new(), Vec::new()) };
     let pb = ProgressBar::new(m.model.blocks.len() as u64);
     pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} blocks, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
     pb.set_message(format!("prune {}", method.name()));
@@ -746,7 +740,7 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
         }
     }
     let m = dropwise::load(&model)?;
-    let (offsets, windows) = calib.windows(&m.tokenizer, "analyze", 64)?;
+    let (offsets, windows) = calib.windows(&m, "analyze", 64)?;
     let (seq_len, seed) = (calib.seq_len, calib.seed);
     let pb = progress(windows.len(), "analyze");
     let rows = dropwise::analyze::analyze(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
@@ -855,7 +849,7 @@ fn cmd_drop_layers(
             list.clone()
         }
         None => {
-            let (offsets, windows) = calib.windows(&m.tokenizer, "drop-layers", 8)?;
+            let (offsets, windows) = calib.windows(&m, "drop-layers", 8)?;
             let pb = ProgressBar::new(1);
             pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} candidates, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
             pb.set_message(format!("drop-layers {metric:?}"));
@@ -923,7 +917,7 @@ fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, 
     let mut m = dropwise::load(&model)?;
     let dense = m.model.clone();
     let (offsets, windows) =
-        if opts.importance == Importance::Magnitude { (Vec::new(), Vec::new()) } else { calib.windows(&m.tokenizer, "shrink", 8)? };
+        if opts.importance == Importance::Magnitude { (Vec::new(), Vec::new()) } else { calib.windows(&m, "shrink", 8)? };
     let report = width::shrink(&mut m.model, &windows, &opts)?;
     let plan_s = t0.elapsed().as_secs_f64();
     let mut extra = std::collections::BTreeMap::new();
@@ -992,7 +986,7 @@ fn cmd_quantize(
         plan::check_budget(&units, b)?;
     }
     let needs_windows = use_imatrix || (bpw.is_some() && importance != plan::Importance::Outliers);
-    let (offsets, windows) = if needs_windows { calib.windows(&m.tokenizer, "quantize (imatrix, lim and kld)", 8)? } else { (Vec::new(), Vec::new()) };
+    let (offsets, windows) = if needs_windows { calib.windows(&m, "quantize (imatrix, lim and kld)", 8)? } else { (Vec::new(), Vec::new()) };
     let imatrix = if use_imatrix {
         let pb = progress(windows.len(), "imatrix");
         let im = plan::Imatrix::collect(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;

@@ -5,43 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::gguf::GgufFile;
 
-pub const SUPPORTED_ARCHS: &str = "llama, mistral, qwen2, qwen3, smollm (llama family)";
-
-/// Which member of the llama family; they differ only in details the config captures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    Llama,
-    Mistral,
-    Qwen2,
-    /// Qwen3: RMSNorm over each query and key head (`q_norm`, `k_norm`) before rope, no qkv bias.
-    Qwen3,
-}
-
-impl Arch {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "llama" | "smollm" | "smollm2" => Arch::Llama,
-            "mistral" => Arch::Mistral,
-            "qwen2" => Arch::Qwen2,
-            "qwen3" => Arch::Qwen3,
-            other => bail!("unsupported architecture '{other}' (supported: {SUPPORTED_ARCHS})"),
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Mistral => "mistral",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-        }
-    }
-
-    /// Whether each query and key head is RMS-normed before rope (q_norm / k_norm weights).
-    pub fn has_qk_norm(self) -> bool {
-        self == Arch::Qwen3
-    }
-}
+pub use crate::model::arch::Arch;
 
 /// The widths of one decoder block. 0 heads means the block has no attention sub-block, 0 FFN
 /// width no MLP sub-block (removed by structural dropping).
@@ -157,10 +121,27 @@ pub struct LlamaConfig {
     /// Rope frequency scaling (Llama 3.1/3.2); `None` is plain rope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Sliding windows, per-layer rope bases and query scaling (Gemma 3, Phi-3).
+    #[serde(default)]
+    pub attention: AttentionLayout,
     /// Per-block widths when blocks differ (width-pruned models, GGUF `deci` files); `None` when
     /// every block has the widths above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_layer: Option<Vec<LayerShape>>,
+}
+
+/// Attention beyond full causal attention with one rope base and `1/√head_dim` query scaling.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AttentionLayout {
+    /// Local layers attend to the `sliding_window` most recent positions, their own included
+    /// (query position − key position < window, as transformers and llama.cpp mask it).
+    pub sliding_window: Option<usize>,
+    /// Which layers are local; `None` with a window set means every layer.
+    pub local_layers: Option<Vec<bool>>,
+    /// Rope base of the local layers (Gemma 3: 10 000); global layers use `rope_theta`.
+    pub rope_local_theta: Option<f64>,
+    /// Queries are scaled by `query_pre_attn_scalar^-½` (Gemma); `None`: by `head_dim^-½`.
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
 /// The subset of an HF `config.json` dropwise reads.
@@ -182,7 +163,6 @@ struct HfConfig {
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
     rope_parameters: Option<serde_json::Value>,
-    use_sliding_window: Option<bool>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
 }
@@ -201,12 +181,10 @@ impl LlamaConfig {
         let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         // Check the architecture before the fields so an unknown model says so, not "missing field".
         Arch::parse(model_type)?;
+        let raw_json = raw.clone();
         let c: HfConfig = serde_json::from_value(raw).context("config.json lacks a field dropwise needs")?;
         let arch = Arch::parse(c.model_type.as_deref().unwrap_or(""))?;
         let _ = c.architectures;
-        if c.use_sliding_window == Some(true) {
-            bail!("config.json turns on sliding-window attention (use_sliding_window); dropwise runs full attention only for {}", arch.name());
-        }
         // transformers 5 writes rope_parameters (with rope_theta inside), 4 wrote rope_scaling.
         let rope_scaling = match (&c.rope_scaling, &c.rope_parameters) {
             (Some(v), _) if !v.is_null() => RopeScaling::from_hf(v)?,
@@ -214,7 +192,7 @@ impl LlamaConfig {
             _ => None,
         };
         let rope_theta = c.rope_theta.or_else(|| c.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()));
-        let cfg = Self {
+        let mut cfg = Self {
             arch,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -227,12 +205,14 @@ impl LlamaConfig {
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            attention_bias: c.attention_bias.unwrap_or(arch.default_qkv_bias()),
             bos_token_id: first_id(&c.bos_token_id),
             eos_token_id: first_id(&c.eos_token_id),
             rope_scaling,
+            attention: AttentionLayout::default(),
             per_layer: None,
         };
+        arch.read_hf_config(&raw_json, &mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -252,16 +232,27 @@ impl LlamaConfig {
         })
     }
 
+    /// The frequencies of local (sliding-window) layers: plain rope at their own base.
+    pub fn local_rope_frequencies(&self) -> Option<Vec<f64>> {
+        let theta = self.attention.rope_local_theta?;
+        let hd = self.head_dim;
+        Some((0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect())
+    }
+
+    /// Whether layer `i` uses the sliding window (and the local rope base, when there is one).
+    pub fn is_local(&self, i: usize) -> bool {
+        self.attention.sliding_window.is_some() && self.attention.local_layers.as_ref().is_none_or(|l| l.get(i).copied().unwrap_or(false))
+    }
+
+    /// The factor queries are multiplied by before `q·k`.
+    pub fn query_scale(&self) -> f64 {
+        1.0 / self.attention.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()
+    }
+
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let arch_class = match self.arch {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Mistral => "MistralForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-            Arch::Qwen3 => "Qwen3ForCausalLM",
-        };
         let mut v = serde_json::json!({
-            "architectures": [arch_class],
-            "model_type": self.arch.name(),
+            "architectures": [self.arch.hf_class()],
+            "model_type": self.arch.hf_model_type(),
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -276,13 +267,7 @@ impl LlamaConfig {
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
-        if self.arch == Arch::Qwen3 {
-            v["attention_bias"] = serde_json::json!(self.attention_bias);
-        }
-        if self.arch == Arch::Llama {
-            v["attention_bias"] = serde_json::json!(self.attention_bias);
-            v["mlp_bias"] = serde_json::json!(false);
-        }
+        self.arch.write_hf_config(self, &mut v);
         if let Some(r) = self.rope_scaling.as_ref().and_then(|r| r.to_hf()) {
             v["rope_scaling"] = r;
         }
@@ -366,7 +351,7 @@ impl LlamaConfig {
                 bail!("GGUF uses rope scaling '{t}'; dropwise supports plain rope only");
             }
         }
-        let cfg = Self {
+        let mut cfg = Self {
             arch,
             hidden_size: hidden,
             intermediate_size: ffn_l.iter().copied().max().unwrap_or(0),
@@ -383,8 +368,10 @@ impl LlamaConfig {
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
             eos_token_id: g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|x| x as u32),
             rope_scaling: gguf_rope_factors(g, head_dim)?.map(RopeScaling::FreqFactors),
+            attention: AttentionLayout::default(),
             per_layer: uneven.then_some(shapes),
         };
+        arch.read_gguf_config(g, p, &mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -413,6 +400,14 @@ impl LlamaConfig {
                     }
                 }
             }
+        }
+        if let Some(l) = &c.attention.local_layers {
+            if l.len() != c.num_hidden_layers {
+                bail!("the local/global layer list has {} entries for {} layers", l.len(), c.num_hidden_layers);
+            }
+        }
+        if c.attention.sliding_window == Some(0) {
+            bail!("sliding window of 0 positions");
         }
         if c.head_dim % 2 != 0 {
             bail!("head dimension {} is odd; rope needs it even", c.head_dim);

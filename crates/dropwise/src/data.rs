@@ -26,18 +26,25 @@ pub fn tokenize_files(tok: &Tokenizer, paths: &[impl AsRef<Path>]) -> Result<Vec
 }
 
 /// Consecutive non-overlapping windows of `seq_len` tokens from the start, at most `max` of them
-/// (austen-512 evaluation). Refuses a text shorter than one window.
-pub fn eval_windows(ids: &[u32], seq_len: usize, max: usize) -> Result<Vec<Vec<u32>>> {
+/// (austen-512 evaluation). With `bos` (models whose tokenizer adds BOS), each window is BOS
+/// followed by `seq_len − 1` text tokens, window i holding text tokens `[(seq_len−1)·i, …)`.
+/// Refuses a text shorter than one window.
+pub fn eval_windows(ids: &[u32], seq_len: usize, max: usize, bos: Option<u32>) -> Result<Vec<Vec<u32>>> {
     if seq_len < 2 {
         bail!("sequence length must be at least 2 tokens (got {seq_len})");
     }
     if max == 0 {
         bail!("at least one window is needed");
     }
-    if ids.len() < seq_len {
-        bail!("the text has {} tokens, shorter than one window of {seq_len}", ids.len());
+    let text_len = seq_len - bos.is_some() as usize;
+    if ids.len() < text_len {
+        bail!("the text has {} tokens, shorter than one window of {text_len}", ids.len());
     }
-    Ok(ids.chunks_exact(seq_len).take(max).map(|w| w.to_vec()).collect())
+    Ok(ids.chunks_exact(text_len).take(max).map(|w| with_bos(bos, w)).collect())
+}
+
+fn with_bos(bos: Option<u32>, w: &[u32]) -> Vec<u32> {
+    bos.into_iter().chain(w.iter().copied()).collect()
 }
 
 /// A small, fast, seedable generator (SplitMix64) so calibration offsets are reproducible
@@ -64,14 +71,19 @@ impl SplitMix64 {
 }
 
 /// Calibration windows: `count` windows of `seq_len` tokens at offsets drawn from a seeded
-/// generator. Returns the offsets (to record in outputs) and the windows.
-pub fn calibration_windows(ids: &[u32], seq_len: usize, count: usize, seed: u64) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
-    if ids.len() < seq_len {
-        bail!("the calibration text has {} tokens, shorter than one window of {seq_len}", ids.len());
+/// generator (BOS + `seq_len − 1` text tokens with `bos`, as the model sees text in use).
+/// Returns the offsets (to record in outputs) and the windows.
+pub fn calibration_windows(ids: &[u32], seq_len: usize, count: usize, seed: u64, bos: Option<u32>) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    if seq_len < 2 {
+        bail!("sequence length must be at least 2 tokens (got {seq_len})");
+    }
+    let text_len = seq_len - bos.is_some() as usize;
+    if ids.len() < text_len {
+        bail!("the calibration text has {} tokens, shorter than one window of {text_len}", ids.len());
     }
     let mut rng = SplitMix64(seed);
-    let span = (ids.len() - seq_len + 1) as u64;
+    let span = (ids.len() - text_len + 1) as u64;
     let offsets: Vec<usize> = (0..count).map(|_| rng.below(span) as usize).collect();
-    let windows = offsets.iter().map(|&o| ids[o..o + seq_len].to_vec()).collect();
+    let windows = offsets.iter().map(|&o| with_bos(bos, &ids[o..o + text_len])).collect();
     Ok((offsets, windows))
 }

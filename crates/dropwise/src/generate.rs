@@ -159,10 +159,10 @@ fn default_system_message(template: &str) -> Option<String> {
 
 /// The stop tokens of a model's vocabulary: its end-of-sequence id and the end-of-turn markers
 /// of the chat families above, where the vocabulary has them.
-pub fn stop_tokens(eos: Option<u32>, vocab: &std::collections::HashMap<String, u32>) -> Vec<u32> {
+pub fn stop_tokens(eos: Option<u32>, tokenizer: &crate::tokenizer::Tokenizer) -> Vec<u32> {
     let mut v: Vec<u32> = eos.into_iter().collect();
     for t in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"] {
-        if let Some(&id) = vocab.get(t) {
+        if let Some(id) = tokenizer.token_id(t) {
             if !v.contains(&id) {
                 v.push(id);
             }

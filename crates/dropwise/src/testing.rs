@@ -78,10 +78,11 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         rms_norm_eps: 1e-5,
         max_position_embeddings: 256,
         tie_word_embeddings: arch == Arch::Llama,
-        attention_bias: arch == Arch::Qwen2,
+        attention_bias: arch.default_qkv_bias(),
         bos_token_id: Some(0),
         eos_token_id: Some(0),
         rope_scaling: None,
+        attention: Default::default(),
         per_layer: None,
     }
 }
@@ -123,6 +124,10 @@ pub fn tiny_model(config: LlamaConfig, seed: u64) -> Result<Llama> {
         t.insert(format!("{p}.mlp.gate_proj.weight"), randn(&[f, h], 0.0, 0.1)?);
         t.insert(format!("{p}.mlp.up_proj.weight"), randn(&[f, h], 0.0, 0.1)?);
         t.insert(format!("{p}.mlp.down_proj.weight"), randn(&[h, f], 0.0, 0.1)?);
+        if c.arch.sandwich_norms() {
+            t.insert(format!("{p}.attn_output_norm.weight"), randn(&[h], 1.0, 0.1)?);
+            t.insert(format!("{p}.mlp_output_norm.weight"), randn(&[h], 1.0, 0.1)?);
+        }
         if c.arch.has_qk_norm() {
             t.insert(format!("{p}.self_attn.q_norm.weight"), randn(&[c.head_dim], 1.0, 0.1)?);
             t.insert(format!("{p}.self_attn.k_norm.weight"), randn(&[c.head_dim], 1.0, 0.1)?);

@@ -122,7 +122,7 @@ fn logits_match_transformers_on_a_64_token_prompt() -> Result<()> {
 
 #[test]
 fn perplexity_on_16_windows_matches_transformers() -> Result<()> {
-    let windows = eval_windows(persuasion_ids(), 512, 16)?;
+    let windows = eval_windows(persuasion_ids(), 512, 16, None)?;
     let r = evaluate(&model().model, None, &windows, 1, &mut |_| {})?;
     let reference = json(&golden("reference.json"));
     let hf = reference["ppl_16"]["smollm"].as_f64().unwrap();
@@ -147,7 +147,7 @@ fn convert_round_trip_keeps_perplexity_and_llama_cpp_reads_it() -> Result<()> {
     let back = dir.path().join("back.gguf");
     dropwise::model::io::save(&from_hf, &from_hf.model, &back, WriteDType::F32)?;
     let again = dropwise::load(&back)?;
-    let windows = eval_windows(persuasion_ids(), 512, 2)?;
+    let windows = eval_windows(persuasion_ids(), 512, 2, None)?;
     let r0 = evaluate(&src.model, None, &windows, 1, &mut |_| {})?;
     let r1 = evaluate(&from_hf.model, None, &windows, 1, &mut |_| {})?;
     let r2 = evaluate(&again.model, Some(&src.model), &windows, 1, &mut |_| {})?;

@@ -42,54 +42,29 @@ pub struct LoadedModel {
     pub format: &'static str,
     pub stored: Vec<StoredTensor>,
     pub name: String,
+    /// The tokenizer puts BOS before a text (GGUF `tokenizer.ggml.add_bos_token`, HF
+    /// `add_bos_token`): such models are evaluated and calibrated on BOS + text windows.
+    pub adds_bos: bool,
+    /// The chat template the files carry.
+    pub chat_template: Option<String>,
 }
 
-/// Maps a GGUF tensor name to its HF name; `None` for tensors dropwise does not use.
-pub fn gguf_to_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+impl LoadedModel {
+    /// The token every window starts with under the BOS rule (DESIGN.md), when the model adds one.
+    pub fn window_bos(&self) -> Option<u32> {
+        self.model.config.bos_token_id.filter(|_| self.adds_bos)
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    let i: usize = idx.parse().ok()?;
-    let (base, suffix) = rest.rsplit_once('.')?;
-    let p = format!("model.layers.{i}");
-    let hf = match base {
-        "attn_norm" => format!("{p}.input_layernorm"),
-        "ffn_norm" => format!("{p}.post_attention_layernorm"),
-        "attn_q_norm" => format!("{p}.self_attn.q_norm"),
-        "attn_k_norm" => format!("{p}.self_attn.k_norm"),
-        _ => {
-            let kind = LinearKind::ALL.into_iter().find(|k| k.gguf_name() == base)?;
-            format!("{p}.{}", kind.hf_name())
-        }
-    };
-    Some(format!("{hf}.{suffix}"))
+}
+
+/// Maps a GGUF tensor name to dropwise's canonical (llama HF) name for `arch`; `None` for
+/// tensors that architecture does not have.
+pub fn gguf_to_hf_name(arch: Arch, name: &str) -> Option<String> {
+    super::arch::gguf_to_canonical(arch, name)
 }
 
 /// The inverse of [`gguf_to_hf_name`].
-pub fn hf_to_gguf_name(name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    let i: usize = idx.parse().ok()?;
-    let (base, suffix) = rest.rsplit_once('.')?;
-    let g = match base {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        _ => LinearKind::ALL.into_iter().find(|k| k.hf_name() == base)?.gguf_name(),
-    };
-    Some(format!("blk.{i}.{g}.{suffix}"))
+pub fn hf_to_gguf_name(arch: Arch, name: &str) -> Option<String> {
+    super::arch::canonical_to_gguf(arch, name)
 }
 
 /// llama.cpp's converter interleaves the two rope halves of each Q/K head (`permute` in
@@ -107,9 +82,9 @@ fn rope_permute(t: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
     Ok(x.reshape(dims)?)
 }
 
-/// Whether this architecture's GGUF files store Q/K permuted (llama.cpp's LLAMA rope type).
-fn permutes_qk(arch: Arch) -> bool {
-    matches!(arch, Arch::Llama | Arch::Mistral)
+/// Whether this tensor is stored rope-permuted in this architecture's GGUF files.
+fn permuted_in_gguf(arch: Arch, canonical: &str) -> bool {
+    arch.permutes_qk() && (canonical.contains("q_proj") || canonical.contains("k_proj"))
 }
 
 /// A tokenizer may have fewer tokens than the embedding has rows (padded vocabularies), never more:
@@ -192,7 +167,7 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
         if info.name == "rope_freqs.weight" {
             continue;
         }
-        let Some(hf) = gguf_to_hf_name(&info.name) else {
+        let Some(hf) = gguf_to_hf_name(config.arch, &info.name) else {
             bail!("{}: unexpected tensor {} for a {} model", ctx(), info.name, config.arch.name());
         };
         let block_linear = if keep_quantized { parse_linear_name(&hf) } else { None };
@@ -204,7 +179,7 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
             let bytes = g.tensor_bytes(info);
             // Blocks run along rows, so the Q/K rope permutation (a row permutation) applies to
             // the stored bytes row by row.
-            let data = if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+            let data = if permuted_in_gguf(config.arch, &hf) {
                 let row_bytes = bytes.len() / rows.max(1);
                 let order = unpermute_rows(rows, rows / config.head_dim.max(1)).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
                 order.iter().flat_map(|&r| bytes[r * row_bytes..(r + 1) * row_bytes].iter().copied()).collect::<Vec<u8>>()
@@ -219,13 +194,14 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
             continue;
         }
         let mut t = g.dequantize(info).with_context(ctx)?;
-        if permutes_qk(config.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+        if permuted_in_gguf(config.arch, &hf) {
             let heads = t.dims()[0] / config.head_dim.max(1);
             t = rope_permute(&t, heads, false).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
         }
         tensors.insert(hf, t);
     }
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
+    config.arch.split_fused_gguf(&mut tensors, &config).with_context(ctx)?;
     let mut model = Llama::from_tensors(config, tensors).with_context(ctx)?;
     if keep_quantized {
         let head = g.tensors.iter().find(|t| t.name == "output.weight").or_else(|| g.tensors.iter().find(|t| t.name == "token_embd.weight"));
@@ -242,7 +218,11 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     }
     let meta = g.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let adds_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+    let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
     Ok(LoadedModel {
+        adds_bos,
+        chat_template,
         model,
         tokenizer,
         tokenizer_meta: TokenizerMeta::Gguf(meta),
@@ -268,25 +248,41 @@ pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
     let tokenizer = Tokenizer::from_file(&tok_path)?;
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     let tok_json = std::fs::read_to_string(&tok_path)?;
-    let (mut tensors, stats) = st::read_folder(dir)?;
-    tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+    let (raw, stats) = st::read_folder(dir)?;
+    // The architecture's own names become canonical ones, norms take the multiplier form, and
+    // fused tensors are split.
+    let arch = config.arch;
+    let offset = arch.hf_norm_offset();
+    let mut tensors = HashMap::with_capacity(raw.len());
+    for (name, t) in raw {
+        if name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        let canonical = arch.hf_to_canonical(&name);
+        let t = if offset != 0.0 && super::arch::is_norm(&canonical) { (t.to_dtype(candle_core::DType::F32)? + offset as f64)? } else { t };
+        tensors.insert(canonical, t);
+    }
+    arch.split_fused_hf(&mut tensors, &config).with_context(ctx)?;
     let known: std::collections::HashSet<String> = (0..config.num_hidden_layers)
-        .flat_map(|i| super::llama::block_param_names(i, config.attention_bias, config.arch.has_qk_norm()))
+        .flat_map(|i| super::arch::block_param_names(i, &config))
         .chain(["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"].map(String::from))
         .collect();
-    if let Some(extra) = tensors.keys().find(|k| !known.contains(*k)) {
-        bail!("{}: unexpected tensor {extra} for a {} model", ctx(), config.arch.name());
+    if let Some(extra) = tensors.keys().filter(|k| !known.contains(*k)).min() {
+        bail!("{}: unexpected tensor {} for a {} model", ctx(), arch.canonical_to_hf(extra), arch.name());
     }
     let stored = stats
         .into_iter()
         .map(|(name, dtype, bytes)| {
-            let elems = tensors.get(&name).map(|t| t.elem_count() as u64).unwrap_or(0);
+            let elems = tensors.get(&arch.hf_to_canonical(&name)).map(|t| t.elem_count() as u64).unwrap_or(0);
             StoredTensor { name, dtype, bytes, elems }
         })
         .collect();
     let model = Llama::from_tensors(config, tensors).with_context(ctx)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(LoadedModel { model, tokenizer, tokenizer_meta: TokenizerMeta::HfJson(tok_json), path: dir.to_path_buf(), format: "hf", stored, name })
+    let tok_cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let adds_bos = tok_cfg["add_bos_token"].as_bool().unwrap_or(false);
+    let chat_template = tok_cfg["chat_template"].as_str().map(str::to_string);
+    Ok(LoadedModel { model, tokenizer, tokenizer_meta: TokenizerMeta::HfJson(tok_json), path: dir.to_path_buf(), format: "hf", stored, name, adds_bos, chat_template })
 }
 
 /// GGUF `tokenizer.*` keys for a tokenizer that came from an HF `tokenizer.json`.
@@ -398,17 +394,19 @@ pub fn save_gguf_encoded(
     let c = &model.config;
     let shapes: Vec<crate::config::LayerShape> = (0..model.blocks.len()).map(|i| model.layer_shape(i)).collect();
     let uneven = shapes.iter().any(|s| *s != shapes[0]) || shapes.iter().any(|s| s.heads == 0 || s.ffn == 0);
-    let arch = match (c.arch, uneven) {
-        (Arch::Qwen3, true) => bail!("a qwen3 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
-        (Arch::Qwen2, true) => bail!("a qwen2 model with uneven or removed sub-blocks has no GGUF form llama.cpp runs (deci is llama-only); export it as an HF folder or keep blocks even"),
-        (_, true) if c.attention_bias => bail!("llama.cpp's deci architecture has no q/k/v biases; this model's uneven blocks cannot be written as GGUF"),
+    let arch = if uneven {
+        let a = c.arch.uneven_gguf_arch()?;
+        if c.attention_bias {
+            bail!("llama.cpp's {a} architecture has no q/k/v biases; this model's uneven blocks cannot be written as GGUF");
+        }
         // llama.cpp takes deci's one head size from layer 0 (0 when it has no heads, which
         // breaks every other layer's attention).
-        (_, true) if shapes[0].heads == 0 => bail!("llama.cpp's deci architecture takes the head size from the first block, which has no attention here; such a model cannot be written as GGUF (keep the first block's attention)"),
-        (_, true) => "deci",
-        (Arch::Qwen2, false) => "qwen2",
-        (Arch::Qwen3, false) => "qwen3",
-        (Arch::Llama | Arch::Mistral, false) => "llama",
+        if shapes[0].heads == 0 {
+            bail!("llama.cpp's {a} architecture takes the head size from the first block, which has no attention here; such a model cannot be written as GGUF (keep the first block's attention)");
+        }
+        a
+    } else {
+        c.arch.gguf_arch()
     };
     let mut m: BTreeMap<String, Value> = BTreeMap::new();
     let s = |v: &str| Value::String(v.to_string());
@@ -440,6 +438,7 @@ pub fn save_gguf_encoded(
         m.insert(format!("{arch}.attention.key_length"), u(c.head_dim));
         m.insert(format!("{arch}.attention.value_length"), u(c.head_dim));
     }
+    c.arch.write_gguf_config(c, arch, &mut m);
     match tokenizer_meta {
         TokenizerMeta::Gguf(keys) => m.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone()))),
         TokenizerMeta::HfJson(text) => m.extend(gguf_tokenizer_keys(text, c)?),
@@ -447,10 +446,10 @@ pub fn save_gguf_encoded(
     m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
 
     let mut out = Vec::new();
-    for (hf, t) in model.named_tensors() {
-        let gname = hf_to_gguf_name(&hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
+    for (hf, t) in c.arch.fuse_for_gguf(model.named_tensors(), c)? {
+        let gname = hf_to_gguf_name(c.arch, &hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
         let mut t = t.detach();
-        if permutes_qk(c.arch) && (hf.contains("q_proj") || hf.contains("k_proj")) {
+        if permuted_in_gguf(c.arch, &hf) {
             let heads = t.dims()[0] / c.head_dim;
             t = rope_permute(&t, heads, true)?;
         }
@@ -478,13 +477,14 @@ pub fn save_gguf_encoded(
 
 /// Writes the model as an HF folder: config.json, model.safetensors, tokenizer files.
 pub fn save_hf(model: &Llama, tokenizer: &Tokenizer, tokenizer_meta: &TokenizerMeta, path: &Path, dtype: WriteDType) -> Result<()> {
-    save_hf_with(model, tokenizer, tokenizer_meta, path, dtype, serde_json::Map::new())
+    save_hf_with(model, tokenizer, tokenizer_meta, false, path, dtype, serde_json::Map::new())
 }
 
 fn save_hf_with(
     model: &Llama,
     tokenizer: &Tokenizer,
     tokenizer_meta: &TokenizerMeta,
+    adds_bos: bool,
     path: &Path,
     dtype: WriteDType,
     extra: serde_json::Map<String, serde_json::Value>,
@@ -513,14 +513,24 @@ fn save_hf_with(
     let token = |id: Option<u32>| id.and_then(|i| vocab.get(i as usize).cloned());
     let tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": false,
+        "add_bos_token": adds_bos,
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
         "bos_token": token(c.bos_token_id),
         "eos_token": token(c.eos_token_id),
         "model_max_length": c.max_position_embeddings,
     });
-    let tensors = model.named_tensors();
+    // Canonical tensors in the architecture's own HF names and forms.
+    let offset = c.arch.hf_norm_offset();
+    let tensors: Vec<(String, Tensor)> = c
+        .arch
+        .fuse_for_hf(model.named_tensors(), c)?
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if offset != 0.0 && super::arch::is_norm(&n) { (t - offset as f64)? } else { t };
+            Ok((c.arch.canonical_to_hf(&n), t))
+        })
+        .collect::<Result<_>>()?;
     crate::util::write_dir_atomically(path, |dir| {
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
         std::fs::write(dir.join("tokenizer.json"), &tok_json)?;
@@ -543,7 +553,7 @@ pub fn save_with_metadata(loaded: &LoadedModel, model: &Llama, path: &Path, dtyp
         save_gguf(model, &loaded.tokenizer_meta, &loaded.name, path, dtype, extra)
     } else {
         let extra_json: serde_json::Map<String, serde_json::Value> = extra.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
-        save_hf_with(model, &loaded.tokenizer, &loaded.tokenizer_meta, path, dtype, extra_json)
+        save_hf_with(model, &loaded.tokenizer, &loaded.tokenizer_meta, loaded.adds_bos, path, dtype, extra_json)
     }
 }
 

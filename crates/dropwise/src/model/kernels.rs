@@ -19,9 +19,10 @@ pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// Softmax over the last axis of scores `[.., rows, keys]` under a causal mask, for a block of
 /// `q_block` query positions starting at `offset`: row `r` is query position `offset + r % q_block`
-/// (several heads' blocks may be stacked along the rows) and attends to keys `0..=offset + r % q_block`.
+/// (several heads' blocks may be stacked along the rows) and attends to keys `0..=offset + r % q_block`,
+/// or with a sliding `window` only to the last `window` of them (its own included).
 /// Masked entries are exactly 0; only the unmasked part is computed.
-pub fn causal_softmax_block(scores: &Tensor, q_block: usize, offset: usize) -> Result<Tensor> {
+pub fn causal_softmax_block(scores: &Tensor, q_block: usize, offset: usize, window: Option<usize>) -> Result<Tensor> {
     let dims = scores.dims().to_vec();
     let keys = *dims.last().unwrap_or(&0);
     if dims.len() < 2 || q_block == 0 || offset + q_block > keys {
@@ -37,17 +38,19 @@ pub fn causal_softmax_block(scores: &Tensor, q_block: usize, offset: usize) -> R
         };
         out.par_chunks_mut(keys).zip(s.par_chunks(keys)).enumerate().with_min_len(32).for_each(|(r, (o, x))| {
             let last = offset + r % q_block;
-            let m = x[..=last].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
+            let m = x[first..=last].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for (oj, &xj) in o[..=last].iter_mut().zip(&x[..=last]) {
+            for (oj, &xj) in o[first..=last].iter_mut().zip(&x[first..=last]) {
                 let e = (xj - m).exp();
                 *oj = e;
                 sum += e;
             }
             let inv = 1.0 / sum;
-            for oj in &mut o[..=last] {
+            for oj in &mut o[first..=last] {
                 *oj *= inv;
             }
+            o[..first].fill(0.0);
             o[last + 1..].fill(0.0);
         });
         out
@@ -55,10 +58,10 @@ pub fn causal_softmax_block(scores: &Tensor, q_block: usize, offset: usize) -> R
     Ok(Tensor::from_vec(out, dims, scores.device())?)
 }
 
-/// Causal softmax of full square scores `[.., seq, seq]`.
-pub fn causal_softmax(scores: &Tensor) -> Result<Tensor> {
+/// Causal softmax of full square scores `[.., seq, seq]` (optionally within a sliding window).
+pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> {
     let t = *scores.dims().last().unwrap_or(&0);
-    causal_softmax_block(scores, t, 0)
+    causal_softmax_block(scores, t, 0, window)
 }
 
 /// `silu(g) * u` in one pass.

@@ -1,6 +1,7 @@
-//! The llama-family decoder (llama, mistral, qwen2, smollm), owned by dropwise so every stage can
-//! see inside it: logits at every position, hooks on every linear input, block input/output and
-//! attention probabilities, and a differentiable mode for gradient-based scores.
+//! The decoder every architecture runs (llama, mistral, qwen2, qwen3, gemma3, phi3: see
+//! [`super::arch`] for what each one decides), owned by dropwise so every stage can see inside it:
+//! logits at every position, hooks on every linear input, block input/output and attention
+//! probabilities, and a differentiable mode for gradient-based scores.
 //!
 //! Two execution modes:
 //! * inference: candle's fused kernels (rms_norm, softmax, rope), which carry no gradient;
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::arch::Activation;
 use super::hooks::{Hooks, LinearKind, NoHooks};
 use super::{kernels, qmatmul};
 use crate::config::{LayerShape, LlamaConfig};
@@ -109,9 +111,15 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
-    /// Per-head RMSNorm weights `[head_dim]` of queries and keys, applied before rope (Qwen3).
+    /// Per-head RMSNorm weights `[head_dim]` of queries and keys, applied before rope (Qwen3, Gemma 3).
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// Norms on the attention and MLP outputs before each residual add (Gemma 3).
+    pub attn_output_norm: Option<Tensor>,
+    pub mlp_output_norm: Option<Tensor>,
+    /// Sliding-window attention with the local rope base (Gemma 3's local layers); the block
+    /// keeps it through surgery, so dropped blocks take their kind with them.
+    pub local: bool,
 }
 
 impl Block {
@@ -164,30 +172,29 @@ pub struct Llama {
     pub head_quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
-/// HF parameter names of block `i`'s tensors, in a fixed order.
-pub fn block_param_names(i: usize, bias: bool, qk_norm: bool) -> Vec<String> {
-    let p = format!("model.layers.{i}");
-    let mut v = vec![
-        format!("{p}.input_layernorm.weight"),
-        format!("{p}.self_attn.q_proj.weight"),
-        format!("{p}.self_attn.k_proj.weight"),
-        format!("{p}.self_attn.v_proj.weight"),
-        format!("{p}.self_attn.o_proj.weight"),
-        format!("{p}.post_attention_layernorm.weight"),
-        format!("{p}.mlp.gate_proj.weight"),
-        format!("{p}.mlp.up_proj.weight"),
-        format!("{p}.mlp.down_proj.weight"),
-    ];
-    if bias {
-        v.push(format!("{p}.self_attn.q_proj.bias"));
-        v.push(format!("{p}.self_attn.k_proj.bias"));
-        v.push(format!("{p}.self_attn.v_proj.bias"));
+/// Positions a forward pass covers, with what attention needs for them: rope tables (one set
+/// per rope base) and, for the full-matrix paths, additive masks.
+pub struct Positions {
+    pub start: usize,
+    pub len: usize,
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+    mask: Option<Tensor>,
+    local_mask: Option<Tensor>,
+}
+
+impl Positions {
+    /// cos and sin `[len, head_dim/2]` for a block of the given kind.
+    pub fn rope(&self, local: bool) -> (&Tensor, &Tensor) {
+        let (c, s) = if local { self.local.as_ref().unwrap_or(&self.global) } else { &self.global };
+        (c, s)
     }
-    if qk_norm {
-        v.push(format!("{p}.self_attn.q_norm.weight"));
-        v.push(format!("{p}.self_attn.k_norm.weight"));
+    /// Additive mask `[len, len]` (0 allowed, -inf masked) for a block of the given kind; only
+    /// for sequences starting at position 0.
+    pub fn mask(&self, local: bool) -> Result<&Tensor> {
+        let m = if local { self.local_mask.as_ref().or(self.mask.as_ref()) } else { self.mask.as_ref() };
+        m.context("attention masks exist only for sequences that start at position 0")
     }
-    v
 }
 
 impl Llama {
@@ -242,6 +249,11 @@ impl Llama {
             };
             let attn_norm = norm(&mut t, "input_layernorm", qd > 0)?;
             let mlp_norm = norm(&mut t, "post_attention_layernorm", f > 0)?;
+            let (attn_output_norm, mlp_output_norm) = if c.arch.sandwich_norms() {
+                (Some(norm(&mut t, "attn_output_norm", qd > 0)?), Some(norm(&mut t, "mlp_output_norm", f > 0)?))
+            } else {
+                (None, None)
+            };
             let (q_norm, k_norm) = if c.arch.has_qk_norm() {
                 let mut head_norm = |name: &str| -> Result<Tensor> {
                     let key = format!("{p}.self_attn.{name}.weight");
@@ -256,7 +268,8 @@ impl Llama {
             } else {
                 (None, None)
             };
-            blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down, q_norm, k_norm });
+            let local = c.is_local(i);
+            blocks.push(Block { attn_norm, q, k, v, o, mlp_norm, gate, up, down, q_norm, k_norm, attn_output_norm, mlp_output_norm, local });
         }
         let final_norm = take(&mut t, "model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
@@ -266,6 +279,11 @@ impl Llama {
         } else {
             Some(take(&mut t, "lm_head.weight", &[c.vocab_size, h])?)
         };
+        // Whatever is left belongs to no part of this architecture: refuse it rather than run
+        // a model that silently ignores weights.
+        if let Some(extra) = t.keys().min() {
+            bail!("unexpected tensor {extra} for a {} model with {} blocks", c.arch.name(), c.num_hidden_layers);
+        }
         Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false, head_stored_as: None, head_quantized: None })
     }
 
@@ -289,14 +307,17 @@ impl Llama {
                 }
             }
             if b.has_attention() {
-                for (name, w) in [("q_norm", &b.q_norm), ("k_norm", &b.k_norm)] {
+                for (name, w) in [("self_attn.q_norm", &b.q_norm), ("self_attn.k_norm", &b.k_norm), ("attn_output_norm", &b.attn_output_norm)] {
                     if let Some(w) = w {
-                        out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+                        out.push((format!("{p}.{name}.weight"), w.clone()));
                     }
                 }
             }
             if b.has_mlp() {
                 out.push((format!("{p}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
+                if let Some(w) = &b.mlp_output_norm {
+                    out.push((format!("{p}.mlp_output_norm.weight"), w.clone()));
+                }
             }
         }
         out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
@@ -321,8 +342,12 @@ impl Llama {
     /// and either one set of widths for all blocks or a per-layer list when they differ.
     pub fn sync_config(&mut self) {
         let shapes: Vec<LayerShape> = (0..self.blocks.len()).map(|i| self.layer_shape(i)).collect();
+        let local: Vec<bool> = self.blocks.iter().map(|b| b.local).collect();
         let c = &mut self.config;
         c.num_hidden_layers = shapes.len();
+        if c.attention.sliding_window.is_some() && c.attention.local_layers.is_some() {
+            c.attention.local_layers = Some(local);
+        }
         match shapes.first() {
             Some(first) if shapes.iter().all(|s| s == first) && first.heads > 0 && first.ffn > 0 => {
                 c.num_attention_heads = first.heads;
@@ -361,6 +386,12 @@ impl Llama {
             if let Some(w) = b.k_norm.as_mut() {
                 var(format!("{p}.self_attn.k_norm.weight"), w)?;
             }
+            if let Some(w) = b.attn_output_norm.as_mut() {
+                var(format!("{p}.attn_output_norm.weight"), w)?;
+            }
+            if let Some(w) = b.mlp_output_norm.as_mut() {
+                var(format!("{p}.mlp_output_norm.weight"), w)?;
+            }
             for kind in LinearKind::ALL {
                 let l = b.linear_mut(kind);
                 var(format!("{p}.{}.weight", kind.hf_name()), &mut l.weight)?;
@@ -389,18 +420,43 @@ impl Llama {
         if max >= self.config.vocab_size {
             bail!("token id {max} is outside the model's vocabulary of {}", self.config.vocab_size);
         }
-        Ok(self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?)
+        let h = self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.arch.embedding_scale(self.config.hidden_size) {
+            Some(s) => (h * s as f64)?,
+            None => h,
+        })
     }
 
-    /// Rope tables for positions `0..seq`: cos and sin of shape `[seq, head_dim/2]`.
+    /// Everything attention needs for positions `start..start+len`: rope tables for each rope
+    /// base the blocks use and, when `start` is 0, the causal (and sliding-window) masks.
+    pub fn positions(&self, start: usize, len: usize) -> Result<Positions> {
+        let global = self.rope_tables_for(&self.config.rope_frequencies()?, start, len)?;
+        let local = match self.config.local_rope_frequencies() {
+            Some(f) => Some(self.rope_tables_for(&f, start, len)?),
+            None => None,
+        };
+        let (mask, local_mask) = if start == 0 {
+            let window = self.config.attention.sliding_window.filter(|_| self.blocks.iter().any(|b| b.local));
+            (Some(self.causal_mask(len)?), window.map(|w| self.window_mask(len, w)).transpose()?)
+        } else {
+            (None, None)
+        };
+        Ok(Positions { start, len, global, local, mask, local_mask })
+    }
+
+    /// Rope tables (global base) for positions `0..seq`: cos and sin of shape `[seq, head_dim/2]`.
     pub fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
         self.rope_tables_at(0, seq)
     }
 
-    /// Rope tables for positions `start..start+seq` (a decode step needs only its own).
+    /// Rope tables (global base) for positions `start..start+seq`.
     pub fn rope_tables_at(&self, start: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        self.rope_tables_for(&self.config.rope_frequencies()?, start, seq)
+    }
+
+    fn rope_tables_for(&self, freqs: &[f64], start: usize, seq: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.config.head_dim;
-        let inv: Vec<f32> = self.config.rope_frequencies()?.into_iter().map(|f| f as f32).collect();
+        let inv: Vec<f32> = freqs.iter().map(|&f| f as f32).collect();
         let mut ang = Vec::with_capacity(seq * hd / 2);
         for p in start..start + seq {
             for f in &inv {
@@ -454,23 +510,15 @@ impl Llama {
         }
     }
 
-    /// Runs block `layer` on hidden states `[b, seq, hidden]`. `mask` is the additive causal mask
-    /// `[seq, seq]`; `cos`/`sin` come from [`Llama::rope_tables`]. The block is the composition of
-    /// its stages ([`Llama::attn_norm`], [`Llama::attention_context`], [`Llama::mlp_norm`],
+    /// Runs block `layer` on hidden states `[b, seq, hidden]` at the positions `pos` describes
+    /// ([`Llama::positions`]). The block is the composition of its stages ([`Llama::attn_norm`],
+    /// [`Llama::attention_context`], [`Llama::attn_residual`], [`Llama::mlp_norm`],
     /// [`Llama::mlp_hidden`]), which calibration may also run one at a time.
-    pub fn forward_block(
-        &self,
-        layer: usize,
-        h: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
+    pub fn forward_block(&self, layer: usize, h: &Tensor, pos: &Positions, hooks: &mut dyn Hooks) -> Result<Tensor> {
         hooks.block_input(layer, h)?;
         let x = self.attn_norm(layer, h)?;
-        let h = match self.attention_context(layer, &x, mask, cos, sin, hooks)? {
-            Some(ctx) => (h + self.hooked_linear(hooks, layer, LinearKind::O, &ctx)?)?,
+        let h = match self.attention_context(layer, &x, pos, hooks)? {
+            Some(ctx) => self.attn_residual(layer, h, &ctx, hooks)?,
             None => h.clone(),
         };
         let h = self.mlp_residual(layer, &h, hooks)?;
@@ -480,13 +528,35 @@ impl Llama {
         })
     }
 
+    /// `h` plus block `layer`'s attention output from its context `ctx` (o_proj's input),
+    /// normed first where the architecture has an output norm.
+    pub fn attn_residual(&self, layer: usize, h: &Tensor, ctx: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let out = self.hooked_linear(hooks, layer, LinearKind::O, ctx)?;
+        let out = match &self.blocks[layer].attn_output_norm {
+            Some(w) => self.rms_norm(&out, w)?,
+            None => out,
+        };
+        Ok((h + out)?)
+    }
+
     /// `h` plus block `layer`'s MLP output (`h` itself when the block has no MLP left).
-    fn mlp_residual(&self, layer: usize, h: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+    pub fn mlp_residual(&self, layer: usize, h: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let x = self.mlp_norm(layer, h)?;
         Ok(match self.mlp_hidden(layer, &x, hooks)? {
-            Some(a) => (h + self.hooked_linear(hooks, layer, LinearKind::Down, &a)?)?,
+            Some(a) => self.down_residual(layer, h, &a, hooks)?,
             None => h.clone(),
         })
+    }
+
+    /// `h` plus block `layer`'s MLP output from its hidden activations `a` (down_proj's input),
+    /// normed first where the architecture has an output norm.
+    pub fn down_residual(&self, layer: usize, h: &Tensor, a: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let out = self.hooked_linear(hooks, layer, LinearKind::Down, a)?;
+        let out = match &self.blocks[layer].mlp_output_norm {
+            Some(w) => self.rms_norm(&out, w)?,
+            None => out,
+        };
+        Ok((h + out)?)
     }
 
     /// Block `layer`'s pre-attention RMS norm: the input of q, k and v.
@@ -501,15 +571,10 @@ impl Llama {
 
     /// Attention of block `layer` from its normed input `x` `[b, seq, hidden]` up to the input of
     /// o_proj `[b, seq, heads·head_dim]`; `None` when the block has no heads left.
-    pub fn attention_context(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Option<Tensor>> {
+    pub fn attention_context(&self, layer: usize, x: &Tensor, pos: &Positions, hooks: &mut dyn Hooks) -> Result<Option<Tensor>> {
+        let local = self.blocks[layer].local;
+        let window = self.window(layer);
+        let (cos, sin) = pos.rope(local);
         let Some((q, k, v)) = self.project_qkv(layer, x, cos, sin, hooks)? else { return Ok(None) };
         let (b, n_q, t, hd) = q.dims4()?;
         let n_kv = k.dim(1)?;
@@ -520,21 +585,26 @@ impl Llama {
             let qg = q.reshape((b, n_kv, rep * t, hd))?;
             let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
             let probs = if self.differentiable {
-                self.softmax(&scores.broadcast_add(mask)?)?
+                self.softmax(&scores.broadcast_add(pos.mask(local)?)?)?
             } else {
-                kernels::causal_softmax(&scores)?
+                kernels::causal_softmax(&scores, window)?
             };
             hooks.attention_probs(layer, &probs)?;
             probs.reshape((b, n_kv, rep * t, t))?.matmul(&v)?.reshape((b, n_q, t, hd))?
         } else {
-            self.causal_attention_blocked(&q, &k, &v, rep, 0)?
+            self.causal_attention_blocked(&q, &k, &v, rep, pos.start, window)?
         };
         Ok(Some(ctx.transpose(1, 2)?.reshape((b, t, n_q * hd))?))
     }
 
+    /// The sliding window block `layer` attends within, if it is a local block.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.config.attention.sliding_window.filter(|_| self.blocks[layer].local)
+    }
+
     /// Block `layer`'s queries, keys and values from its normed input `x` `[b, seq, hidden]`:
     /// `[b, heads, seq, head_dim]` each, q and k rotated (`cos`/`sin` for the positions of `x`)
-    /// and q scaled by 1/√head_dim; `None` when the block has no heads left.
+    /// and q scaled ([`LlamaConfig::query_scale`]); `None` when the block has no heads left.
     fn project_qkv(
         &self,
         layer: usize,
@@ -568,7 +638,7 @@ impl Llama {
         let q = q.transpose(1, 2)?;
         let k = k.transpose(1, 2)?;
         let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = (self.rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let q = (self.rope(&q, cos, sin)? * self.config.query_scale())?;
         let k = self.rope(&k, cos, sin)?.contiguous()?;
         Ok(Some((q, k, v)))
     }
@@ -587,45 +657,52 @@ impl Llama {
             cache.layers = vec![None; self.blocks.len()];
             cache.len = 0;
         }
-        let pos = cache.len;
-        let (cos, sin) = self.rope_tables_at(pos, n)?;
+        let start = cache.len;
+        let pos = self.positions(start, n)?;
         let mut h = self.embed_tokens(ids)?;
         for layer in 0..self.blocks.len() {
             let x = self.attn_norm(layer, &h)?;
-            if let Some((q, k, v)) = self.project_qkv(layer, &x, &cos, &sin, &mut NoHooks)? {
+            let (cos, sin) = pos.rope(self.blocks[layer].local);
+            if let Some((q, k, v)) = self.project_qkv(layer, &x, cos, sin, &mut NoHooks)? {
                 let (k, v) = match cache.layers[layer].take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                     None => (k, v),
                 };
                 let (_, n_q, _, hd) = q.dims4()?;
-                let ctx = self.causal_attention_blocked(&q, &k, &v, n_q / k.dim(1)?, pos)?;
+                let ctx = self.causal_attention_blocked(&q, &k, &v, n_q / k.dim(1)?, start, self.window(layer))?;
                 let ctx = ctx.transpose(1, 2)?.reshape((1, n, n_q * hd))?;
-                h = (h + self.blocks[layer].o.forward(&ctx)?)?;
+                h = self.attn_residual(layer, &h, &ctx, &mut NoHooks)?;
                 cache.layers[layer] = Some((k, v));
             }
             h = self.mlp_residual(layer, &h, &mut NoHooks)?;
         }
-        cache.len = pos + n;
+        cache.len = start + n;
         Ok(h)
     }
 
     /// The MLP of block `layer` from its normed input up to the input of down_proj,
-    /// `silu(gate(x)) · up(x)`; `None` when the block has no neurons left.
+    /// `act(gate(x)) · up(x)` (silu or tanh-GELU, as the architecture says); `None` when the
+    /// block has no neurons left.
     pub fn mlp_hidden(&self, layer: usize, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Option<Tensor>> {
         if self.blocks[layer].gate.out_features() == 0 {
             return Ok(None);
         }
         let g = self.hooked_linear(hooks, layer, LinearKind::Gate, x)?;
         let u = self.hooked_linear(hooks, layer, LinearKind::Up, x)?;
-        Ok(Some(if self.differentiable { (g.silu()? * u)? } else { kernels::silu_mul(&g, &u)? }))
+        Ok(Some(match (self.config.arch.activation(), self.differentiable) {
+            (Activation::Silu, false) => kernels::silu_mul(&g, &u)?,
+            (Activation::Silu, true) => (g.silu()? * u)?,
+            (Activation::GeluTanh, _) => (g.gelu()? * u)?,
+        }))
     }
 
     /// Inference attention in blocks of query positions: block `[s, s+B)` only multiplies
     /// against keys `0..offset+s+B`, so the masked upper triangle is mostly never computed (37%
     /// fewer score entries at seq 512). `q` is `[b, n_q, t, hd]` (rope'd, scaled) for positions
     /// `offset..offset+t`, `k`/`v` are `[b, n_kv, offset+t, hd]` (earlier positions first, as a
-    /// KV cache holds them); returns the context `[b, n_q, t, hd]`.
-    fn causal_attention_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, rep: usize, offset: usize) -> Result<Tensor> {
+    /// KV cache holds them); returns the context `[b, n_q, t, hd]`. With a sliding `window`, a
+    /// block multiplies only against the keys its rows can reach.
+    fn causal_attention_blocked(&self, q: &Tensor, k: &Tensor, v: &Tensor, rep: usize, offset: usize, window: Option<usize>) -> Result<Tensor> {
         const BLOCK: usize = 128;
         let (b, n_q, t, hd) = q.dims4()?;
         let n_kv = n_q / rep;
@@ -635,11 +712,12 @@ impl Llama {
         while s < t {
             let tb = BLOCK.min(t - s);
             let kend = offset + s + tb;
+            let kstart = window.map_or(0, |w| (offset + s + 1).saturating_sub(w));
             let qb = q5.narrow(3, s, tb)?.contiguous()?.reshape((b, n_kv, rep * tb, hd))?;
-            let kb = k.narrow(2, 0, kend)?.contiguous()?;
-            let vb = v.narrow(2, 0, kend)?.contiguous()?;
+            let kb = k.narrow(2, kstart, kend - kstart)?.contiguous()?;
+            let vb = v.narrow(2, kstart, kend - kstart)?.contiguous()?;
             let scores = qb.matmul(&kb.t()?)?;
-            let probs = kernels::causal_softmax_block(&scores, tb, offset + s)?;
+            let probs = kernels::causal_softmax_block(&scores, tb, offset + s - kstart, window)?;
             outs.push(probs.matmul(&vb)?.reshape((b, n_kv, rep, tb, hd))?);
             s += tb;
         }
@@ -648,7 +726,13 @@ impl Llama {
 
     /// Additive causal mask `[seq, seq]`: 0 on and below the diagonal, -inf above.
     pub fn causal_mask(&self, seq: usize) -> Result<Tensor> {
-        let m: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        self.window_mask(seq, usize::MAX)
+    }
+
+    /// Additive causal mask within a sliding window: key j is seen by query i when
+    /// `0 <= i - j < window`.
+    pub fn window_mask(&self, seq: usize, window: usize) -> Result<Tensor> {
+        let m: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY })).collect();
         Ok(Tensor::from_vec(m, (seq, seq), self.device())?)
     }
 
@@ -695,11 +779,10 @@ impl Llama {
         if t == 0 {
             bail!("cannot run the model on an empty sequence");
         }
-        let mask = self.causal_mask(t)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let pos = self.positions(0, t)?;
         let mut h = self.embed_tokens(ids)?;
         for layer in 0..self.blocks.len() {
-            h = self.forward_block(layer, &h, &mask, &cos, &sin, hooks)?;
+            h = self.forward_block(layer, &h, &pos, hooks)?;
         }
         Ok(h)
     }

@@ -1,4 +1,5 @@
 //! The model dropwise owns, its hooks, and loading/saving in GGUF and HF formats.
+pub mod arch;
 pub mod hooks;
 pub mod io;
 pub mod kernels;
@@ -6,4 +7,4 @@ pub mod llama;
 pub mod qmatmul;
 
 pub use hooks::{Hooks, LinearKind, NoHooks};
-pub use llama::{Block, KvCache, Linear, Llama, QMATMUL_MAX_ROWS};
+pub use llama::{Block, KvCache, Linear, Llama, Positions, QMATMUL_MAX_ROWS};

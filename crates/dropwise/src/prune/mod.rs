@@ -233,8 +233,7 @@ fn stream_blocks(
     visit: &mut dyn FnMut(&mut Llama, usize, usize, &InputStats) -> Result<()>,
 ) -> Result<()> {
     let t = windows[0].len();
-    let mask = model.causal_mask(t)?;
-    let (cos, sin) = model.rope_tables(t)?;
+    let pos = model.positions(0, t)?;
     let mut h: Vec<Tensor> = windows
         .iter()
         .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
@@ -258,15 +257,15 @@ fn stream_blocks(
         };
         let mut ctxs = Vec::with_capacity(xs.len());
         for x in &xs {
-            let c = with(model, &mut |m| m.attention_context(layer, x, &mask, &cos, &sin, &mut NoHooks)?.context("block has no heads"))?;
+            let c = with(model, &mut |m| m.attention_context(layer, x, &pos, &mut NoHooks)?.context("block has no heads"))?;
             ctxs.push(c);
         }
         drop(xs);
         // Group 1: o_proj reads the attention context.
         visit(model, layer, 1, &gather(&ctxs, hessian)?)?;
         for (hi, c) in h.iter_mut().zip(&ctxs) {
-            let o = with(model, &mut |m| m.blocks[layer].o.forward(c))?;
-            *hi = (&*hi + o)?;
+            let prev = hi.clone();
+            *hi = with(model, &mut |m| m.attn_residual(layer, &prev, c, &mut NoHooks))?;
         }
         drop(ctxs);
         // Group 2: gate/up read the normed residual.
@@ -277,11 +276,11 @@ fn stream_blocks(
             acts.push(with(model, &mut |m| m.mlp_hidden(layer, x, &mut NoHooks)?.context("block has no MLP"))?);
         }
         drop(xs);
-        // Group 3: down reads silu(gate)·up.
+        // Group 3: down reads act(gate)·up.
         visit(model, layer, 3, &gather(&acts, hessian)?)?;
         for (hi, a) in h.iter_mut().zip(&acts) {
-            let d = with(model, &mut |m| m.blocks[layer].down.forward(a))?;
-            *hi = (&*hi + d)?;
+            let prev = hi.clone();
+            *hi = with(model, &mut |m| m.down_residual(layer, &prev, a, &mut NoHooks))?;
         }
         progress(layer + 1);
     }
@@ -371,14 +370,13 @@ pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, t
     let grid: Vec<f64> = (-RD_SPAN..=RD_SPAN).map(|k| target + k as f64 * RD_STEP).filter(|g| (0.0..0.995).contains(g)).collect();
     let ws: Vec<&[u32]> = windows.iter().take(RD_WINDOWS).map(|w| &w[..w.len().min(RD_TOKENS)]).collect();
     let t = ws[0].len();
-    let mask = model.causal_mask(t)?;
-    let (cos, sin) = model.rope_tables(t)?;
+    let pos = model.positions(0, t)?;
     let n = model.blocks.len();
     // Dense hidden states entering every block, and the dense output.
     let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(n);
     let mut h: Vec<Tensor> = ws.iter().map(|w| model.embed_tokens(&Tensor::new(*w, model.device())?.unsqueeze(0)?)).collect::<Result<_>>()?;
     for layer in 0..n {
-        let next: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &mask, &cos, &sin, &mut NoHooks)).collect::<Result<_>>()?;
+        let next: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &pos, &mut NoHooks)).collect::<Result<_>>()?;
         inputs.push(std::mem::replace(&mut h, next));
     }
     let dense_out: Vec<Tensor> = h.iter().map(|x| model.head_input(x)).collect::<Result<_>>()?;
@@ -387,7 +385,7 @@ pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, t
         // The block's input statistics on the dense model, for the pruning method.
         let mut stats = BlockStats { layer, groups: [None, None, None, None], hessian: method == Method::SparseGpt };
         for x in &inputs[layer] {
-            model.forward_block(layer, x, &mask, &cos, &sin, &mut stats)?;
+            model.forward_block(layer, x, &pos, &mut stats)?;
         }
         let groups: Vec<InputStats> = stats.groups.into_iter().map(|g| g.context("a linear layer saw no input")).collect::<Result<_>>()?;
         // SparseGPT's factorization depends on the Hessian only: share it across the grid.
@@ -418,7 +416,7 @@ pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, t
             for (x, y) in inputs[layer].iter().zip(&dense_out) {
                 let mut hx = x.clone();
                 for l in layer..n {
-                    hx = model.forward_block(l, &hx, &mask, &cos, &sin, &mut NoHooks)?;
+                    hx = model.forward_block(l, &hx, &pos, &mut NoHooks)?;
                 }
                 d += (model.head_input(&hx)? - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             }

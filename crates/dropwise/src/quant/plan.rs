@@ -327,8 +327,7 @@ fn kld_scores(model: &mut Llama, windows: &[Vec<u32>], imatrix: Option<&Imatrix>
     if t < 2 || windows.iter().any(|w| w.len() != t) {
         bail!("calibration windows must share one length of at least 2 tokens");
     }
-    let mask = model.causal_mask(t)?;
-    let (cos, sin) = model.rope_tables(t)?;
+    let pos = model.positions(0, t)?;
     // Dense inputs of every block and the dense last hidden state, per window.
     let mut inputs: Vec<Vec<Tensor>> = vec![Vec::with_capacity(windows.len()); n];
     let mut finals = Vec::with_capacity(windows.len());
@@ -336,7 +335,7 @@ fn kld_scores(model: &mut Llama, windows: &[Vec<u32>], imatrix: Option<&Imatrix>
         let mut h = model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?)?;
         for (l, inp) in inputs.iter_mut().enumerate() {
             inp.push(h.clone());
-            h = model.forward_block(l, &h, &mask, &cos, &sin, &mut NoHooks)?;
+            h = model.forward_block(l, &h, &pos, &mut NoHooks)?;
         }
         finals.push(h);
     }
@@ -357,7 +356,7 @@ fn kld_scores(model: &mut Llama, windows: &[Vec<u32>], imatrix: Option<&Imatrix>
         for (wi, w) in windows.iter().enumerate() {
             let mut h = inputs[l][wi].clone();
             for j in l..n {
-                h = model.forward_block(j, &h, &mask, &cos, &sin, &mut NoHooks)?;
+                h = model.forward_block(j, &h, &pos, &mut NoHooks)?;
             }
             // The head is untouched, so the model serves as its own reference for it.
             let (a, _) = score_window(model, &h, Some((model, &finals[wi])), w)?;
@@ -408,7 +407,7 @@ pub fn write(loaded: &LoadedModel, model: &Llama, units: &[Unit], imatrix: Optio
     }
     let dominant = weight_by_type.iter().max_by_key(|(_, n)| **n).map(|(t, _)| *t).unwrap_or(QType::F16);
     let mut encode = |gname: &str, t: &Tensor| -> Result<TensorOut> {
-        let hf = gguf_to_hf_name(gname).unwrap_or_default();
+        let hf = gguf_to_hf_name(model.config.arch, gname).unwrap_or_default();
         let shape = t.dims().to_vec();
         let ty = if let Some(u) = by_name.get(&hf) {
             if shape != [u.rows, u.cols] {
@@ -436,7 +435,7 @@ pub fn write(loaded: &LoadedModel, model: &Llama, units: &[Unit], imatrix: Optio
     let mut bytes_by_type = BTreeMap::new();
     for info in &g.tensors {
         *bytes_by_type.entry(gguf::ggml_dtype_name(info.dtype).to_string()).or_insert(0) += info.n_bytes;
-        if gguf_to_hf_name(&info.name).is_some_and(|h| by_name.contains_key(&h)) {
+        if gguf_to_hf_name(model.config.arch, &info.name).is_some_and(|h| by_name.contains_key(&h)) {
             bits += 8 * info.n_bytes;
             elems += info.elem_count() as u64;
         }

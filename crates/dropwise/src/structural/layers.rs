@@ -63,9 +63,7 @@ pub struct LayerPlan {
 /// Calibration windows and the positional tables every candidate run shares.
 struct Ctx<'a> {
     windows: &'a [Vec<u32>],
-    mask: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    pos: crate::model::Positions,
 }
 
 impl Ctx<'_> {
@@ -79,7 +77,7 @@ impl Ctx<'_> {
             .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
             .collect::<Result<_>>()?;
         for l in 0..model.blocks.len() {
-            let next = h.iter().map(|x| model.forward_block(l, x, &self.mask, &self.cos, &self.sin, &mut NoHooks)).collect::<Result<_>>()?;
+            let next = h.iter().map(|x| model.forward_block(l, x, &self.pos, &mut NoHooks)).collect::<Result<_>>()?;
             all.push(std::mem::replace(&mut h, next));
         }
         all.push(h);
@@ -93,7 +91,7 @@ impl Ctx<'_> {
         for (i, (x, w)) in h.iter().zip(self.windows).enumerate() {
             let mut x = x.clone();
             for l in from..model.blocks.len() {
-                x = model.forward_block(l, &x, &self.mask, &self.cos, &self.sin, &mut NoHooks)?;
+                x = model.forward_block(l, &x, &self.pos, &mut NoHooks)?;
             }
             let (acc, _) = score_window(model, &x, reference.map(|(r, hs)| (r, &hs[i])), w)?;
             total = total.add(acc);
@@ -141,17 +139,14 @@ pub fn block_influence(model: &Llama, windows: &[Vec<u32>], part: Part) -> Resul
     for l in 0..model.blocks.len() {
         let (mut s, mut n) = (0.0, 0);
         for x in &inputs[l] {
-            let mid = match model.attention_context(l, &model.attn_norm(l, x)?, &ctx.mask, &ctx.cos, &ctx.sin, &mut NoHooks)? {
-                Some(c) => (x + model.blocks[l].o.forward(&c)?)?,
+            let mid = match model.attention_context(l, &model.attn_norm(l, x)?, &ctx.pos, &mut NoHooks)? {
+                Some(c) => model.attn_residual(l, x, &c, &mut NoHooks)?,
                 None => x.clone(),
             };
             let (a, b) = if part == Part::Attn {
                 (x.clone(), mid)
             } else {
-                let out = match model.mlp_hidden(l, &model.mlp_norm(l, &mid)?, &mut NoHooks)? {
-                    Some(a) => (&mid + model.blocks[l].down.forward(&a)?)?,
-                    None => mid.clone(),
-                };
+                let out = model.mlp_residual(l, &mid, &mut NoHooks)?;
                 (mid, out)
             };
             let (ds, dn) = cosine_sum(&a, &b)?;
@@ -171,8 +166,7 @@ fn make_ctx<'a>(model: &Llama, windows: &'a [Vec<u32>]) -> Result<Ctx<'a>> {
     if t < 2 {
         bail!("calibration windows must hold at least 2 tokens");
     }
-    let (cos, sin) = model.rope_tables(t)?;
-    Ok(Ctx { windows, mask: model.causal_mask(t)?, cos, sin })
+    Ok(Ctx { windows, pos: model.positions(0, t)? })
 }
 
 /// Whether block `l` of `model` still has `part` (a block always has itself).

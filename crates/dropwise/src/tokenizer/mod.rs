@@ -1,4 +1,7 @@
-//! Tokenizers: HF `tokenizer.json` as is, or a byte-level BPE rebuilt from GGUF metadata.
+//! Tokenizers: HF `tokenizer.json` as is, or rebuilt from GGUF metadata as llama.cpp does it
+//! (byte-level BPE for `tokenizer.ggml.model = gpt2`, SentencePiece for `llama`).
+
+mod spm;
 
 use std::path::Path;
 
@@ -18,9 +21,14 @@ use crate::formats::gguf::GgufFile;
 /// A text tokenizer. Encoding never adds BOS or other special tokens: the evaluation protocol
 /// scores raw text.
 pub struct Tokenizer {
-    inner: HfTokenizer,
+    inner: Backend,
     /// Where it came from, for reports ("tokenizer.json" or "gguf:gpt2/smollm").
     pub source: String,
+}
+
+enum Backend {
+    Hf(HfTokenizer),
+    Spm(spm::Spm),
 }
 
 /// GPT-2's pre-tokenizer split (llama.cpp's "gpt2" and the second half of "smollm").
@@ -34,14 +42,17 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let inner = HfTokenizer::from_bytes(&bytes).map_err(|e| anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?;
-        Ok(Self { inner, source: "tokenizer.json".into() })
+        Ok(Self { inner: Backend::Hf(inner), source: "tokenizer.json".into() })
     }
 
     /// Rebuilds the tokenizer llama.cpp would use from `tokenizer.ggml.*`.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).context("GGUF has no tokenizer (tokenizer.ggml.model)")?;
+        if model == "llama" {
+            return Self::spm_from_gguf(g);
+        }
         if model != "gpt2" {
-            bail!("GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)");
+            bail!("GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE, llama SentencePiece)");
         }
         let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default").to_string();
         let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).context("GGUF has no tokenizer.ggml.tokens")?;
@@ -95,38 +106,88 @@ impl Tokenizer {
                 .collect();
             inner.add_special_tokens(specials).map_err(|e| anyhow!("cannot add special tokens: {e}"))?;
         }
-        Ok(Self { inner, source: format!("gguf:{model}/{pre}") })
+        Ok(Self { inner: Backend::Hf(inner), source: format!("gguf:{model}/{pre}") })
     }
 
+    /// llama.cpp's SentencePiece tokenizer from `tokenizer.ggml.{tokens,scores,token_type}`.
+    fn spm_from_gguf(g: &GgufFile) -> Result<Self> {
+        let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).context("GGUF has no tokenizer.ggml.tokens")?;
+        let pieces: Vec<String> = tokens.iter().map(|t| t.as_str().map(String::from).context("tokenizer.ggml.tokens holds a non-string")).collect::<Result<_>>()?;
+        let n = pieces.len();
+        let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+            Some(a) => a.iter().map(|x| x.as_f64().map(|f| f as f32).context("tokenizer.ggml.scores holds a non-number")).collect::<Result<_>>()?,
+            None => vec![0.0; n],
+        };
+        let types: Vec<i32> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+            Some(a) => a.iter().map(|x| x.as_i64().map(|t| t as i32).context("tokenizer.ggml.token_type holds a non-integer")).collect::<Result<_>>()?,
+            None => vec![1; n],
+        };
+        let unk = g.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.as_u64()).map(|x| x as u32).filter(|&u| (u as usize) < n);
+        // llama.cpp's default for SentencePiece files is to prepend a space.
+        let prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
+        let inner = spm::Spm::new(pieces, scores, types, unk, prefix)?;
+        Ok(Self { inner: Backend::Spm(inner), source: "gguf:llama/spm".into() })
+    }
+
+    /// Token ids of `text`. Control tokens written in the text are not matched (llama.cpp's
+    /// `parse_special = false`) for SentencePiece; the BPE tokenizers match them always.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.inner {
+            Backend::Hf(t) => Ok(t.encode_fast(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?.get_ids().to_vec()),
+            Backend::Spm(t) => Ok(t.encode(text, false)),
+        }
+    }
+
+    /// Token ids of `text` with control tokens written in it (chat markup) matched whole.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.inner {
+            Backend::Hf(_) => self.encode(text),
+            Backend::Spm(t) => Ok(t.encode(text, true)),
+        }
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("detokenization failed: {e}"))
+        match &self.inner {
+            Backend::Hf(t) => t.decode(ids, false).map_err(|e| anyhow!("detokenization failed: {e}")),
+            Backend::Spm(t) => t.decode(ids),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Spm(t) => t.vocab_size(),
+        }
+    }
+
+    /// The id of a token by its text.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        match &self.inner {
+            Backend::Hf(t) => t.token_to_id(text),
+            Backend::Spm(t) => t.token_id(text),
+        }
     }
 
     /// The tokenizer as an HF `tokenizer.json` string.
     pub fn to_json(&self) -> Result<String> {
-        self.inner.to_string(true).map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))
-    }
-
-    /// The vocabulary by id, and merges, for writing GGUF tokenizer metadata.
-    pub fn vocab_by_id(&self) -> Vec<String> {
-        let v = self.inner.get_vocab(true);
-        let mut out = vec![String::new(); v.values().map(|&i| i as usize + 1).max().unwrap_or(0)];
-        for (t, i) in v {
-            out[i as usize] = t;
+        match &self.inner {
+            Backend::Hf(t) => t.to_string(true).map_err(|e| anyhow!("cannot serialize tokenizer: {e}")),
+            Backend::Spm(_) => bail!("a SentencePiece tokenizer rebuilt from GGUF has no tokenizer.json form in dropwise yet; export the model as GGUF"),
         }
-        out
     }
 
-    pub fn inner(&self) -> &HfTokenizer {
-        &self.inner
+    /// The vocabulary by id, for writing GGUF tokenizer metadata.
+    pub fn vocab_by_id(&self) -> Vec<String> {
+        match &self.inner {
+            Backend::Hf(t) => {
+                let v = t.get_vocab(true);
+                let mut out = vec![String::new(); v.values().map(|&i| i as usize + 1).max().unwrap_or(0)];
+                for (t, i) in v {
+                    out[i as usize] = t;
+                }
+                out
+            }
+            Backend::Spm(t) => t.pieces().to_vec(),
+        }
     }
 }
