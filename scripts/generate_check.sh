@@ -7,17 +7,22 @@
 # gap between its pick and dropwise's at the first difference). Needs .venv-llama
 # (llama_cpp_check.sh builds it).
 #   scripts/generate_check.sh [TOKENS=32] [OUT=/tmp/dropwise-generate-check]
+# MODEL=... picks another GGUF (default SmolLM2), FORMATS="f32" limits the files, CHAT=0 skips
+# the chat turn (a base model's file may carry no template), e.g. for Gemma-3-270M:
+#   MODEL=assets/gemma-3-270m-q4_k_m.gguf FORMATS=f32 CHAT=0 scripts/generate_check.sh 32 /tmp/gemma-gen
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-32}
 OUT=${2:-/tmp/dropwise-generate-check}
 mkdir -p "$OUT"
-M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+M=${MODEL:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
+FORMATS=${FORMATS:-f32 q8_0 q4_1}
+CHAT=${CHAT:-1}
 BIN=./target/release/dropwise
 cargo build --release --quiet
 [ -s "$OUT/f32.gguf" ] || $BIN convert $M -o "$OUT/f32.gguf" > /dev/null
-[ -s "$OUT/q8_0.gguf" ] || $BIN quantize $M --uniform Q8_0 -o "$OUT/q8_0.gguf" > /dev/null
-cp -n $M "$OUT/q4_1.gguf"
+case " $FORMATS " in *" q8_0 "*) [ -s "$OUT/q8_0.gguf" ] || $BIN quantize $M --uniform Q8_0 -o "$OUT/q8_0.gguf" > /dev/null ;; esac
+case " $FORMATS " in *" q4_1 "*) cp -n $M "$OUT/q4_1.gguf" ;; esac
 prompts=(
     "The capital of France is"
     "Once upon a time, in a small village by the sea,"
@@ -28,7 +33,7 @@ prompts=(
 fail=0
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(grep -o 'avx512f\|avx512_vnni\|avx2 \|fma' /proc/cpuinfo | sort -u | xargs)"
 printf "| file | prompt | tokens | identical | first difference | llama.cpp margin there | dropwise decode tok/s | llama.cpp decode tok/s |\n|---|---|---|---|---|---|---|---|\n"
-for f in f32 q8_0 q4_1; do
+for f in $FORMATS; do
     args=()
     [ "$f" != f32 ] && args=(--quantized-matmul)
     # One compact JSON line per run, for llama_cpp_generate.py.
@@ -37,7 +42,7 @@ for f in f32 q8_0 q4_1; do
     for p in "${prompts[@]}"; do
         gen --prompt "$p"
     done
-    gen --prompt "What is the tallest mountain in the world?" --chat
+    [ "$CHAT" = 1 ] && gen --prompt "What is the tallest mountain in the world?" --chat
     .venv-llama/bin/python scripts/llama_cpp_generate.py "$OUT/$f.gguf" "$OUT/$f.jsonl" > "$OUT/$f.cpp.jsonl"
     while read -r line; do
         row=$(python3 -c '

@@ -2,6 +2,8 @@
 """Perplexity of a GGUF file as llama.cpp itself computes it (PyPI llama-cpp-python), on the
 austen-512 protocol: llama.cpp's own tokenizer, no BOS, consecutive 512-token windows from the
 start of the text, each scored on its 511 predicted positions, perplexity = exp(mean NLL).
+For a file whose tokenizer adds BOS (tokenizer.ggml.add_bos_token, Gemma) the BOS rule of
+DESIGN.md applies, as in dropwise: each window is BOS + 511 text tokens, all 511 scored.
 
   llama_cpp_ppl.py MODEL.gguf TEXT WINDOWS [IDS.json]
 
@@ -25,11 +27,16 @@ def main():
     if len(sys.argv) > 4:
         ref = json.load(open(sys.argv[4]))
         out["ids_identical_to_dropwise"] = ref == ids
+    bos_rule = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+    out["bos_rule"] = bos_rule
+    text_len = seq - 1 if bos_rule else seq
     nll, n = 0.0, 0
     for w in range(windows):
-        win = ids[w * seq:(w + 1) * seq]
-        if len(win) < seq:
+        win = ids[w * text_len:(w + 1) * text_len]
+        if len(win) < text_len:
             break
+        if bos_rule:
+            win = [llm.token_bos()] + win
         llm.reset()
         llm.eval(win)
         logits = np.array(llm.scores[:seq], dtype=np.float64)

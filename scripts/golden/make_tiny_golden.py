@@ -12,6 +12,11 @@ test can give the folder a tokenizer.json. Models:
   * llama3: llama with rope_scaling type llama3 (Llama 3.1/3.2). original_max_position_embeddings
     32 with head_dim 16 puts one frequency below the high-frequency cut, one in the smoothed band
     and the rest above the low-frequency cut, so every branch of the rule is exercised.
+  * qwen3: per-head q/k RMSNorm, head_dim 24 (not hidden / heads).
+  * gemma3: three layers typed sliding, full, sliding (not the 5:1 default, so the per-layer
+    list is exercised), window 8 on a 64-token input, local and global rope bases 10^4 / 10^6,
+    query_pre_attn_scalar 32 (not head_dim 24), norms (stored as w in x·(1+w)) at ±0.3.
+  * phi3: fused qkv_proj and gate_up_proj, sliding window 16 on every layer.
 """
 import json
 import os
@@ -20,7 +25,8 @@ import sys
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 262
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
@@ -54,6 +60,16 @@ def widen(model):
                 p.normal_(0.0, 0.15)
             elif "q_norm" in n or "k_norm" in n:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+
+
+def widen_gemma(model):
+    """As widen; Gemma's norms hold w for x·(1+w) (initialized to 0), so w ~ N(0, 0.3²)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            elif "norm" in n:
+                p.copy_(0.3 * torch.randn_like(p))
 
 
 def write(name, model, seq):
@@ -110,7 +126,44 @@ def qwen3():
     write("qwen3", model, ids(64, 4))
 
 
+def gemma3():
+    torch.manual_seed(5)
+    shape = dict(SHAPE, num_hidden_layers=3)
+    cfg = Gemma3TextConfig(
+        **shape,
+        head_dim=24,
+        rms_norm_eps=1e-6,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=32,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    model = Gemma3ForCausalLM(cfg).to(torch.float32)
+    widen_gemma(model)
+    write("gemma3", model, ids(64, 5))
+
+
+def phi3():
+    torch.manual_seed(6)
+    cfg = Phi3Config(
+        **SHAPE,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=16,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+    model = Phi3ForCausalLM(cfg).to(torch.float32)
+    widen(model)
+    write("phi3", model, ids(64, 6))
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["llama3", "qwen3"]
+    which = sys.argv[1:] or ["llama3", "qwen3", "gemma3", "phi3"]
     for w in which:
         globals()[w]()

@@ -35,6 +35,7 @@ fn inner() -> anyhow::Result<()> {
     let seq = 512;
     let h = Tensor::randn(0f32, 1.0, (1, seq, 576), &dev)?;
     let pos = m.positions(0, seq)?;
+    let (cos, sin) = pos.rope(false);
     let n = 30;
     for _ in 0..3 { m.forward_block(0, &h, &pos, &mut NoHooks)?; }
     let t0 = Instant::now();
@@ -59,9 +60,9 @@ fn inner() -> anyhow::Result<()> {
     let q = b.q.forward(&h)?;
     let k = b.k.forward(&h)?;
     let qt = tm("q reshape+transpose", &mut || Ok(q.reshape((1, seq, 9, 64))?.transpose(1, 2)?))?;
-    let qr = tm("rope q (contiguous+rope)", &mut || Ok(candle_nn::rotary_emb::rope(&qt.contiguous()?, &cos, &sin)?))?;
+    let qr = tm("rope q (contiguous+rope)", &mut || Ok(candle_nn::rotary_emb::rope(&qt.contiguous()?, cos, sin)?))?;
     let kt = k.reshape((1, seq, 3, 64))?.transpose(1, 2)?;
-    let kr = tm("rope k", &mut || Ok(candle_nn::rotary_emb::rope(&kt.contiguous()?, &cos, &sin)?))?;
+    let kr = tm("rope k", &mut || Ok(candle_nn::rotary_emb::rope(&kt.contiguous()?, cos, sin)?))?;
     let qs = tm("q scale", &mut || Ok((&qr * 0.125)?))?;
     let qg = qs.reshape((1, 3, 3 * seq, 64))?;
     let sc = tm("scores matmul", &mut || Ok(qg.matmul(&kr.t()?)?.reshape((1, 9, seq, seq))?))?;

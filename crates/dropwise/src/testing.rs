@@ -77,14 +77,29 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         max_position_embeddings: 256,
-        tie_word_embeddings: arch == Arch::Llama,
+        tie_word_embeddings: arch == Arch::Llama || arch == Arch::Gemma3,
         attention_bias: arch.default_qkv_bias(),
         bos_token_id: Some(0),
         eos_token_id: Some(0),
         rope_scaling: None,
-        attention: Default::default(),
+        attention: tiny_attention(arch),
         per_layer: None,
     }
+}
+
+/// The attention variants the tiny models of each architecture exercise: Gemma 3's sliding
+/// window on a local, global, local layout with its two rope bases; Phi-3's
+/// window on every layer. Windows are shorter than the tests' sequences.
+fn tiny_attention(arch: Arch) -> crate::config::AttentionLayout {
+    let mut a = crate::config::AttentionLayout::default();
+    if arch == Arch::Gemma3 {
+        a.sliding_window = Some(8);
+        a.local_layers = Some(vec![true, false, true]);
+        a.rope_local_theta = Some(10000.0);
+    } else if arch == Arch::Phi3 {
+        a.sliding_window = Some(12);
+    }
+    a
 }
 
 /// A random model with the given config (weights ~ N(0, 0.1²), norms ~ 1 ± 0.1), seeded.

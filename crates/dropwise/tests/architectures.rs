@@ -116,3 +116,86 @@ fn qwen3_matches_transformers() {
     let d2 = max_abs(&logits(&load(&gguf).unwrap().model, &ids), &want);
     assert!(d2 <= 1e-4, "GGUF round trip: logits differ by {d2}");
 }
+
+/// Gemma 3 (sandwich norms stored as w for x·(1+w), per-head q/k norms, GeGLU with tanh GELU,
+/// √hidden embedding scale, a sliding window of 8 on the local layers of a local/global/local
+/// layout with their own rope base, query_pre_attn_scalar ≠ head_dim): transformers' logits
+/// within 1e-4 from the HF folder, through GGUF (llama.cpp's gemma3 names; the non-default
+/// layout as a per-layer sliding_window_pattern) and through an HF export.
+#[test]
+fn gemma3_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, ids, want) = golden("gemma3", dir.path());
+    let m = load(&folder).unwrap();
+    assert_eq!(m.model.config.arch, dropwise::config::Arch::Gemma3);
+    assert_eq!(m.model.blocks.iter().map(|b| b.local).collect::<Vec<_>>(), [true, false, true]);
+    let d = max_abs(&logits(&m.model, &ids), &want);
+    eprintln!("gemma3: max |logit difference| to transformers {d:.2e}");
+    assert!(d <= 1e-4, "logits differ from transformers' by {d}");
+    // The test can fail: without the window, or without the output norms, the logits move.
+    let mut no_window = m.model.clone();
+    no_window.config.attention.sliding_window = None;
+    assert!(max_abs(&logits(&no_window, &ids), &want) > 1e-2, "the golden does not exercise the sliding window");
+    let mut no_post = m.model.clone();
+    for b in &mut no_post.blocks {
+        b.attn_output_norm = None;
+    }
+    assert!(max_abs(&logits(&no_post, &ids), &want) > 1e-2);
+
+    // llama.cpp's gemma3 scales queries by 1/√head_dim whatever the HF config says, so this
+    // model (scalar 32, head_dim 24) has no GGUF form; with the scalar at head_dim it has one.
+    let gguf = dir.path().join("gemma3.gguf");
+    let err = save_gguf(&m.model, &m.tokenizer_meta, "tiny-gemma3", &gguf, WriteDType::F32, &Default::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("query_pre_attn_scalar"), "{err:#}");
+    assert!(!gguf.exists());
+    let mut even = m.model.clone();
+    even.config.attention.query_pre_attn_scalar = None;
+    let want_even = logits(&even, &ids);
+    save_gguf(&even, &m.tokenizer_meta, "tiny-gemma3", &gguf, WriteDType::F32, &Default::default()).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    assert_eq!(g.get("general.architecture").and_then(|v| v.as_str()), Some("gemma3"));
+    assert!(g.tensor_info("blk.0.post_ffw_norm.weight").is_some());
+    assert!(g.get("gemma3.attention.sliding_window_pattern").is_some(), "a non-default layout needs the per-layer list");
+    drop(g);
+    let d2 = max_abs(&logits(&load(&gguf).unwrap().model, &ids), &want_even);
+    assert!(d2 <= 1e-5, "GGUF round trip: logits differ by {d2}");
+
+    let hf = dir.path().join("hf-out");
+    save_hf(&m.model, &m.tokenizer, &m.tokenizer_meta, &hf, WriteDType::F32).unwrap();
+    let d3 = max_abs(&logits(&load(&hf).unwrap().model, &ids), &want);
+    assert!(d3 <= 1e-4, "HF round trip: logits differ by {d3}");
+}
+
+/// Phi-3 (q/k/v fused in qkv_proj, gate/up in gate_up_proj, a sliding window of 16 on every
+/// layer): transformers' logits within 1e-4 from the HF folder; the fused tensors are split on
+/// load and fused again in both exports (GGUF: attn_qkv and a double-height ffn_up).
+#[test]
+fn phi3_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, ids, want) = golden("phi3", dir.path());
+    let m = load(&folder).unwrap();
+    assert_eq!(m.model.config.arch, dropwise::config::Arch::Phi3);
+    let d = max_abs(&logits(&m.model, &ids), &want);
+    eprintln!("phi3: max |logit difference| to transformers {d:.2e}");
+    assert!(d <= 1e-4, "logits differ from transformers' by {d}");
+    let mut no_window = m.model.clone();
+    no_window.config.attention.sliding_window = None;
+    assert!(max_abs(&logits(&no_window, &ids), &want) > 1e-2, "the golden does not exercise the sliding window");
+
+    let gguf = dir.path().join("phi3.gguf");
+    save_gguf(&m.model, &m.tokenizer_meta, "tiny-phi3", &gguf, WriteDType::F32, &Default::default()).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    assert_eq!(g.tensor_info("blk.0.attn_qkv.weight").map(|t| t.shape.clone()), Some(vec![64 + 2 * 32, 64]));
+    assert_eq!(g.tensor_info("blk.0.ffn_up.weight").map(|t| t.shape.clone()), Some(vec![2 * 96, 64]));
+    assert!(g.tensor_info("blk.0.attn_q.weight").is_none());
+    drop(g);
+    let d2 = max_abs(&logits(&load(&gguf).unwrap().model, &ids), &want);
+    assert!(d2 <= 1e-4, "GGUF round trip: logits differ by {d2}");
+
+    let hf = dir.path().join("hf-out");
+    save_hf(&m.model, &m.tokenizer, &m.tokenizer_meta, &hf, WriteDType::F32).unwrap();
+    let (names, _) = dropwise::formats::safetensors::read_folder(&hf).map(|(t, s)| (t.into_keys().collect::<Vec<_>>(), s)).unwrap();
+    assert!(names.iter().any(|n| n.ends_with("self_attn.qkv_proj.weight")) && names.iter().any(|n| n.ends_with("mlp.gate_up_proj.weight")));
+    let d3 = max_abs(&logits(&load(&hf).unwrap().model, &ids), &want);
+    assert!(d3 <= 1e-4, "HF round trip: logits differ by {d3}");
+}

@@ -24,8 +24,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn all_archs() -> [Arch; 4] {
-    [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3]
+fn all_archs() -> [Arch; 6] {
+    [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3, Arch::Phi3]
 }
 
 #[test]

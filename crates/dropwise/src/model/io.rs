@@ -438,7 +438,7 @@ pub fn save_gguf_encoded(
         m.insert(format!("{arch}.attention.key_length"), u(c.head_dim));
         m.insert(format!("{arch}.attention.value_length"), u(c.head_dim));
     }
-    c.arch.write_gguf_config(c, arch, &mut m);
+    c.arch.write_gguf_config(c, arch, &mut m)?;
     match tokenizer_meta {
         TokenizerMeta::Gguf(keys) => m.extend(keys.iter().map(|(k, v)| (k.clone(), v.clone()))),
         TokenizerMeta::HfJson(text) => m.extend(gguf_tokenizer_keys(text, c)?),

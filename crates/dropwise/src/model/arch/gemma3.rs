@@ -211,8 +211,12 @@ impl Architecture for Gemma3 {
         Ok(())
     }
 
-    fn write_gguf_config(&self, c: &LlamaConfig, arch: &str, m: &mut BTreeMap<String, Value>) {
-        let Some(w) = c.attention.sliding_window else { return };
+    fn write_gguf_config(&self, c: &LlamaConfig, arch: &str, m: &mut BTreeMap<String, Value>) -> Result<()> {
+        // llama.cpp fixes the query scale of gemma3 at 1/√head_dim (no key to say otherwise).
+        if let Some(q) = c.attention.query_pre_attn_scalar.filter(|&q| q != c.head_dim as f64) {
+            bail!("this gemma3 model scales queries by query_pre_attn_scalar {q}^-1/2, but llama.cpp's gemma3 always uses 1/√head_dim ({}); it has no GGUF form llama.cpp runs: export it as an HF folder", c.head_dim);
+        }
+        let Some(w) = c.attention.sliding_window else { return Ok(()) };
         m.insert(format!("{arch}.attention.sliding_window"), Value::U32(w as u32));
         let theta = c.attention.rope_local_theta.unwrap_or(LOCAL_ROPE_BASE);
         if theta != LOCAL_ROPE_BASE {
@@ -224,5 +228,6 @@ impl Architecture for Gemma3 {
         if local != default_local_layers(local.len()) {
             m.insert(format!("{arch}.attention.sliding_window_pattern"), Value::Array(local.into_iter().map(Value::Bool).collect()));
         }
+        Ok(())
     }
 }

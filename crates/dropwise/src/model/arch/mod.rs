@@ -131,8 +131,10 @@ pub trait Architecture: Sync + Send {
     fn read_gguf_config(&self, _g: &GgufFile, _prefix: &str, _c: &mut LlamaConfig) -> Result<()> {
         Ok(())
     }
-    /// Writes the family's own GGUF keys.
-    fn write_gguf_config(&self, _c: &LlamaConfig, _arch: &str, _m: &mut BTreeMap<String, Value>) {}
+    /// Writes the family's own GGUF keys, or says why llama.cpp could not run this config.
+    fn write_gguf_config(&self, _c: &LlamaConfig, _arch: &str, _m: &mut BTreeMap<String, Value>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An architecture, by reference into [`REGISTRY`]; compared and serialized by name.

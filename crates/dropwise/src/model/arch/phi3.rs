@@ -96,7 +96,8 @@ impl Architecture for Phi3 {
     }
 
     fn read_hf_config(&self, raw: &serde_json::Value, c: &mut LlamaConfig) -> Result<()> {
-        if let Some(f) = raw.get("partial_rotary_factor").and_then(|v| v.as_f64()) {
+        let factor = raw.get("partial_rotary_factor").or_else(|| raw.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")));
+        if let Some(f) = factor.and_then(|v| v.as_f64()) {
             if f != 1.0 {
                 bail!("config.json's partial_rotary_factor is {f}; dropwise's phi3 rotates whole heads only");
             }
@@ -113,6 +114,19 @@ impl Architecture for Phi3 {
             Some(0) => bail!("config.json's sliding_window is 0"),
             Some(w) => c.attention.sliding_window = Some(w as usize),
             None => {}
+        }
+        Ok(())
+    }
+
+    /// llama.cpp reads the key but runs phi3 without a window (it warns so); dropwise keeps the
+    /// window through a GGUF round trip, which agrees with llama.cpp on windows up to its length.
+    fn read_gguf_config(&self, g: &crate::formats::gguf::GgufFile, p: &str, c: &mut LlamaConfig) -> Result<()> {
+        c.attention.sliding_window = g.get(&format!("{p}.attention.sliding_window")).and_then(|v| v.as_u64()).map(|w| w as usize).filter(|&w| w > 0);
+        Ok(())
+    }
+    fn write_gguf_config(&self, c: &LlamaConfig, arch: &str, m: &mut std::collections::BTreeMap<String, crate::formats::gguf::Value>) -> Result<()> {
+        if let Some(w) = c.attention.sliding_window {
+            m.insert(format!("{arch}.attention.sliding_window"), crate::formats::gguf::Value::U32(w as u32));
         }
         Ok(())
     }
