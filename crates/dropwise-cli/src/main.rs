@@ -548,7 +548,10 @@ fn print_eval_table(r: &EvalResult, threads: usize) {
 
 #[allow(clippy::too_many_arguments)]
 fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, quantized_matmul: bool, json: bool, threads: usize) -> Result<()> {
-    let load = |p: &PathBuf| if quantized_matmul { dropwise::model::io::load_quantized(p) } else { dropwise::load(p) };
+    // Without --quantized-matmul a quantized file runs as the f32 model of record, its weights
+    // decoded to f32 one product at a time (the same numbers as a full f32 load, in a fraction
+    // of the memory).
+    let load = |p: &PathBuf| if quantized_matmul { dropwise::model::io::load_quantized(p) } else { dropwise::model::io::load_decoded(p) };
     let loaded: Vec<dropwise::LoadedModel> = models.iter().map(load).collect::<Result<_>>()?;
     // Every model is scored on the first model's tokenization; a model whose tokenizer disagrees
     // would be scored on ids it never saw.
@@ -559,7 +562,7 @@ fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: u
         }
     }
     let reference = match reference {
-        Some(p) => Some(dropwise::load(&p).with_context(|| "reference model".to_string())?),
+        Some(p) => Some(dropwise::model::io::load_decoded(&p).with_context(|| "reference model".to_string())?),
         None => None,
     };
     if windows > ws.len() {

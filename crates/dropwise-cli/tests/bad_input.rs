@@ -1689,3 +1689,86 @@ fn qwen3_uneven_export_to_gguf_is_refused() {
     assert_clean_error("qwen3 with a removed attention sub-block to GGUF", &o, &["qwen3", "no GGUF form"]);
     assert!(!out.exists(), "wrote an output despite failing");
 }
+
+#[test]
+fn hf_config_gemma3_with_logit_softcapping() {
+    hf_config_case(
+        "gemma3 config with final_logit_softcapping",
+        |j| {
+            j["model_type"] = "gemma3_text".into();
+            j["final_logit_softcapping"] = 30.0.into();
+        },
+        &["final_logit_softcapping", "soft-capping"],
+    );
+}
+
+#[test]
+fn hf_config_gemma3_layer_types_too_short() {
+    hf_config_case(
+        "gemma3 layer_types shorter than the layers",
+        |j| {
+            j["model_type"] = "gemma3_text".into();
+            j["hidden_act"] = "gelu_pytorch_tanh".into();
+            j["sliding_window"] = 8.into();
+            j["layer_types"] = serde_json::json!(["sliding_attention"]);
+        },
+        &["layer_types", "layers"],
+    );
+}
+
+#[test]
+fn hf_config_gemma3_unknown_layer_type() {
+    hf_config_case(
+        "gemma3 layer type 'chunked_attention'",
+        |j| {
+            j["model_type"] = "gemma3_text".into();
+            j["hidden_act"] = "gelu_pytorch_tanh".into();
+            j["sliding_window"] = 8.into();
+            j["layer_types"] = serde_json::json!(["sliding_attention", "chunked_attention", "full_attention"]);
+        },
+        &["chunked_attention"],
+    );
+}
+
+#[test]
+fn hf_config_phi3_partial_rotary() {
+    hf_config_case(
+        "phi3 with partial_rotary_factor 0.5",
+        |j| {
+            j["model_type"] = "phi3".into();
+            j["partial_rotary_factor"] = 0.5.into();
+        },
+        &["partial_rotary_factor"],
+    );
+}
+
+#[test]
+fn gguf_stray_block_tensor() {
+    let t = TensorOut { name: "blk.7.ffn_up.weight".into(), shape: vec![4, 4], dtype: GgmlDType::F32, data: vec![0u8; 64] };
+    meta_case("a blk.7 tensor in a 3-block model", |_, ts| ts.push(t), &["unexpected tensor", "layers.7.mlp.up_proj"]);
+}
+
+#[test]
+fn gguf_sentencepiece_scores_do_not_match_tokens() {
+    meta_case(
+        "SentencePiece tokenizer with 3 scores",
+        |m, _| {
+            m.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+            m.insert("tokenizer.ggml.scores".into(), Value::Array(vec![Value::F32(0.0); 3]));
+        },
+        &["SentencePiece", "scores"],
+    );
+}
+
+#[test]
+fn gguf_gemma3_window_pattern_wrong_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dropwise::testing::tiny_model(dropwise::testing::tiny_config(Arch::Gemma3), 3).unwrap();
+    let good = dir.path().join("gemma3.gguf");
+    testing::write_tiny_gguf(&m, &good, WriteDType::F32).unwrap();
+    let (mut meta, tensors) = gguf_parts(&good);
+    meta.insert("gemma3.attention.sliding_window_pattern".into(), Value::Array(vec![Value::Bool(true); 2]));
+    let p = dir.path().join("edited.gguf");
+    write_parts(&p, &meta, &tensors);
+    assert_model_rejected("gemma3 sliding_window_pattern of 2 entries for 3 layers", &p, &["sliding_window_pattern", "3 layers"]);
+}

@@ -135,10 +135,10 @@ pub fn score_window(model: &Llama, hidden: &Tensor, reference: Option<(&Llama, &
     while base < vocab {
         let len = VOCAB_CHUNK.min(vocab - base);
         let t0 = Instant::now();
-        let logits = x.matmul(&w.narrow(0, base, len)?.t()?)?;
+        let logits = model.head_rows(&x, base, len)?;
         head_time += t0.elapsed().as_secs_f64();
         let ref_logits = match (reference, &xr) {
-            (Some((r, _)), Some(xr)) => Some(xr.matmul(&r.head_weight().narrow(0, base, len)?.t()?)?),
+            (Some((r, _)), Some(xr)) => Some(r.head_rows(xr, base, len)?),
             _ => None,
         };
         let fold = |lm: &[f32], lr: Option<&[f32]>, states: &mut [RowState]| {

@@ -220,3 +220,24 @@ pub fn gguf_py_summary(path: &Path) -> serde_json::Value {
     assert!(out.status.success(), "gguf reader failed on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("gguf_check.py prints JSON")
 }
+
+/// Compares logits `[positions][vocab]` with a transformers golden (`scripts/golden/*`): the
+/// JSON's per-position `logsumexp` (within 1e-3) and `argmax` (equal) over the whole vocabulary,
+/// and `want` = logits on the JSON's `vocab_subset`, row-major. Panics on a mismatch; returns the
+/// largest absolute difference on the subset.
+pub fn compare_with_logits_golden(logits: &[Vec<f32>], golden: &serde_json::Value, want: &[f32]) -> f32 {
+    let subset: Vec<usize> = golden["vocab_subset"].as_array().expect("vocab_subset").iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let mut max_diff = 0f32;
+    for (p, row) in logits.iter().enumerate() {
+        for (j, &v) in subset.iter().enumerate() {
+            max_diff = max_diff.max((row[v] - want[p * subset.len() + j]).abs());
+        }
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
+        let want_lse = golden["logsumexp"][p].as_f64().unwrap();
+        assert!((lse - want_lse).abs() < 1e-3, "position {p}: logsumexp {lse} vs {want_lse}");
+        let am = row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+        assert_eq!(am as u64, golden["argmax"][p].as_u64().unwrap(), "argmax at {p}");
+    }
+    max_diff
+}

@@ -213,6 +213,15 @@ fn written_file_holds_the_planned_bits_and_llama_cpp_reads_it() {
         let one = Tensor::new(&windows[0][..1], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let rel = rel_diff(&deq.forward(&one).unwrap(), &qm.forward(&one).unwrap());
         assert!(rel < 0.05, "{importance:?}: decode-path logits off by {rel}");
+        // Decoding on demand (eval's bounded-memory load) is the f32 model of record: the same
+        // logits as the full f32 load, with no f32 copy of the weights, embedding or head kept.
+        let dm = dropwise::model::io::load_decoded(&out).unwrap().model;
+        assert!(dm.embed_quantized.is_some() && dm.head_quantized.is_some() && dm.blocks[1].up.quantized.is_some());
+        assert_eq!(dm.embed.stride(), &[0, 0], "the embedding is a placeholder");
+        for x in [&ids, &one] {
+            let d = (deq.forward(x).unwrap() - dm.forward(x).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-5, "{importance:?}: decoded-on-demand logits differ from the f32 load by {d}");
+        }
     }
 }
 

@@ -70,21 +70,9 @@ fn gemma3_logits_match_transformers() -> Result<()> {
     let ids: Vec<u32> = g["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(ids[0], 2);
     assert_eq!(&ids[1..], &persuasion_ids()[..63]);
-    let subset: Vec<usize> = g["vocab_subset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let want: Vec<f32> = std::fs::read(root().join("tests/golden/gemma3/logits64_subset.f32"))?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     let logits = model().model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.squeeze(0)?.to_vec2::<f32>()?;
-    let mut max_diff = 0f32;
-    for (p, row) in logits.iter().enumerate() {
-        for (j, &v) in subset.iter().enumerate() {
-            max_diff = max_diff.max((row[v] - want[p * subset.len() + j]).abs());
-        }
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = m as f64 + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
-        let want_lse = g["logsumexp"][p].as_f64().unwrap();
-        assert!((lse - want_lse).abs() < 1e-3, "position {p}: logsumexp {lse} vs {want_lse}");
-        let am = row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
-        assert_eq!(am as u64, g["argmax"][p].as_u64().unwrap(), "argmax at {p}");
-    }
+    let max_diff = dropwise::testing::compare_with_logits_golden(&logits, &g, &want);
     eprintln!("Gemma-3-270M: max |logit difference| vs transformers {max_diff:e}");
     assert!(max_diff <= 1e-3, "max |logit difference| {max_diff} > 1e-3");
     Ok(())

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::hooks::LinearKind;
-use super::llama::{Linear, Llama};
+use super::llama::{Linear, Llama, StoredProduct};
 use candle_core::quantized::GgmlDType;
 use crate::config::{Arch, LlamaConfig};
 use crate::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
@@ -122,16 +122,35 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
-    load_gguf_with(path, false)
+    load_gguf_with(path, None)
 }
 
 /// Loads a model for inference with its block-quantized linear weights kept as they are stored
 /// (candle quantized matmuls, no f32 copy); other files load as [`load`] does.
 pub fn load_quantized(path: &Path) -> Result<LoadedModel> {
-    if path.is_dir() {
+    if !is_gguf_file(path) {
         return load(path);
     }
-    load_gguf_with(path, true)
+    load_gguf_with(path, Some(StoredProduct::AsLlamaCpp))
+}
+
+/// Loads a model to run exactly as the f32 model of record in bounded memory: block-quantized
+/// weights (linears, embedding, head) stay as stored and are decoded to f32 only for the product
+/// that needs them, so memory holds the file's bytes plus one decoded matrix instead of every
+/// weight in f32. For inference only (eval): methods that change weights need [`load`].
+pub fn load_decoded(path: &Path) -> Result<LoadedModel> {
+    if !is_gguf_file(path) {
+        return load(path);
+    }
+    load_gguf_with(path, Some(StoredProduct::DecodedF32))
+}
+
+/// Whether `path` is a file starting with the GGUF magic (anything else goes through [`load`],
+/// which says what it is instead).
+fn is_gguf_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file() && std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 /// The row order that undoes llama.cpp's Q/K rope permutation, as source-row indices.
@@ -149,7 +168,10 @@ fn parse_linear_name(hf: &str) -> Option<(usize, LinearKind)> {
     Some((i.parse().ok()?, kind))
 }
 
-fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
+fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedModel> {
+    let keep_quantized = mode.is_some();
+    let decoded = mode == Some(StoredProduct::DecodedF32);
+    let is_block_type = |t: &gguf::TensorInfo| t.shape.len() == 2 && !matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     let g = GgufFile::open(path)?;
     let mut quantized: Vec<(usize, LinearKind, candle_core::quantized::QTensor)> = Vec::new();
     let ctx = || path.display().to_string();
@@ -170,6 +192,11 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
         let Some(hf) = gguf_to_hf_name(config.arch, &info.name) else {
             bail!("{}: unexpected tensor {} for a {} model", ctx(), info.name, config.arch.name());
         };
+        // Embedding and head stay quantized too when decoded on demand (placeholders here).
+        if decoded && (info.name == "token_embd.weight" || info.name == "output.weight") && is_block_type(info) {
+            tensors.insert(hf, Linear::shape_only(info.shape[0], info.shape[1])?);
+            continue;
+        }
         let block_linear = if keep_quantized { parse_linear_name(&hf) } else { None };
         if let Some((layer, kind)) = block_linear.filter(|_| info.shape.len() == 2 && !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
             let (rows, cols) = (info.shape[0], info.shape[1]);
@@ -203,14 +230,29 @@ fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     check_tokenizer_fits(&tokenizer, &config).with_context(ctx)?;
     config.arch.split_fused_gguf(&mut tensors, &config).with_context(ctx)?;
     let mut model = Llama::from_tensors(config, tensors).with_context(ctx)?;
-    if keep_quantized {
-        let head = g.tensors.iter().find(|t| t.name == "output.weight").or_else(|| g.tensors.iter().find(|t| t.name == "token_embd.weight"));
-        model.head_stored_as = head.map(|t| t.dtype);
-        if let Some(info) = head.filter(|t| t.shape.len() == 2 && !matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
-            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, g.tensor_bytes(info), vec![info.shape[0], info.shape[1]], &candle_core::Device::Cpu)
-                .with_context(|| format!("{}: cannot decode tensor {}", ctx(), info.name))?;
-            model.head_quantized = Some(std::sync::Arc::new(q));
+    let qtensor = |info: &gguf::TensorInfo| -> Result<std::sync::Arc<candle_core::quantized::QTensor>> {
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(info.dtype, g.tensor_bytes(info), vec![info.shape[0], info.shape[1]], &candle_core::Device::Cpu)
+            .with_context(|| format!("{}: cannot decode tensor {}", ctx(), info.name))?;
+        Ok(std::sync::Arc::new(q))
+    };
+    if let Some(mode) = mode {
+        model.stored_product = mode;
+        let embed = g.tensors.iter().find(|t| t.name == "token_embd.weight");
+        let head = g.tensors.iter().find(|t| t.name == "output.weight").or(embed);
+        if mode == StoredProduct::AsLlamaCpp {
+            model.head_stored_as = head.map(|t| t.dtype);
         }
+        let embed_q = match embed.filter(|t| decoded && is_block_type(t)) {
+            Some(info) => Some(qtensor(info)?),
+            None => None,
+        };
+        model.head_quantized = match head.filter(|t| is_block_type(t)) {
+            // A tied head is the embedding: one copy serves both.
+            Some(info) if info.name == "token_embd.weight" && embed_q.is_some() => embed_q.clone(),
+            Some(info) => Some(qtensor(info)?),
+            None => None,
+        };
+        model.embed_quantized = embed_q;
     }
     for (layer, kind, q) in quantized {
         let lin = model.blocks[layer].linear_mut(kind);

@@ -60,17 +60,31 @@ impl Linear {
         Ok(Tensor::zeros((), DType::F32, &Device::Cpu)?.broadcast_as((out, inp))?)
     }
 
+    /// `x @ Wᵀ + b` with a block-quantized weight decoded to f32 for this product only: exactly
+    /// the product of the f32 model of record (the same decoded values, unrounded activations),
+    /// holding one decoded matrix at a time. Plain [`Linear::forward`] for an f32 weight.
+    pub fn forward_decoded(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.quantized {
+            Some(q) => self.on_rows(x, |x2| kernels::f32_product(x2, &q.dequantize(x2.device())?)),
+            None => self.forward(x),
+        }
+    }
+
     /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.on_rows(x, |x2| match &self.quantized {
+            Some(q) if x2.dim(0)? <= QMATMUL_MAX_ROWS => qmatmul::short_product(x2, q, qmatmul::simd_path()),
+            Some(q) => kernels::quantized_product(x2, q),
+            None => kernels::f32_product(x2, &self.weight),
+        })
+    }
+
+    /// `product(x as [rows, in]) + b`, shaped back to `[..., out]`.
+    fn on_rows(&self, x: &Tensor, product: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (last, lead) = dims.split_last().context("linear input has no dimensions")?;
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, *last))?;
-        let mut y = match &self.quantized {
-            Some(q) if rows <= QMATMUL_MAX_ROWS => qmatmul::short_product(&x2, q, qmatmul::simd_path())?,
-            Some(q) => kernels::quantized_product(&x2, q)?,
-            None => kernels::f32_product(&x2, &self.weight)?,
-        };
+        let mut y = product(&x.reshape((rows, *last))?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -153,6 +167,20 @@ impl Block {
     }
 }
 
+/// How weights kept block-quantized at rest are multiplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StoredProduct {
+    /// As llama.cpp: activations rounded to the weight type's 8-bit partner (`--quantized-matmul`).
+    #[default]
+    AsLlamaCpp,
+    /// The f32 model of record exactly, in bounded memory: each weight decoded to f32 for its
+    /// product only (the head in row chunks, embeddings row by row).
+    DecodedF32,
+}
+
+/// Vocabulary rows of the head decoded at a time in [`StoredProduct::DecodedF32`].
+const HEAD_CHUNK_ROWS: usize = 16384;
+
 #[derive(Clone, Debug)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -170,6 +198,11 @@ pub struct Llama {
     /// The head as stored, when it is block-quantized and the model runs as stored: decode steps
     /// (≤ [`QMATMUL_MAX_ROWS`] rows) multiply it quantized, reading a quarter of the f32 bytes.
     pub head_quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// How the quantized weights above (and in [`Linear::quantized`]) are multiplied.
+    pub stored_product: StoredProduct,
+    /// The token embedding as stored, when it stays block-quantized ([`StoredProduct::DecodedF32`]):
+    /// `embed` is then a zero-stride placeholder and rows are decoded as tokens need them.
+    pub embed_quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
 /// Positions a forward pass covers, with what attention needs for them: rope tables (one set
@@ -206,6 +239,11 @@ impl Llama {
             let x = t.remove(name).with_context(|| format!("model has no tensor {name}"))?;
             if x.dims() != shape {
                 bail!("tensor {name} has shape {:?}, expected {:?}", x.dims(), shape);
+            }
+            // A zero-stride placeholder (a weight kept quantized) must stay one: making it
+            // contiguous would allocate the f32 matrix it stands for.
+            if x.dtype() == DType::F32 && x.elem_count() > 1 && x.stride().iter().all(|&s| s == 0) {
+                return Ok(x);
             }
             Ok(x.to_dtype(DType::F32)?.contiguous()?)
         }
@@ -284,7 +322,18 @@ impl Llama {
         if let Some(extra) = t.keys().min() {
             bail!("unexpected tensor {extra} for a {} model with {} blocks", c.arch.name(), c.num_hidden_layers);
         }
-        Ok(Self { config, embed, blocks, final_norm, lm_head, differentiable: false, head_stored_as: None, head_quantized: None })
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            differentiable: false,
+            head_stored_as: None,
+            head_quantized: None,
+            stored_product: StoredProduct::default(),
+            embed_quantized: None,
+        })
     }
 
     /// Every tensor by its HF name (the head only when untied). A removed sub-block contributes
@@ -420,7 +469,10 @@ impl Llama {
         if max >= self.config.vocab_size {
             bail!("token id {max} is outside the model's vocabulary of {}", self.config.vocab_size);
         }
-        let h = self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let h = match &self.embed_quantized {
+            Some(q) => decode_rows(q, &flat.to_vec1::<u32>()?)?.reshape((b, t, self.config.hidden_size))?,
+            None => self.embed.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?,
+        };
         Ok(match self.config.arch.embedding_scale(self.config.hidden_size) {
             Some(s) => (h * s as f64)?,
             None => h,
@@ -504,9 +556,11 @@ impl Llama {
     /// Linear layer `kind` of block `layer` on `x`, after letting the hooks see (or replace) `x`.
     pub fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
         let lin = self.blocks[layer].linear(kind);
-        match hooks.linear_input(layer, kind, x)? {
-            Some(replaced) => lin.forward(&replaced),
-            None => lin.forward(x),
+        let replaced = hooks.linear_input(layer, kind, x)?;
+        let x = replaced.as_ref().unwrap_or(x);
+        match self.stored_product {
+            StoredProduct::DecodedF32 => lin.forward_decoded(x),
+            StoredProduct::AsLlamaCpp => lin.forward(x),
         }
     }
 
@@ -740,11 +794,21 @@ impl Llama {
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let w = self.head_weight();
-        if let Some(q) = self.head_quantized.as_ref().filter(|_| b * t <= QMATMUL_MAX_ROWS && !self.differentiable) {
+        if let Some(q) = self.head_quantized.as_ref().filter(|_| b * t <= QMATMUL_MAX_ROWS && !self.differentiable && self.stored_product == StoredProduct::AsLlamaCpp) {
             // The short quantized path rounds the input to the head type's partner itself.
             let x = self.rms_norm(h, &self.final_norm)?.reshape((b * t, self.config.hidden_size))?;
             let logits = qmatmul::short_product(&x, q, qmatmul::simd_path())?;
             return Ok(logits.reshape((b, t, w.dims()[0]))?);
+        }
+        if let (Some(q), StoredProduct::DecodedF32) = (self.head_quantized.as_ref(), self.stored_product) {
+            let x = self.head_input(h)?;
+            let (vocab, _) = q.shape().dims2()?;
+            let mut parts = Vec::with_capacity(vocab.div_ceil(HEAD_CHUNK_ROWS));
+            for start in (0..vocab).step_by(HEAD_CHUNK_ROWS) {
+                let rows: Vec<u32> = (start..(start + HEAD_CHUNK_ROWS).min(vocab)).map(|r| r as u32).collect();
+                parts.push(kernels::f32_product(&x, &decode_rows(q, &rows)?)?);
+            }
+            return Ok(Tensor::cat(&parts, 1)?.reshape((b, t, vocab))?);
         }
         let logits = kernels::f32_product(&self.head_input(h)?, w)?;
         Ok(logits.reshape((b, t, w.dims()[0]))?)
@@ -758,6 +822,19 @@ impl Llama {
         match self.head_stored_as {
             Some(dtype) => kernels::round_to_dot_partner(&x, dtype),
             None => Ok(x),
+        }
+    }
+
+    /// Logits for vocabulary rows `base..base+len` from head inputs `x` `[n, hidden]`
+    /// ([`Llama::head_input`]): `x @ W[base..base+len]ᵀ`, the rows decoded from the stored head
+    /// when it stays quantized ([`StoredProduct::DecodedF32`]), so no f32 head is ever held whole.
+    pub fn head_rows(&self, x: &Tensor, base: usize, len: usize) -> Result<Tensor> {
+        match (&self.head_quantized, self.stored_product) {
+            (Some(q), StoredProduct::DecodedF32) => {
+                let rows: Vec<u32> = (base..base + len).map(|r| r as u32).collect();
+                Ok(x.matmul(&decode_rows(q, &rows)?.t()?)?)
+            }
+            _ => Ok(x.matmul(&self.head_weight().narrow(0, base, len)?.t()?)?),
         }
     }
 
@@ -807,4 +884,22 @@ impl Llama {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         f + 2.0 * head.elem_count() as f64
     }
+}
+
+/// Rows `rows` of a block-quantized matrix decoded to f32 `[rows.len(), cols]`: blocks run along
+/// rows, so each row's bytes decode alone, to the values the whole matrix decodes to.
+pub fn decode_rows(q: &candle_core::quantized::QTensor, rows: &[u32]) -> Result<Tensor> {
+    let (n, cols) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = data.len() / n.max(1);
+    let mut buf = Vec::with_capacity(rows.len() * row_bytes);
+    for &r in rows {
+        let r = r as usize;
+        if r >= n {
+            bail!("row {r} of a {n}-row matrix");
+        }
+        buf.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    let part = candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &buf, vec![rows.len(), cols], &Device::Cpu)?;
+    Ok(part.dequantize(&Device::Cpu)?)
 }

@@ -229,36 +229,33 @@ pub const BLOCK_NAMES: &[(&str, &str)] = &[
     ("mlp.down_proj", "ffn_down"),
 ];
 
-/// Maps a GGUF tensor name to its canonical name; `None` for names no architecture uses.
-pub fn gguf_to_canonical(arch: Arch, name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// Top-level tensors (canonical, GGUF).
+const TOP_NAMES: [(&str, &str); 3] = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+
+/// Renames a tensor from one naming to the other: `from` is (top-level table column, block
+/// prefix), `to` likewise; block names go through the architecture's table, matched on the
+/// `from` column.
+fn rename(arch: Arch, name: &str, to_gguf: bool) -> Option<String> {
+    let pick = |(c, g): (&'static str, &'static str)| if to_gguf { (c, g) } else { (g, c) };
+    if let Some((_, out)) = TOP_NAMES.iter().map(|&p| pick(p)).find(|(from, _)| *from == name) {
+        return Some(out.to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (idx, rest) = rest.split_once('.')?;
+    let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
+    let (idx, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let i: usize = idx.parse().ok()?;
     let (base, suffix) = rest.rsplit_once('.')?;
-    let c = arch.gguf_block_names().iter().find(|(_, g)| *g == base).map(|(c, _)| *c)?;
-    Some(format!("model.layers.{i}.{c}.{suffix}"))
+    let (_, out) = arch.gguf_block_names().iter().map(|&p| pick(p)).find(|(from, _)| *from == base)?;
+    Some(format!("{to_prefix}{i}.{out}.{suffix}"))
+}
+
+/// Maps a GGUF tensor name to its canonical name; `None` for names the architecture lacks.
+pub fn gguf_to_canonical(arch: Arch, name: &str) -> Option<String> {
+    rename(arch, name, false)
 }
 
 /// The inverse of [`gguf_to_canonical`].
 pub fn canonical_to_gguf(arch: Arch, name: &str) -> Option<String> {
-    match name {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (idx, rest) = rest.split_once('.')?;
-    let i: usize = idx.parse().ok()?;
-    let (base, suffix) = rest.rsplit_once('.')?;
-    let g = arch.gguf_block_names().iter().find(|(c, _)| *c == base).map(|(_, g)| *g)?;
-    Some(format!("blk.{i}.{g}.{suffix}"))
+    rename(arch, name, true)
 }
 
 /// Canonical names of block `i`'s tensors for a config, in a fixed order.
