@@ -803,11 +803,7 @@ impl Llama {
         if let (Some(q), StoredProduct::DecodedF32) = (self.head_quantized.as_ref(), self.stored_product) {
             let x = self.head_input(h)?;
             let (vocab, _) = q.shape().dims2()?;
-            let mut parts = Vec::with_capacity(vocab.div_ceil(HEAD_CHUNK_ROWS));
-            for start in (0..vocab).step_by(HEAD_CHUNK_ROWS) {
-                let rows: Vec<u32> = (start..(start + HEAD_CHUNK_ROWS).min(vocab)).map(|r| r as u32).collect();
-                parts.push(kernels::f32_product(&x, &decode_rows(q, &rows)?)?);
-            }
+            let parts: Vec<Tensor> = (0..vocab).step_by(HEAD_CHUNK_ROWS).map(|start| self.head_rows(&x, start, HEAD_CHUNK_ROWS.min(vocab - start))).collect::<Result<_>>()?;
             return Ok(Tensor::cat(&parts, 1)?.reshape((b, t, vocab))?);
         }
         let logits = kernels::f32_product(&self.head_input(h)?, w)?;

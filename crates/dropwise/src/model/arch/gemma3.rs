@@ -138,7 +138,9 @@ impl Architecture for Gemma3 {
             .and_then(|t| t.as_f64())
             .or_else(|| raw.get("rope_local_base_freq").and_then(|v| v.as_f64()))
             .unwrap_or(LOCAL_ROPE_BASE);
-        c.rope_scaling = None;
+        if c.rope_scaling.is_some() {
+            bail!("config.json scales gemma3's rope; dropwise supports plain rope for gemma3");
+        }
         c.attention.sliding_window = window;
         c.attention.local_layers = window.map(|_| local);
         c.attention.rope_local_theta = window.map(|_| local_theta);

@@ -1,5 +1,5 @@
 //! mistral: the llama block under another name (written to GGUF as llama, as llama.cpp's
-//! converter does). Its sliding window is refused: dropwise runs it with full attention only.
+//! converter does). Its sliding window is refused (the trait's default config reader).
 
 use anyhow::Result;
 
@@ -22,11 +22,5 @@ impl Architecture for Mistral {
     }
     fn gguf_arch(&self) -> &'static str {
         "llama"
-    }
-    fn read_hf_config(&self, raw: &serde_json::Value, _c: &mut crate::config::LlamaConfig) -> Result<()> {
-        if raw.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
-            anyhow::bail!("config.json turns on sliding-window attention (use_sliding_window); dropwise runs full attention only for mistral");
-        }
-        Ok(())
     }
 }
