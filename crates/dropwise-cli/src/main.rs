@@ -675,7 +675,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
     // Measured before the clock starts, so the prune times stay what they are without it.
     let peak = if a.gemm_peak { Some(bench::gemm_peak(3)?.0) } else { None };
     let t_start = std::time::Instant::now();
-    let mut m = dropwise::load(&model)?;
+    let mut m = dropwise::model::io::load_decoded(&model)?;
     let t_load = t_start.elapsed().as_secs_f64();
     // Calibration is one pass of the decoder blocks (no output head) over every window.
     let head_flops = 2.0 * m.model.head_weight().elem_count() as f64;
@@ -712,6 +712,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
         v["load_seconds"] = t_load.into();
         v["write_seconds"] = write_s.into();
         v["total_seconds"] = total.into();
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
         if let Some(p) = peak {
             let flops = block_flops_per_token * (windows.len() * a.calib.seq_len) as f64;
             v["gemm_peak_gflops"] = p.into();
@@ -731,6 +732,7 @@ fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, j
             "{:<22} load {:.1}s, allocation {:.1}s, calibrate {:.1}s, prune {:.1}s, write {:.1}s, total {:.1}s",
             "time", t_load, report.allocation_seconds, report.calibrate_seconds, report.prune_seconds, write_s, total
         );
+        print_peak_memory();
         println!("{:<22} {}", "wrote", output.display());
     }
     Ok(())
@@ -742,7 +744,7 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
             bail!("--report {} exists and is not a folder", dir.display());
         }
     }
-    let m = dropwise::load(&model)?;
+    let m = dropwise::model::io::load_decoded(&model)?;
     let (offsets, windows) = calib.windows(&m, "analyze", 64)?;
     let (seq_len, seed) = (calib.seq_len, calib.seed);
     let pb = progress(windows.len(), "analyze");
@@ -769,6 +771,7 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
                 "model": model.display().to_string(),
                 "calibration": {"files": calib.calib, "windows": windows.len(), "seq_len": seq_len, "seed": seed, "offsets": offsets},
                 "layers": rows,
+                "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
             }))?
         );
     } else {
@@ -780,11 +783,19 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
             );
         }
         println!("calibration: {calib_desc}");
+        print_peak_memory();
         if let Some(dir) = &report {
             println!("report: {}", dir.join("index.html").display());
         }
     }
     Ok(())
+}
+
+/// The process's peak resident memory so far, as a report line (nothing where it is unknown).
+fn print_peak_memory() {
+    if let Some(p) = dropwise::util::peak_rss_bytes() {
+        println!("{:<22} {}B", "peak memory", human(p as f64));
+    }
 }
 
 /// Parameters and FLOPs per token (at the calibration length) before and after a structural cut.
@@ -836,7 +847,7 @@ fn cmd_drop_layers(
     }
     refuse_overwrite(&model, &out.output)?;
     let t0 = std::time::Instant::now();
-    let mut m = dropwise::load(&model)?;
+    let mut m = dropwise::model::io::load_decoded(&model)?;
     let dense = m.model.clone();
     let n = dense.blocks.len();
     let count = match (count, fraction) {
@@ -883,6 +894,7 @@ fn cmd_drop_layers(
         report["cost"] = cost_json(&dense, &m.model, calib.seq_len);
         report["plan_seconds"] = plan_s.into();
         report["total_seconds"] = total.into();
+        report["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let what = match part {
@@ -907,6 +919,7 @@ fn cmd_drop_layers(
         }
         print_cost(&dense, &m.model, calib.seq_len);
         println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
+        print_peak_memory();
         println!("{:<22} {}", "wrote", out.output.display());
     }
     Ok(())
@@ -917,7 +930,7 @@ fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, 
     use dropwise::structural::width::{self, Importance};
     refuse_overwrite(&model, &out.output)?;
     let t0 = std::time::Instant::now();
-    let mut m = dropwise::load(&model)?;
+    let mut m = dropwise::model::io::load_decoded(&model)?;
     let dense = m.model.clone();
     let (offsets, windows) =
         if opts.importance == Importance::Magnitude { (Vec::new(), Vec::new()) } else { calib.windows(&m, "shrink", 8)? };
@@ -940,6 +953,7 @@ fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, 
         v["calibration"] = serde_json::json!({"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets});
         v["plan_seconds"] = plan_s.into();
         v["total_seconds"] = total.into();
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{:<22} heads {:.1} %, neurons {:.1} % ({:?} importance, {:?} allocation, {:?} head units)",
@@ -948,6 +962,7 @@ fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, 
         print_cost(&dense, &m.model, calib.seq_len);
         let kind = if m.model.config.per_layer.is_some() { "uneven widths: GGUF deci" } else { "even widths" };
         println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
+        print_peak_memory();
         println!("{:<22} {} ({kind})", "wrote", out.output.display());
     }
     Ok(())
@@ -981,7 +996,7 @@ fn cmd_quantize(
         _ => {}
     }
     let t0 = std::time::Instant::now();
-    let mut m = dropwise::load(&model)?;
+    let mut m = dropwise::model::io::load_decoded(&model)?;
     let mut units = plan::units(&m.model)?;
     let (lo, hi) = plan::feasible_range(&units);
     if let Some(b) = bpw {
@@ -1071,6 +1086,7 @@ fn cmd_quantize(
             "plan_seconds": plan_s,
             "write_seconds": write_s,
             "total_seconds": total,
+            "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -1092,6 +1108,7 @@ fn cmd_quantize(
         println!("{:<22} {}B ({})", "file size", human(written.file_bytes as f64), by_type.join(", "));
         println!("{:<22} {} (token embedding), imatrix {}", "embedding", embed.name(), if use_imatrix { "yes" } else { "no" });
         println!("{:<22} calibrate {:.1}s, plan {:.1}s, write {:.1}s, total {:.1}s", "time", calib_s, plan_s, write_s, total);
+        print_peak_memory();
         println!("{:<22} {}", "wrote", output.display());
     }
     Ok(())

@@ -5,8 +5,9 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::model::hooks::{BlockCosineStats, InputNormStats};
-use crate::model::{Hooks, LinearKind, Llama};
+use crate::calibrate::LinearInputStats;
+use crate::model::hooks::BlockCosineStats;
+use crate::model::{Hooks, LinearId, Llama, Role};
 
 /// PQ Index of a weight vector (Diao et al., "Pruning Deep Neural Networks from a Sparsity
 /// Perspective"): `I(w) = 1 − d^{1/q − 1/p} ‖w‖_p / ‖w‖_q` for 0 < p < q. 0 for a flat vector,
@@ -45,7 +46,7 @@ pub struct LayerAnalysis {
 /// One hook pass collecting input norms and block cosines together.
 #[derive(Default)]
 struct AnalyzeHooks {
-    norms: InputNormStats,
+    norms: LinearInputStats,
     cos: BlockCosineStats,
 }
 
@@ -56,21 +57,8 @@ impl Hooks for AnalyzeHooks {
     fn block_output(&mut self, layer: usize, h: &Tensor) -> Result<Option<Tensor>> {
         self.cos.block_output(layer, h)
     }
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Option<Tensor>> {
-        // q/k/v and gate/up share their inputs: observe each input once.
-        if matches!(kind, LinearKind::Q | LinearKind::O | LinearKind::Gate | LinearKind::Down) {
-            self.norms.linear_input(layer, kind, x)?;
-        }
-        Ok(None)
-    }
-}
-
-/// The linear layer whose input statistics stand for `kind`'s input.
-fn input_of(kind: LinearKind) -> LinearKind {
-    match kind {
-        LinearKind::K | LinearKind::V => LinearKind::Q,
-        LinearKind::Up => LinearKind::Gate,
-        k => k,
+    fn linear_input(&mut self, id: LinearId, x: &Tensor) -> Result<Option<Tensor>> {
+        self.norms.linear_input(id, x)
     }
 }
 
@@ -88,19 +76,19 @@ pub fn analyze(model: &Llama, windows: &[Vec<u32>], progress: &mut dyn FnMut(usi
         let mut all = Vec::new();
         let mut pq_by = Vec::new();
         let mut scores = Vec::new();
-        for kind in LinearKind::ALL {
-            let w: Vec<f32> = b.linear(kind).weight.flatten_all()?.to_vec1()?;
+        for (role, lin) in b.linears() {
+            let w: Vec<f32> = lin.weight_f32()?.flatten_all()?.to_vec1()?;
             pq_by.push(pq_index(&w, 1.0, 2.0));
-            let cols = b.linear(kind).in_features();
-            if let Some(n) = hooks.norms.norms(layer, input_of(kind)) {
+            let cols = lin.in_features();
+            if let Some(n) = hooks.norms.get(LinearId::new(layer, role)).map(|st| st.norms()) {
                 scores.extend(w.chunks(cols).flat_map(|row| row.iter().zip(&n).map(|(x, s)| x.abs() as f64 * s)));
             }
             all.extend(w);
         }
         let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
         let outlier_ratio = scores.iter().filter(|&&s| s > 5.0 * mean).count() as f64 / scores.len().max(1) as f64;
-        let tokens = *hooks.norms.tokens.get(&(layer, LinearKind::Q)).unwrap_or(&1) as f64;
-        let mut act: Vec<f64> = hooks.norms.norms(layer, LinearKind::Q).unwrap_or_default().iter().map(|n| n / tokens.sqrt()).collect();
+        let attn_input = hooks.norms.get(LinearId::new(layer, Role::Q));
+        let mut act: Vec<f64> = attn_input.map(|st| st.norms().iter().map(|n| n / (st.tokens.max(1) as f64).sqrt()).collect()).unwrap_or_default();
         act.sort_by(|a, b| a.total_cmp(b));
         let median = act.get(act.len() / 2).copied().unwrap_or(0.0);
         let max = act.last().copied().unwrap_or(0.0);

@@ -9,6 +9,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod calibrate;
 pub mod config;
 pub mod data;
 pub mod eval;

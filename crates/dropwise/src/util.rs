@@ -12,7 +12,7 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 }
 
 /// Outputs go into an existing folder: a typo in the path should not silently create folders.
-fn check_parent(path: &Path) -> Result<()> {
+pub(crate) fn check_parent(path: &Path) -> Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         anyhow::bail!("cannot write {}: folder {} does not exist", path.display(), parent.display());

@@ -31,9 +31,9 @@ fn every_pruned_matrix_has_exactly_the_requested_zeros() -> Result<()> {
             let report = prune(&mut m, &windows(3, 32, 2), &PruneOptions::new(method, pattern), &mut |_| {})?;
             assert_eq!(report.matrices.len(), 3 * 7);
             for b in &m.blocks {
-                for kind in dropwise::model::LinearKind::ALL {
-                    let w: Vec<f32> = b.linear(kind).weight.flatten_all()?.to_vec1()?;
-                    let cols = b.linear(kind).in_features();
+                for (kind, lin) in b.linears() {
+                    let w: Vec<f32> = lin.weight.flatten_all()?.to_vec1()?;
+                    let cols = lin.in_features();
                     for row in w.chunks(cols) {
                         match pattern {
                             Pattern::Unstructured(s) => {

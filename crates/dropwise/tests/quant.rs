@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use dropwise::config::Arch;
 use dropwise::formats::gguf::WriteDType;
 use dropwise::model::io::{load, load_quantized};
-use dropwise::model::LinearKind;
+use dropwise::model::{LinearId, Role};
 use dropwise::quant::plan::{self, Importance, Imatrix};
 use dropwise::quant::{dequantize, quantize_matrix, roundtrip, QType};
 use dropwise::testing::{gguf_py_summary, tiny_config, tiny_model, write_tiny_gguf, TINY_VOCAB};
@@ -174,7 +174,7 @@ fn written_file_holds_the_planned_bits_and_llama_cpp_reads_it() {
     }).collect();
     let mut model = loaded.model.clone();
     let im = Imatrix::collect(&model, &windows, &mut |_| {}).unwrap();
-    assert_eq!(im.get(2, LinearKind::Down).unwrap().len(), 256);
+    assert_eq!(im.get(LinearId::new(2, Role::DOWN)).unwrap().len(), 256);
     for importance in [Importance::Lim, Importance::Outliers, Importance::Kld] {
         let sc = plan::score_layers(&mut model, &windows, importance, Some(&im), &mut |_, _| {}).unwrap();
         assert_eq!(sc.raw.len(), 6);
@@ -216,7 +216,7 @@ fn written_file_holds_the_planned_bits_and_llama_cpp_reads_it() {
         // Decoding on demand (eval's bounded-memory load) is the f32 model of record: the same
         // logits as the full f32 load, with no f32 copy of the weights, embedding or head kept.
         let dm = dropwise::model::io::load_decoded(&out).unwrap().model;
-        assert!(dm.embed_quantized.is_some() && dm.head_quantized.is_some() && dm.blocks[1].up.quantized.is_some());
+        assert!(dm.embed_quantized.is_some() && dm.head_quantized.is_some() && !dm.blocks[1].up.is_dense());
         assert_eq!(dm.embed.stride(), &[0, 0], "the embedding is a placeholder");
         for x in [&ids, &one] {
             let d = (deq.forward(x).unwrap() - dm.forward(x).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -276,7 +276,7 @@ fn quantized_linear_paths_agree_for_every_type() {
     );
     check_paths_agree(&label, &|x, q| {
         let (out, inp) = q.shape().dims2().unwrap();
-        let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()) };
+        let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()), spilled: None };
         lin.forward(x).unwrap()
     });
 }

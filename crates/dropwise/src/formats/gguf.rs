@@ -399,6 +399,11 @@ impl GgufFile {
     }
 
     /// The raw bytes of a tensor as stored.
+    /// Where tensor `info`'s data starts in the file.
+    pub fn tensor_file_offset(&self, info: &TensorInfo) -> u64 {
+        self.data_offset + info.offset
+    }
+
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;
         &self.mmap[start..start + info.n_bytes as usize]
@@ -469,6 +474,11 @@ pub struct TensorOut {
 }
 
 impl TensorOut {
+    /// A block-quantized tensor as it is stored.
+    pub fn from_qtensor(name: &str, q: &candle_core::quantized::QTensor) -> Result<Self> {
+        Ok(Self { name: name.to_string(), shape: q.shape().dims().to_vec(), dtype: q.dtype(), data: q.data()?.into_owned() })
+    }
+
     /// Encodes an f32 tensor as F32, F16 or BF16.
     pub fn from_tensor(name: &str, t: &Tensor, dtype: WriteDType) -> Result<Self> {
         let shape = t.dims().to_vec();
@@ -518,50 +528,99 @@ fn write_value(w: &mut (impl Write + ?Sized), v: &Value) -> Result<()> {
 
 /// Writes a GGUF v3 file to a temporary name beside `path` and renames it when complete.
 pub fn write_gguf(path: &Path, metadata: &BTreeMap<String, Value>, tensors: &[TensorOut]) -> Result<()> {
-    crate::util::write_atomically(path, |w| {
-        let mut w = std::io::BufWriter::new(w);
-        w.write_all(MAGIC)?;
-        w.write_all(&3u32.to_le_bytes())?;
-        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
-        w.write_all(&(metadata.len() as u64).to_le_bytes())?;
-        let mut header_len: u64 = 4 + 4 + 8 + 8;
-        let mut counter = CountingWriter(0);
-        for (k, v) in metadata {
-            for out in [&mut w as &mut dyn Write, &mut counter as &mut dyn Write] {
-                write_string(out, k)?;
-                out.write_all(&v.type_id().to_le_bytes())?;
-            }
-            write_value(&mut w, v)?;
-            write_value(&mut counter, v)?;
+    let mut w = GgufWriter::beside(path)?;
+    for t in tensors {
+        w.add_ref(t)?;
+    }
+    w.finish(path, metadata)
+}
+
+/// A GGUF file written one tensor at a time, for models bigger than memory: each tensor's data
+/// goes to an unlinked spool file beside the output as soon as it is added (the header, which
+/// lists every tensor before any data, can only be written once all are known); [`finish`]
+/// then writes header and spooled data to a temporary name and renames it.
+///
+/// [`finish`]: GgufWriter::finish
+pub struct GgufWriter {
+    spool: std::io::BufWriter<std::fs::File>,
+    infos: Vec<(String, Vec<usize>, GgmlDType, u64)>,
+    offset: u64,
+}
+
+impl GgufWriter {
+    /// A writer whose spool lives in `path`'s folder (the output's file system).
+    pub fn beside(path: &Path) -> Result<Self> {
+        crate::util::check_parent(path)?;
+        let spool_path = crate::util::temp_sibling(path).with_extension("spool");
+        let spool = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&spool_path)
+            .with_context(|| format!("cannot create {}", spool_path.display()))?;
+        std::fs::remove_file(&spool_path).ok();
+        Ok(Self { spool: std::io::BufWriter::with_capacity(1 << 20, spool), infos: Vec::new(), offset: 0 })
+    }
+
+    /// Appends a tensor (its data is written now and dropped with `t`).
+    pub fn add(&mut self, t: TensorOut) -> Result<()> {
+        self.add_ref(&t)
+    }
+
+    pub fn add_ref(&mut self, t: &TensorOut) -> Result<()> {
+        let expected = tensor_n_bytes(t.dtype, t.shape.iter().product::<usize>() as u64)?;
+        if expected != t.data.len() as u64 {
+            bail!("tensor {} has {} bytes of data but its shape needs {expected}", t.name, t.data.len());
         }
-        let mut offset = 0u64;
-        for t in tensors {
-            let expected = tensor_n_bytes(t.dtype, t.shape.iter().product::<usize>() as u64)?;
-            if expected != t.data.len() as u64 {
-                bail!("tensor {} has {} bytes of data but its shape needs {expected}", t.name, t.data.len());
-            }
-            for out in [&mut w as &mut dyn Write, &mut counter as &mut dyn Write] {
-                write_string(out, &t.name)?;
-                out.write_all(&(t.shape.len() as u32).to_le_bytes())?;
-                for d in t.shape.iter().rev() {
-                    out.write_all(&(*d as u64).to_le_bytes())?;
-                }
-                out.write_all(&ggml_dtype_to_u32(t.dtype).to_le_bytes())?;
-                out.write_all(&offset.to_le_bytes())?;
-            }
-            offset = align_up(offset + t.data.len() as u64, DEFAULT_ALIGNMENT);
-        }
-        header_len += counter.0;
-        let pad = align_up(header_len, DEFAULT_ALIGNMENT) - header_len;
-        w.write_all(&vec![0u8; pad as usize])?;
-        for t in tensors {
-            w.write_all(&t.data)?;
-            let pad = align_up(t.data.len() as u64, DEFAULT_ALIGNMENT) - t.data.len() as u64;
-            w.write_all(&vec![0u8; pad as usize])?;
-        }
-        w.flush()?;
+        let pad = align_up(t.data.len() as u64, DEFAULT_ALIGNMENT) - t.data.len() as u64;
+        self.spool.write_all(&t.data).context("cannot write the output (disk full?)")?;
+        self.spool.write_all(&vec![0u8; pad as usize])?;
+        self.infos.push((t.name.clone(), t.shape.clone(), t.dtype, self.offset));
+        self.offset += t.data.len() as u64 + pad;
         Ok(())
-    })
+    }
+
+    /// Writes the file: header (`metadata` and the tensors in the order added), then the data.
+    pub fn finish(mut self, path: &Path, metadata: &BTreeMap<String, Value>) -> Result<()> {
+        use std::io::Seek;
+        let infos = std::mem::take(&mut self.infos);
+        let mut spool = self.spool.into_inner().map_err(|e| anyhow::anyhow!("cannot write the output: {}", e.error()))?;
+        spool.seek(std::io::SeekFrom::Start(0))?;
+        crate::util::write_atomically(path, |w| {
+            let mut w = std::io::BufWriter::new(w);
+            w.write_all(MAGIC)?;
+            w.write_all(&3u32.to_le_bytes())?;
+            w.write_all(&(infos.len() as u64).to_le_bytes())?;
+            w.write_all(&(metadata.len() as u64).to_le_bytes())?;
+            let mut header_len: u64 = 4 + 4 + 8 + 8;
+            let mut counter = CountingWriter(0);
+            for (k, v) in metadata {
+                for out in [&mut w as &mut dyn Write, &mut counter as &mut dyn Write] {
+                    write_string(out, k)?;
+                    out.write_all(&v.type_id().to_le_bytes())?;
+                }
+                write_value(&mut w, v)?;
+                write_value(&mut counter, v)?;
+            }
+            for (name, shape, dtype, offset) in &infos {
+                for out in [&mut w as &mut dyn Write, &mut counter as &mut dyn Write] {
+                    write_string(out, name)?;
+                    out.write_all(&(shape.len() as u32).to_le_bytes())?;
+                    for d in shape.iter().rev() {
+                        out.write_all(&(*d as u64).to_le_bytes())?;
+                    }
+                    out.write_all(&ggml_dtype_to_u32(*dtype).to_le_bytes())?;
+                    out.write_all(&offset.to_le_bytes())?;
+                }
+            }
+            header_len += counter.0;
+            let pad = align_up(header_len, DEFAULT_ALIGNMENT) - header_len;
+            w.write_all(&vec![0u8; pad as usize])?;
+            std::io::copy(&mut spool, &mut w).context("cannot copy the spooled tensor data")?;
+            w.flush()?;
+            Ok(())
+        })
+    }
 }
 
 struct CountingWriter(u64);

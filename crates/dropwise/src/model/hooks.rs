@@ -9,58 +9,58 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-/// The seven linear layers of a llama block.
+/// A linear layer's role inside a block, named by its canonical path inside the block (the HF
+/// llama name, `model.layers.N.<role>.weight`; each architecture file maps it to its own names).
+/// The set is open: a block kind with a layer of its own (an encoder's, a vision tower's) names a
+/// new role with [`Role::new`]; nothing downstream enumerates a closed list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LinearKind {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
+pub struct Role(&'static str);
+
+impl Role {
+    pub const Q: Role = Role("self_attn.q_proj");
+    pub const K: Role = Role("self_attn.k_proj");
+    pub const V: Role = Role("self_attn.v_proj");
+    pub const O: Role = Role("self_attn.o_proj");
+    pub const GATE: Role = Role("mlp.gate_proj");
+    pub const UP: Role = Role("mlp.up_proj");
+    pub const DOWN: Role = Role("mlp.down_proj");
+
+    pub const fn new(canonical: &'static str) -> Role {
+        Role(canonical)
+    }
+
+    /// Canonical name inside a block (`self_attn.q_proj`).
+    pub fn canonical_name(self) -> &'static str {
+        self.0
+    }
+
+    /// Short name for reports: the last path segment without `_proj` (`q`, `gate`).
+    pub fn short(self) -> &'static str {
+        let last = self.0.rsplit('.').next().unwrap_or(self.0);
+        last.strip_suffix("_proj").unwrap_or(last)
+    }
 }
 
-impl LinearKind {
-    pub const ALL: [LinearKind; 7] =
-        [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O, LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+/// One linear layer of the model: block index and role. Statistics, plans and hooks are keyed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearId {
+    pub layer: usize,
+    pub role: Role,
+}
 
-    /// Name inside an HF block (`model.layers.N.<name>.weight`).
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            LinearKind::Q => "self_attn.q_proj",
-            LinearKind::K => "self_attn.k_proj",
-            LinearKind::V => "self_attn.v_proj",
-            LinearKind::O => "self_attn.o_proj",
-            LinearKind::Gate => "mlp.gate_proj",
-            LinearKind::Up => "mlp.up_proj",
-            LinearKind::Down => "mlp.down_proj",
-        }
+impl LinearId {
+    pub fn new(layer: usize, role: Role) -> Self {
+        Self { layer, role }
     }
-
-    /// Name inside a GGUF block (`blk.N.<name>.weight`).
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            LinearKind::Q => "attn_q",
-            LinearKind::K => "attn_k",
-            LinearKind::V => "attn_v",
-            LinearKind::O => "attn_output",
-            LinearKind::Gate => "ffn_gate",
-            LinearKind::Up => "ffn_up",
-            LinearKind::Down => "ffn_down",
-        }
+    /// Canonical tensor name of its weight (`model.layers.3.self_attn.q_proj.weight`).
+    pub fn weight_name(self) -> String {
+        format!("model.layers.{}.{}.weight", self.layer, self.role.canonical_name())
     }
+}
 
-    pub fn short(self) -> &'static str {
-        match self {
-            LinearKind::Q => "q",
-            LinearKind::K => "k",
-            LinearKind::V => "v",
-            LinearKind::O => "o",
-            LinearKind::Gate => "gate",
-            LinearKind::Up => "up",
-            LinearKind::Down => "down",
-        }
+impl std::fmt::Display for LinearId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.layer, self.role.short())
     }
 }
 
@@ -75,7 +75,7 @@ pub trait Hooks {
         Ok(None)
     }
     /// Input `[batch, seq, in]` of a linear layer; return `Some` to replace it (for that layer only).
-    fn linear_input(&mut self, _layer: usize, _kind: LinearKind, _x: &Tensor) -> Result<Option<Tensor>> {
+    fn linear_input(&mut self, _id: LinearId, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
     /// Attention probabilities `[batch, heads, seq, seq]` of block `layer` (rows sum to 1).
@@ -93,37 +93,6 @@ pub trait Hooks {
 /// No hooks: the plain forward pass.
 pub struct NoHooks;
 impl Hooks for NoHooks {}
-
-/// Per-input-channel sum of squares of every linear layer's input, accumulated over windows:
-/// the statistic behind Wanda's `‖X_j‖₂` and activation-norm reports.
-#[derive(Default)]
-pub struct InputNormStats {
-    /// (layer, kind) → Σ over tokens of x_j², one entry per input channel.
-    pub sum_sq: std::collections::BTreeMap<(usize, LinearKind), Vec<f64>>,
-    pub tokens: std::collections::BTreeMap<(usize, LinearKind), usize>,
-}
-
-impl InputNormStats {
-    /// ‖X_j‖₂ over all tokens seen so far.
-    pub fn norms(&self, layer: usize, kind: LinearKind) -> Option<Vec<f64>> {
-        self.sum_sq.get(&(layer, kind)).map(|v| v.iter().map(|s| s.sqrt()).collect())
-    }
-}
-
-impl Hooks for InputNormStats {
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Option<Tensor>> {
-        let dims = x.dims();
-        let width = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / width.max(1);
-        let sq = super::kernels::column_sum_squares(x, width)?;
-        let acc = self.sum_sq.entry((layer, kind)).or_insert_with(|| vec![0.0; width]);
-        for (a, s) in acc.iter_mut().zip(sq) {
-            *a += s;
-        }
-        *self.tokens.entry((layer, kind)).or_insert(0) += rows;
-        Ok(None)
-    }
-}
 
 /// Block Influence statistics: mean cosine similarity between each block's input and output
 /// hidden state, per token, accumulated over windows.

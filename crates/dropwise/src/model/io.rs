@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
-use super::hooks::LinearKind;
-use super::llama::{Linear, Llama, StoredProduct};
+use super::hooks::Role;
+use super::llama::{Block, Linear, Llama, StoredProduct};
 use candle_core::quantized::GgmlDType;
 use crate::config::{Arch, LlamaConfig};
 use crate::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
@@ -160,12 +160,12 @@ fn unpermute_rows(rows: usize, n_head: usize) -> Result<Vec<usize>> {
     Ok(p.into_iter().map(|v| v as usize).collect())
 }
 
-/// `model.layers.{i}.{…}.{kind}_proj.weight` → (i, kind).
-fn parse_linear_name(hf: &str) -> Option<(usize, LinearKind)> {
+/// `model.layers.{i}.{role}.weight` → (i, role), for the roles a decoder block has.
+fn parse_linear_name(hf: &str) -> Option<(usize, Role)> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (i, rest) = rest.split_once('.')?;
-    let kind = LinearKind::ALL.into_iter().find(|k| rest == format!("{}.weight", k.hf_name()))?;
-    Some((i.parse().ok()?, kind))
+    let role = Block::ROLES.into_iter().find(|r| rest.strip_suffix(".weight") == Some(r.canonical_name()))?;
+    Some((i.parse().ok()?, role))
 }
 
 fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedModel> {
@@ -173,12 +173,16 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
     let decoded = mode == Some(StoredProduct::DecodedF32);
     let is_block_type = |t: &gguf::TensorInfo| t.shape.len() == 2 && !matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     let g = GgufFile::open(path)?;
-    let mut quantized: Vec<(usize, LinearKind, candle_core::quantized::QTensor)> = Vec::new();
+    let mut quantized: Vec<(usize, Role, candle_core::quantized::QTensor)> = Vec::new();
     let ctx = || path.display().to_string();
     let config = LlamaConfig::from_gguf(&g).with_context(ctx)?;
     let tokenizer = Tokenizer::from_gguf(&g).with_context(ctx)?;
     let mut tensors = HashMap::new();
     let mut stored = Vec::new();
+    // The block linears of a model loaded at rest are read from the file per product: memory
+    // holds one decoded matrix at a time, whatever the model's size.
+    let source = if decoded { Some(super::spill::Spill::source(path)?) } else { None };
+    let mut on_disk: Vec<(usize, Role, super::spill::SpillSlot)> = Vec::new();
     for info in &g.tensors {
         stored.push(StoredTensor {
             name: info.name.clone(),
@@ -198,6 +202,19 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
             continue;
         }
         let block_linear = if keep_quantized { parse_linear_name(&hf) } else { None };
+        // Loaded at rest: every block linear in a type we can read back stays in the file.
+        if let (Some(src), Some((layer, role))) = (&source, block_linear.filter(|_| info.shape.len() == 2 && info.dtype != GgmlDType::BF16)) {
+            let (rows, cols) = (info.shape[0], info.shape[1]);
+            let order = if permuted_in_gguf(config.arch, &hf) {
+                Some(unpermute_rows(rows, rows / config.head_dim.max(1)).with_context(|| format!("{}: tensor {}", ctx(), info.name))?)
+            } else {
+                None
+            };
+            let slot = src.slot(g.tensor_file_offset(info), rows, cols, info.dtype, order).with_context(|| format!("{}: tensor {}", ctx(), info.name))?;
+            tensors.insert(hf, Linear::shape_only(rows, cols)?);
+            on_disk.push((layer, role, slot));
+            continue;
+        }
         if let Some((layer, kind)) = block_linear.filter(|_| info.shape.len() == 2 && !matches!(info.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             if cols % info.dtype.block_size() != 0 {
@@ -220,6 +237,7 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
             quantized.push((layer, kind, q));
             continue;
         }
+
         let mut t = g.dequantize(info).with_context(ctx)?;
         if permuted_in_gguf(config.arch, &hf) {
             let heads = t.dims()[0] / config.head_dim.max(1);
@@ -254,9 +272,18 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
         };
         model.embed_quantized = embed_q;
     }
+    let at_rest = !quantized.is_empty() || !on_disk.is_empty() || model.embed_quantized.is_some();
+    for (layer, role, slot) in on_disk {
+        let lin = model.blocks[layer].linear_mut(role)?;
+        lin.spilled = Some(std::sync::Arc::new(slot));
+    }
     for (layer, kind, q) in quantized {
-        let lin = model.blocks[layer].linear_mut(kind);
+        let lin = model.blocks[layer].linear_mut(kind)?;
         *lin = Linear::quantized(q, lin.bias.take())?;
+    }
+    if decoded && at_rest {
+        // Weights a method changes go to rest on disk block by block (see `spill`).
+        model.spill = Some(super::spill::Spill::anonymous()?);
     }
     let meta = g.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
@@ -415,7 +442,7 @@ pub fn save_gguf(
         WriteDType::F16 => 1,
         WriteDType::BF16 => 32,
     };
-    save_gguf_encoded(model, tokenizer_meta, name, path, file_type, extra, &mut |gname, t| {
+    save_gguf_encoded(model, tokenizer_meta, name, path, file_type, extra, true, &mut |gname, t| {
         let dt = if t.rank() == 1 { WriteDType::F32 } else { dtype };
         TensorOut::from_tensor(gname, t, dt)
     })
@@ -423,7 +450,10 @@ pub fn save_gguf(
 
 /// [`save_gguf`] with the encoding of every tensor left to `encode(gguf_name, tensor)` (the
 /// tensor as the file stores it: Q/K already rope-permuted) — how mixed-precision files are
-/// written. `file_type` is llama.cpp's `general.file_type` (the dominant type).
+/// written. `file_type` is llama.cpp's `general.file_type` (the dominant type). With
+/// `keep_stored`, an embedding or head the model keeps in a GGUF block type is copied as stored
+/// instead of going through `encode`.
+#[allow(clippy::too_many_arguments)]
 pub fn save_gguf_encoded(
     model: &Llama,
     tokenizer_meta: &TokenizerMeta,
@@ -431,6 +461,7 @@ pub fn save_gguf_encoded(
     path: &Path,
     file_type: u32,
     extra: &BTreeMap<String, Value>,
+    keep_stored: bool,
     encode: &mut dyn FnMut(&str, &Tensor) -> Result<TensorOut>,
 ) -> Result<()> {
     let c = &model.config;
@@ -487,34 +518,45 @@ pub fn save_gguf_encoded(
     }
     m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
 
-    let mut out = Vec::new();
-    for (hf, t) in c.arch.fuse_for_gguf(model.named_tensors(), c)? {
-        let gname = hf_to_gguf_name(c.arch, &hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
-        let mut t = t.detach();
-        if permuted_in_gguf(c.arch, &hf) {
-            let heads = t.dims()[0] / c.head_dim;
-            t = rope_permute(&t, heads, true)?;
+    // One group (the embedding, a block, the head) materialized at a time, each tensor spooled
+    // to disk as soon as it is encoded: memory stays bounded by one block.
+    let mut out = gguf::GgufWriter::beside(path)?;
+    for g in 0..model.tensor_groups() {
+        let group = if keep_stored { model.named_tensors_in_keeping_stored(g)? } else { model.named_tensors_in(g)? };
+        for (hf, t) in c.arch.fuse_for_gguf(group, c)? {
+            let gname = hf_to_gguf_name(c.arch, &hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
+            if let Some(q) = model.at_rest_tensor(&hf).filter(|_| keep_stored) {
+                // An embedding or head kept in its block type is written as stored: its values
+                // exactly, without an f32 copy of a vocabulary-sized matrix.
+                out.add(TensorOut::from_qtensor(&gname, q)?)?;
+                continue;
+            }
+            let mut t = t.detach();
+            if permuted_in_gguf(c.arch, &hf) {
+                let heads = t.dims()[0] / c.head_dim;
+                t = rope_permute(&t, heads, true)?;
+            }
+            out.add(encode(&gname, &t).with_context(|| format!("tensor {gname}"))?)?;
         }
-        out.push(encode(&gname, &t).with_context(|| format!("tensor {gname}"))?);
     }
     if let Some(r) = &c.rope_scaling {
         // llama.cpp reads rope scaling as one divisor per frequency (its converter's rope_freqs).
         let f: Vec<f32> = r.factors(&c.rope_base_frequencies())?.into_iter().map(|x| x as f32).collect();
-        out.push(TensorOut::from_tensor("rope_freqs.weight", &Tensor::from_vec(f, c.head_dim / 2, model.device())?, WriteDType::F32)?);
+        out.add(TensorOut::from_tensor("rope_freqs.weight", &Tensor::from_vec(f, c.head_dim / 2, model.device())?, WriteDType::F32)?)?;
     }
     for (i, sh) in shapes.iter().enumerate() {
         if sh.ffn == 0 {
             let h = c.hidden_size;
             let dev = model.device();
             let zero = |r: usize, k: usize| Tensor::zeros((r, k), candle_core::DType::F32, dev);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_norm.weight"), &Tensor::ones(h, candle_core::DType::F32, dev)?, WriteDType::F32)?);
+            out.add(TensorOut::from_tensor(&format!("blk.{i}.ffn_norm.weight"), &Tensor::ones(h, candle_core::DType::F32, dev)?, WriteDType::F32)?)?;
             // Zeros are exact in every type; F16 keeps the padding small whatever `encode` does.
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_gate.weight"), &zero(1, h)?, WriteDType::F16)?);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_up.weight"), &zero(1, h)?, WriteDType::F16)?);
-            out.push(TensorOut::from_tensor(&format!("blk.{i}.ffn_down.weight"), &zero(h, 1)?, WriteDType::F16)?);
+            out.add(TensorOut::from_tensor(&format!("blk.{i}.ffn_gate.weight"), &zero(1, h)?, WriteDType::F16)?)?;
+            out.add(TensorOut::from_tensor(&format!("blk.{i}.ffn_up.weight"), &zero(1, h)?, WriteDType::F16)?)?;
+            out.add(TensorOut::from_tensor(&format!("blk.{i}.ffn_down.weight"), &zero(h, 1)?, WriteDType::F16)?)?;
         }
     }
-    gguf::write_gguf(path, &m, &out)
+    out.finish(path, &m)
 }
 
 /// Writes the model as an HF folder: config.json, model.safetensors, tokenizer files.
@@ -566,7 +608,7 @@ fn save_hf_with(
     let offset = c.arch.hf_norm_offset();
     let tensors: Vec<(String, Tensor)> = c
         .arch
-        .fuse_for_hf(model.named_tensors(), c)?
+        .fuse_for_hf(model.named_tensors()?, c)?
         .into_iter()
         .map(|(n, t)| {
             let t = if offset != 0.0 && super::arch::is_norm(&n) { (t - offset as f64)? } else { t };

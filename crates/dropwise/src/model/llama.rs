@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::arch::Activation;
-use super::hooks::{Hooks, LinearKind, NoHooks};
+use super::hooks::{Hooks, LinearId, NoHooks, Role};
 use super::{kernels, qmatmul};
 use crate::config::{LayerShape, LlamaConfig};
 
@@ -22,14 +22,17 @@ pub const QMATMUL_MAX_ROWS: usize = 16;
 
 /// A linear layer stored as PyTorch does: weight `[out, in]`, optional bias `[out]`.
 ///
-/// `quantized`, when set, holds the weight in a GGUF block type; `weight` is then a zero-stride
-/// placeholder that only carries the shape (see [`Linear::quantized`]), so the model keeps no f32
-/// copy of its weights.
+/// The weight may be at rest instead of in `weight`: `quantized` holds it in a GGUF block type
+/// (see [`Linear::quantized`]), `spilled` as f32 in a scratch file ([`super::spill`]); `weight`
+/// is then a zero-stride placeholder that only carries the shape, so the model keeps no f32 copy.
+/// Read values with [`Linear::weight_f32`] and replace them with [`Linear::set_weight`], which
+/// work whatever the weight's form.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
+    pub spilled: Option<std::sync::Arc<super::spill::SpillSlot>>,
 }
 
 impl Linear {
@@ -52,7 +55,47 @@ impl Linear {
     ///   scalar one: 10-20× slower than decode + GEMM here.
     pub fn quantized(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, inp) = q.shape().dims2()?;
-        Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)) })
+        Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)), spilled: None })
+    }
+
+    /// A linear layer with its f32 weight in memory.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, quantized: None, spilled: None }
+    }
+
+    /// The weight's values as an f32 `[out, in]` tensor, decoded or read back when it is at rest.
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        if let Some(q) = &self.quantized {
+            return Ok(q.dequantize(&Device::Cpu)?);
+        }
+        if let Some(s) = &self.spilled {
+            return s.read();
+        }
+        Ok(self.weight.clone())
+    }
+
+    /// Replaces the weight by the f32 tensor `w` (in memory until [`Linear::spill_to`]).
+    pub fn set_weight(&mut self, w: Tensor) {
+        self.weight = w;
+        self.quantized = None;
+        self.spilled = None;
+    }
+
+    /// Whether the weight is in memory as f32 (not at rest).
+    pub fn is_dense(&self) -> bool {
+        self.quantized.is_none() && self.spilled.is_none()
+    }
+
+    /// Moves an in-memory f32 weight to the scratch file `spill`; at-rest and empty weights stay.
+    pub fn spill_to(&mut self, spill: &std::sync::Arc<super::spill::Spill>) -> Result<()> {
+        if !self.is_dense() || self.weight.elem_count() == 0 {
+            return Ok(());
+        }
+        let slot = spill.write(&self.weight)?;
+        let (out, inp) = slot.dims();
+        self.weight = Self::shape_only(out, inp)?;
+        self.spilled = Some(std::sync::Arc::new(slot));
+        Ok(())
     }
 
     /// An `[out, in]` zero that allocates nothing (stride 0): the shape of a quantized weight.
@@ -64,18 +107,20 @@ impl Linear {
     /// the product of the f32 model of record (the same decoded values, unrounded activations),
     /// holding one decoded matrix at a time. Plain [`Linear::forward`] for an f32 weight.
     pub fn forward_decoded(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.quantized {
-            Some(q) => self.on_rows(x, |x2| kernels::f32_product(x2, &q.dequantize(x2.device())?)),
-            None => self.forward(x),
+        match (&self.quantized, &self.spilled) {
+            (Some(q), _) => self.on_rows(x, |x2| kernels::f32_product(x2, &q.dequantize(x2.device())?)),
+            (None, Some(s)) => self.on_rows(x, |x2| kernels::f32_product(x2, &s.read()?)),
+            (None, None) => self.forward(x),
         }
     }
 
     /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.on_rows(x, |x2| match &self.quantized {
-            Some(q) if x2.dim(0)? <= QMATMUL_MAX_ROWS => qmatmul::short_product(x2, q, qmatmul::simd_path()),
-            Some(q) => kernels::quantized_product(x2, q),
-            None => kernels::f32_product(x2, &self.weight),
+        self.on_rows(x, |x2| match (&self.quantized, &self.spilled) {
+            (Some(q), _) if x2.dim(0)? <= QMATMUL_MAX_ROWS => qmatmul::short_product(x2, q, qmatmul::simd_path()),
+            (Some(q), _) => kernels::quantized_product(x2, q),
+            (None, Some(s)) => kernels::f32_product(x2, &s.read()?),
+            (None, None) => kernels::f32_product(x2, &self.weight),
         })
     }
 
@@ -143,28 +188,38 @@ impl Block {
     pub fn has_mlp(&self) -> bool {
         self.gate.out_features() > 0
     }
-    pub fn linear(&self, kind: LinearKind) -> &Linear {
-        match kind {
-            LinearKind::Q => &self.q,
-            LinearKind::K => &self.k,
-            LinearKind::V => &self.v,
-            LinearKind::O => &self.o,
-            LinearKind::Gate => &self.gate,
-            LinearKind::Up => &self.up,
-            LinearKind::Down => &self.down,
-        }
+    /// The roles of this block's linear layers, in forward order.
+    pub const ROLES: [Role; 7] = [Role::Q, Role::K, Role::V, Role::O, Role::GATE, Role::UP, Role::DOWN];
+
+    /// Linears that read one and the same input tensor, in forward order; the first of each
+    /// group stands for it in calibration statistics.
+    pub const SHARED_INPUTS: [&'static [Role]; 4] = [&[Role::Q, Role::K, Role::V], &[Role::O], &[Role::GATE, Role::UP], &[Role::DOWN]];
+
+    /// The role whose input statistics stand for `role`'s input (q for k and v, gate for up).
+    pub fn shared_input(role: Role) -> Role {
+        Self::SHARED_INPUTS.iter().find(|g| g.contains(&role)).map(|g| g[0]).unwrap_or(role)
     }
-    pub fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear {
-        match kind {
-            LinearKind::Q => &mut self.q,
-            LinearKind::K => &mut self.k,
-            LinearKind::V => &mut self.v,
-            LinearKind::O => &mut self.o,
-            LinearKind::Gate => &mut self.gate,
-            LinearKind::Up => &mut self.up,
-            LinearKind::Down => &mut self.down,
-        }
+
+    /// The linear layer playing `role`, or an error naming the roles this block has.
+    pub fn linear(&self, role: Role) -> Result<&Linear> {
+        self.linears().find(|(r, _)| *r == role).map(|(_, l)| l).with_context(|| no_role(role))
     }
+    pub fn linear_mut(&mut self, role: Role) -> Result<&mut Linear> {
+        self.linears_mut().find(|(r, _)| *r == role).map(|(_, l)| l).with_context(|| no_role(role))
+    }
+
+    /// Every linear layer with its role, in forward order (removed ones are empty, not absent).
+    pub fn linears(&self) -> impl Iterator<Item = (Role, &Linear)> {
+        Self::ROLES.into_iter().zip([&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down])
+    }
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = (Role, &mut Linear)> {
+        Self::ROLES.into_iter().zip([&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down])
+    }
+}
+
+fn no_role(role: Role) -> String {
+    let have: Vec<&str> = Block::ROLES.iter().map(|r| r.short()).collect();
+    format!("a decoder block has no linear layer '{}' (it has {})", role.canonical_name(), have.join(", "))
 }
 
 /// How weights kept block-quantized at rest are multiplied.
@@ -203,6 +258,9 @@ pub struct Llama {
     /// The token embedding as stored, when it stays block-quantized ([`StoredProduct::DecodedF32`]):
     /// `embed` is then a zero-stride placeholder and rows are decoded as tokens need them.
     pub embed_quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// Where changed weights go to rest ([`Llama::settle_block`]); set when the model was loaded
+    /// with its weights at rest, `None` for a model held in memory as f32.
+    pub spill: Option<std::sync::Arc<super::spill::Spill>>,
 }
 
 /// Positions a forward pass covers, with what attention needs for them: rope tables (one set
@@ -262,11 +320,11 @@ impl Llama {
                 if out * inp == 0 {
                     t.remove(&format!("{p}.{name}.weight"));
                     t.remove(&format!("{p}.{name}.bias"));
-                    return Ok(Linear { weight: Tensor::zeros((out, inp), DType::F32, &dev)?, bias: None, quantized: None });
+                    return Ok(Linear::dense(Tensor::zeros((out, inp), DType::F32, &dev)?, None));
                 }
                 let weight = take(t, &format!("{p}.{name}.weight"), &[out, inp])?;
                 let bias = if bias { Some(take(t, &format!("{p}.{name}.bias"), &[out])?) } else { None };
-                Ok(Linear { weight, bias, quantized: None })
+                Ok(Linear::dense(weight, bias))
             };
             let b = c.attention_bias;
             let q = lin(&mut t, "self_attn.q_proj", qd, h, b)?;
@@ -333,24 +391,64 @@ impl Llama {
             head_quantized: None,
             stored_product: StoredProduct::default(),
             embed_quantized: None,
+            spill: None,
         })
     }
 
     /// Every tensor by its HF name (the head only when untied). A removed sub-block contributes
     /// no tensors (not even its norm).
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
-        for (i, b) in self.blocks.iter().enumerate() {
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for g in 0..self.tensor_groups() {
+            out.extend(self.named_tensors_in(g)?);
+        }
+        Ok(out)
+    }
+
+    /// How many groups [`Llama::named_tensors_in`] splits the tensors into: the embedding, each
+    /// block, then the final norm and head.
+    pub fn tensor_groups(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    /// The tensors of group `g` by HF name with their values (weights at rest decoded): what an
+    /// export writes one group at a time, so no more than one block is ever materialized.
+    pub fn named_tensors_in(&self, g: usize) -> Result<Vec<(String, Tensor)>> {
+        self.group_tensors(g, true, true)
+    }
+
+    /// As [`Llama::named_tensors_in`] but an embedding or head kept in a block type stays a
+    /// placeholder: for exports that copy it as stored ([`Llama::at_rest_tensor`]).
+    pub fn named_tensors_in_keeping_stored(&self, g: usize) -> Result<Vec<(String, Tensor)>> {
+        self.group_tensors(g, true, false)
+    }
+
+    /// The tensors of group `g`; block linears at rest decoded when `linears`, the embedding and
+    /// head when `embed_head`, otherwise their zero-stride placeholders (shapes only).
+    fn group_tensors(&self, g: usize, linears: bool, embed_head: bool) -> Result<Vec<(String, Tensor)>> {
+        let n = self.blocks.len();
+        let materialize = embed_head;
+        let weight = |l: &Linear| if linears { l.weight_f32() } else { Ok(l.weight.clone()) };
+        let mut out = Vec::new();
+        if g == 0 {
+            let embed = match (&self.embed_quantized, materialize) {
+                (Some(q), true) => q.dequantize(&Device::Cpu)?,
+                _ => self.embed.clone(),
+            };
+            out.push(("model.embed_tokens.weight".to_string(), embed));
+        } else if g <= n {
+            let i = g - 1;
+            let b = &self.blocks[i];
             let p = format!("model.layers.{i}");
             if b.has_attention() {
                 out.push((format!("{p}.input_layernorm.weight"), b.attn_norm.clone()));
             }
-            for (kind, name) in LinearKind::ALL.iter().map(|k| (*k, k.hf_name())) {
-                let l = b.linear(kind);
+            for (role, l) in b.linears() {
+                let name = role.canonical_name();
                 if l.weight.elem_count() == 0 {
                     continue;
                 }
-                out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+                out.push((format!("{p}.{name}.weight"), weight(l)?));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{p}.{name}.bias"), bias.clone()));
                 }
@@ -368,16 +466,44 @@ impl Llama {
                     out.push((format!("{p}.mlp_output_norm.weight"), w.clone()));
                 }
             }
+        } else if g == n + 1 {
+            out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
+            if let Some(hd) = &self.lm_head {
+                let head = match (&self.head_quantized, materialize) {
+                    (Some(q), true) => q.dequantize(&Device::Cpu)?,
+                    _ => hd.clone(),
+                };
+                out.push(("lm_head.weight".to_string(), head));
+            }
+        } else {
+            bail!("tensor group {g} does not exist (the model has {})", self.tensor_groups());
         }
-        out.push(("model.norm.weight".to_string(), self.final_norm.clone()));
-        if let Some(hd) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), hd.clone()));
+        Ok(out)
+    }
+
+    /// The embedding or head as stored in a GGUF block type, when it is kept so
+    /// (`model.embed_tokens.weight`, `lm_head.weight`): exports copy it as it is.
+    pub fn at_rest_tensor(&self, hf_name: &str) -> Option<&std::sync::Arc<candle_core::quantized::QTensor>> {
+        match hf_name {
+            "model.embed_tokens.weight" => self.embed_quantized.as_ref(),
+            "lm_head.weight" if self.lm_head.is_some() => self.head_quantized.as_ref(),
+            _ => None,
         }
-        out
+    }
+
+    /// Puts block `layer`'s weights that a method changed (in memory as f32) at rest in the
+    /// model's scratch file, when the model keeps its weights at rest ([`Llama::spill`]): how a
+    /// stage that changes a model block by block stays within one block of memory.
+    pub fn settle_block(&mut self, layer: usize) -> Result<()> {
+        let Some(spill) = self.spill.clone() else { return Ok(()) };
+        for (_, lin) in self.blocks[layer].linears_mut() {
+            lin.spill_to(&spill)?;
+        }
+        Ok(())
     }
 
     pub fn param_count(&self) -> usize {
-        self.named_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+        (0..self.tensor_groups()).filter_map(|g| self.group_tensors(g, false, false).ok()).flatten().map(|(_, t)| t.elem_count()).sum()
     }
 
     /// Block `i`'s widths as its weights have them.
@@ -441,11 +567,10 @@ impl Llama {
             if let Some(w) = b.mlp_output_norm.as_mut() {
                 var(format!("{p}.mlp_output_norm.weight"), w)?;
             }
-            for kind in LinearKind::ALL {
-                let l = b.linear_mut(kind);
-                var(format!("{p}.{}.weight", kind.hf_name()), &mut l.weight)?;
+            for (role, l) in b.linears_mut() {
+                var(format!("{p}.{}.weight", role.canonical_name()), &mut l.weight)?;
                 if let Some(bias) = l.bias.as_mut() {
-                    var(format!("{p}.{}.bias", kind.hf_name()), bias)?;
+                    var(format!("{p}.{}.bias", role.canonical_name()), bias)?;
                 }
             }
         }
@@ -553,10 +678,10 @@ impl Llama {
         Ok(e.broadcast_div(&s)?)
     }
 
-    /// Linear layer `kind` of block `layer` on `x`, after letting the hooks see (or replace) `x`.
-    pub fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Tensor> {
-        let lin = self.blocks[layer].linear(kind);
-        let replaced = hooks.linear_input(layer, kind, x)?;
+    /// Linear layer `role` of block `layer` on `x`, after letting the hooks see (or replace) `x`.
+    pub fn hooked_linear(&self, hooks: &mut dyn Hooks, layer: usize, role: Role, x: &Tensor) -> Result<Tensor> {
+        let lin = self.blocks[layer].linear(role)?;
+        let replaced = hooks.linear_input(LinearId::new(layer, role), x)?;
         let x = replaced.as_ref().unwrap_or(x);
         match self.stored_product {
             StoredProduct::DecodedF32 => lin.forward_decoded(x),
@@ -585,7 +710,7 @@ impl Llama {
     /// `h` plus block `layer`'s attention output from its context `ctx` (o_proj's input),
     /// normed first where the architecture has an output norm.
     pub fn attn_residual(&self, layer: usize, h: &Tensor, ctx: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let out = self.hooked_linear(hooks, layer, LinearKind::O, ctx)?;
+        let out = self.hooked_linear(hooks, layer, Role::O, ctx)?;
         let out = match &self.blocks[layer].attn_output_norm {
             Some(w) => self.rms_norm(&out, w)?,
             None => out,
@@ -605,7 +730,7 @@ impl Llama {
     /// `h` plus block `layer`'s MLP output from its hidden activations `a` (down_proj's input),
     /// normed first where the architecture has an output norm.
     pub fn down_residual(&self, layer: usize, h: &Tensor, a: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let out = self.hooked_linear(hooks, layer, LinearKind::Down, a)?;
+        let out = self.hooked_linear(hooks, layer, Role::DOWN, a)?;
         let out = match &self.blocks[layer].mlp_output_norm {
             Some(w) => self.rms_norm(&out, w)?,
             None => out,
@@ -678,9 +803,9 @@ impl Llama {
         if n_kv == 0 || n_q % n_kv != 0 {
             bail!("block {layer}: {n_q} query heads cannot share {n_kv} key/value heads");
         }
-        let q = self.hooked_linear(hooks, layer, LinearKind::Q, x)?;
-        let k = self.hooked_linear(hooks, layer, LinearKind::K, x)?;
-        let v = self.hooked_linear(hooks, layer, LinearKind::V, x)?;
+        let q = self.hooked_linear(hooks, layer, Role::Q, x)?;
+        let k = self.hooked_linear(hooks, layer, Role::K, x)?;
+        let v = self.hooked_linear(hooks, layer, Role::V, x)?;
         let mut q = q.reshape((b, t, n_q, hd))?;
         let mut k = k.reshape((b, t, n_kv, hd))?;
         if let Some(w) = &blk.q_norm {
@@ -741,8 +866,8 @@ impl Llama {
         if self.blocks[layer].gate.out_features() == 0 {
             return Ok(None);
         }
-        let g = self.hooked_linear(hooks, layer, LinearKind::Gate, x)?;
-        let u = self.hooked_linear(hooks, layer, LinearKind::Up, x)?;
+        let g = self.hooked_linear(hooks, layer, Role::GATE, x)?;
+        let u = self.hooked_linear(hooks, layer, Role::UP, x)?;
         Ok(Some(match (self.config.arch.activation(), self.differentiable) {
             (Activation::Silu, false) => kernels::silu_mul(&g, &u)?,
             (Activation::Silu, true) => (g.silu()? * u)?,
@@ -871,8 +996,8 @@ impl Llama {
         let hd = self.config.head_dim as f64;
         let mut f = 0.0;
         for b in &self.blocks {
-            for kind in LinearKind::ALL {
-                f += 2.0 * b.linear(kind).weight.elem_count() as f64;
+            for (_, l) in b.linears() {
+                f += 2.0 * l.weight.elem_count() as f64;
             }
             let n_q = (b.q.out_features() as f64) / hd;
             f += 2.0 * 2.0 * n_q * hd * (seq as f64 + 1.0) / 2.0;

@@ -5,6 +5,7 @@ pub mod io;
 pub mod kernels;
 pub mod llama;
 pub mod qmatmul;
+pub mod spill;
 
-pub use hooks::{Hooks, LinearKind, NoHooks};
+pub use hooks::{Hooks, LinearId, NoHooks, Role};
 pub use llama::{Block, KvCache, Linear, Llama, Positions, QMATMUL_MAX_ROWS};

@@ -14,13 +14,13 @@ pub mod sparsegpt;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Serialize;
 
 pub use mask::Pattern;
 
-use crate::model::kernels::column_sum_squares;
-use crate::model::{Hooks, LinearKind, Llama, NoHooks};
+use crate::calibrate::{BlockInputs, InputStats, LinearInputStats};
+use crate::model::{Block, LinearId, Llama, NoHooks, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,49 +120,6 @@ pub struct PruneReport {
     pub prune_seconds: f64,
 }
 
-/// What calibration gathers about one linear layer's input: Σ x_j² per input channel (Wanda,
-/// OWL) and, for SparseGPT, the Hessian Σ xᵀx.
-struct InputStats {
-    sum_sq: Vec<f64>,
-    hessian: Option<Vec<f64>>,
-    width: usize,
-}
-
-impl InputStats {
-    fn new(width: usize, hessian: bool) -> Self {
-        Self { sum_sq: vec![0.0; width], hessian: hessian.then(|| vec![0.0; width * width]), width }
-    }
-    fn add(&mut self, x: &Tensor) -> Result<()> {
-        let w = self.width;
-        let rows = x.elem_count() / w;
-        let x2 = x.reshape((rows, w))?;
-        let partial = column_sum_squares(&x2, w)?;
-        for (a, s) in self.sum_sq.iter_mut().zip(partial) {
-            *a += s;
-        }
-        if let Some(h) = self.hessian.as_mut() {
-            let xtx: Vec<f32> = x2.t()?.matmul(&x2)?.flatten_all()?.to_vec1()?;
-            for (a, v) in h.iter_mut().zip(xtx) {
-                *a += v as f64;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Statistics of one linear input over all calibration windows' activations `xs` (`[1, seq, width]` each).
-fn gather(xs: &[Tensor], hessian: bool) -> Result<InputStats> {
-    let mut st = InputStats::new(xs.first().context("no calibration activations")?.dim(D::Minus1)?, hessian);
-    for x in xs {
-        st.add(x)?;
-    }
-    Ok(st)
-}
-
-/// The four distinct inputs of a block's linear layers and who reads them.
-const GROUPS: [&[LinearKind]; 4] =
-    [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::O], &[LinearKind::Gate, LinearKind::Up], &[LinearKind::Down]];
-
 fn weight_vec(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
     let (r, c) = t.dims2()?;
     Ok((t.flatten_all()?.to_vec1()?, r, c))
@@ -209,14 +166,14 @@ pub fn prune_weights(method: Method, w: &mut [f32], rows: usize, cols: usize, x:
     prune_matrix(w, rows, cols, Some(&st), method, pattern)
 }
 
-/// Prunes linear layer `kind` of block `layer` in place, verifies its pattern, and reports it.
-fn prune_linear(model: &mut Llama, layer: usize, kind: LinearKind, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<MatrixReport> {
-    let name = format!("model.layers.{layer}.{}.weight", kind.hf_name());
-    let lin = model.blocks[layer].linear_mut(kind);
-    let (mut w, rows, cols) = weight_vec(&lin.weight)?;
+/// Prunes linear layer `id` in place, verifies its pattern, and reports it.
+fn prune_linear(model: &mut Llama, id: LinearId, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<MatrixReport> {
+    let name = id.weight_name();
+    let lin = model.blocks[id.layer].linear_mut(id.role)?;
+    let (mut w, rows, cols) = weight_vec(&lin.weight_f32()?)?;
     prune_matrix(&mut w, rows, cols, stats, method, pattern).with_context(|| name.clone())?;
     let achieved = mask::verify(&w, rows, cols, pattern).with_context(|| name.clone())?;
-    lin.weight = Tensor::from_vec(w, (rows, cols), lin.weight.device())?;
+    lin.set_weight(Tensor::from_vec(w, (rows, cols), lin.weight.device())?);
     Ok(MatrixReport { name, rows, cols, sparsity: achieved })
 }
 
@@ -243,7 +200,7 @@ fn stream_blocks(
         let dense = dense_propagation.then(|| model.blocks[layer].clone());
         // Group 0: q/k/v read the normed block input.
         let xs: Vec<Tensor> = h.iter().map(|hi| model.attn_norm(layer, hi)).collect::<Result<_>>()?;
-        visit(model, layer, 0, &gather(&xs, hessian)?)?;
+        visit(model, layer, 0, &InputStats::of(&xs, hessian)?)?;
         let with = |model: &mut Llama, f: &mut dyn FnMut(&Llama) -> Result<Tensor>| -> Result<Tensor> {
             match &dense {
                 Some(d) => {
@@ -262,7 +219,7 @@ fn stream_blocks(
         }
         drop(xs);
         // Group 1: o_proj reads the attention context.
-        visit(model, layer, 1, &gather(&ctxs, hessian)?)?;
+        visit(model, layer, 1, &InputStats::of(&ctxs, hessian)?)?;
         for (hi, c) in h.iter_mut().zip(&ctxs) {
             let prev = hi.clone();
             *hi = with(model, &mut |m| m.attn_residual(layer, &prev, c, &mut NoHooks))?;
@@ -270,18 +227,20 @@ fn stream_blocks(
         drop(ctxs);
         // Group 2: gate/up read the normed residual.
         let xs: Vec<Tensor> = h.iter().map(|hi| model.mlp_norm(layer, hi)).collect::<Result<_>>()?;
-        visit(model, layer, 2, &gather(&xs, hessian)?)?;
+        visit(model, layer, 2, &InputStats::of(&xs, hessian)?)?;
         let mut acts = Vec::with_capacity(xs.len());
         for x in &xs {
             acts.push(with(model, &mut |m| m.mlp_hidden(layer, x, &mut NoHooks)?.context("block has no MLP"))?);
         }
         drop(xs);
         // Group 3: down reads act(gate)·up.
-        visit(model, layer, 3, &gather(&acts, hessian)?)?;
+        visit(model, layer, 3, &InputStats::of(&acts, hessian)?)?;
         for (hi, a) in h.iter_mut().zip(&acts) {
             let prev = hi.clone();
             *hi = with(model, &mut |m| m.down_residual(layer, &prev, a, &mut NoHooks))?;
         }
+        // Block `layer` is final: its changed weights may go to rest.
+        model.settle_block(layer)?;
         progress(layer + 1);
     }
     Ok(())
@@ -298,8 +257,8 @@ fn owl_sparsities(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, 
     let mut scores_by_layer: Vec<Vec<f32>> = vec![Vec::new(); n];
     stream_blocks(model, windows, false, true, &mut |_| {}, &mut |m, layer, group, st| {
         let norms: Vec<f32> = st.sum_sq.iter().map(|s| s.sqrt() as f32).collect();
-        for kind in GROUPS[group] {
-            let (w, _, cols) = weight_vec(&m.blocks[layer].linear(*kind).weight)?;
+        for role in Block::SHARED_INPUTS[group] {
+            let (w, _, cols) = weight_vec(&m.blocks[layer].linear(*role)?.weight_f32()?)?;
             scores_by_layer[layer].extend(w.chunks(cols).flat_map(|row| row.iter().zip(&norms).map(|(x, n)| x.abs() * n)));
         }
         if group == 3 {
@@ -326,32 +285,9 @@ pub const RD_SPAN: i32 = 4;
 pub const RD_WINDOWS: usize = 2;
 pub const RD_TOKENS: usize = 256;
 
-/// Statistics of one block's four linear inputs, gathered through the model's hooks.
-struct BlockStats {
-    layer: usize,
-    groups: [Option<InputStats>; 4],
-    hessian: bool,
-}
-
-impl Hooks for BlockStats {
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Option<Tensor>> {
-        let g = match kind {
-            LinearKind::Q => 0,
-            LinearKind::O => 1,
-            LinearKind::Gate => 2,
-            LinearKind::Down => 3,
-            _ => return Ok(None),
-        };
-        if layer == self.layer {
-            let width = x.dim(D::Minus1)?;
-            self.groups[g].get_or_insert_with(|| InputStats::new(width, self.hessian)).add(x)?;
-        }
-        Ok(None)
-    }
-}
-
-fn group_of(kind: LinearKind) -> usize {
-    GROUPS.iter().position(|g| g.contains(&kind)).unwrap_or(0)
+/// Which shared-input group of [`Block::SHARED_INPUTS`] `role` belongs to.
+fn group_of(role: Role) -> usize {
+    Block::SHARED_INPUTS.iter().position(|g| g.contains(&role)).unwrap_or(0)
 }
 
 /// rd step 1: the model's output distortion caused by each block alone at a grid of sparsities.
@@ -363,31 +299,27 @@ fn group_of(kind: LinearKind) -> usize {
 /// add up (the additivity the dynamic program relies on). Returns the grid and the
 /// `[layer][grid point]` table.
 pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, target: f64) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
-    let sizes: Vec<usize> = model.blocks.iter().map(|b| LinearKind::ALL.iter().map(|k| b.linear(*k).weight.elem_count()).sum()).collect();
+    let sizes: Vec<usize> = model.blocks.iter().map(|b| b.linears().map(|(_, l)| l.weight.elem_count()).sum()).collect();
     if sizes.iter().any(|&s| s != sizes[0]) {
         bail!("rd allocation needs blocks of equal size to meet the budget exactly; this model's blocks differ");
     }
     let grid: Vec<f64> = (-RD_SPAN..=RD_SPAN).map(|k| target + k as f64 * RD_STEP).filter(|g| (0.0..0.995).contains(g)).collect();
     let ws: Vec<&[u32]> = windows.iter().take(RD_WINDOWS).map(|w| &w[..w.len().min(RD_TOKENS)]).collect();
-    let t = ws[0].len();
-    let pos = model.positions(0, t)?;
     let n = model.blocks.len();
     // Dense hidden states entering every block, and the dense output.
-    let mut inputs: Vec<Vec<Tensor>> = Vec::with_capacity(n);
-    let mut h: Vec<Tensor> = ws.iter().map(|w| model.embed_tokens(&Tensor::new(*w, model.device())?.unsqueeze(0)?)).collect::<Result<_>>()?;
-    for layer in 0..n {
-        let next: Vec<Tensor> = h.iter().map(|x| model.forward_block(layer, x, &pos, &mut NoHooks)).collect::<Result<_>>()?;
-        inputs.push(std::mem::replace(&mut h, next));
-    }
-    let dense_out: Vec<Tensor> = h.iter().map(|x| model.head_input(x)).collect::<Result<_>>()?;
+    let dense = BlockInputs::collect(model, &ws)?;
+    let dense_out: Vec<Tensor> = dense.finals().iter().map(|x| model.head_input(x)).collect::<Result<_>>()?;
     let mut table = Vec::with_capacity(n);
     for layer in 0..n {
         // The block's input statistics on the dense model, for the pruning method.
-        let mut stats = BlockStats { layer, groups: [None, None, None, None], hessian: method == Method::SparseGpt };
-        for x in &inputs[layer] {
-            model.forward_block(layer, x, &pos, &mut stats)?;
+        let mut stats = LinearInputStats::for_layer(layer, method == Method::SparseGpt);
+        for x in dense.input(layer) {
+            model.forward_block(layer, x, &dense.pos, &mut stats)?;
         }
-        let groups: Vec<InputStats> = stats.groups.into_iter().map(|g| g.context("a linear layer saw no input")).collect::<Result<_>>()?;
+        let groups: Vec<&InputStats> = Block::SHARED_INPUTS
+            .iter()
+            .map(|g| stats.get(LinearId::new(layer, g[0])).context("a linear layer saw no input"))
+            .collect::<Result<_>>()?;
         // SparseGPT's factorization depends on the Hessian only: share it across the grid.
         let factors: Vec<Option<(Vec<f64>, Vec<bool>)>> = groups
             .iter()
@@ -401,23 +333,19 @@ pub fn rd_distortions(model: &mut Llama, windows: &[Vec<u32>], method: Method, t
         for &s in &grid {
             let pattern = Pattern::Unstructured(s);
             let mut blk = dense_block.clone();
-            for kind in LinearKind::ALL {
-                let g = group_of(kind);
-                let lin = blk.linear_mut(kind);
-                let (mut w, rows, cols) = weight_vec(&lin.weight)?;
+            for (role, lin) in blk.linears_mut() {
+                let g = group_of(role);
+                let (mut w, rows, cols) = weight_vec(&lin.weight_f32()?)?;
                 match &factors[g] {
                     Some((u, dead)) => sparsegpt::prune_with_factor(&mut w, rows, cols, u, dead, pattern)?,
-                    None => prune_matrix(&mut w, rows, cols, Some(&groups[g]), method, pattern)?,
+                    None => prune_matrix(&mut w, rows, cols, Some(groups[g]), method, pattern)?,
                 }
-                lin.weight = Tensor::from_vec(w, (rows, cols), lin.weight.device())?;
+                lin.set_weight(Tensor::from_vec(w, (rows, cols), lin.weight.device())?);
             }
             model.blocks[layer] = blk;
             let mut d = 0.0;
-            for (x, y) in inputs[layer].iter().zip(&dense_out) {
-                let mut hx = x.clone();
-                for l in layer..n {
-                    hx = model.forward_block(l, &hx, &pos, &mut NoHooks)?;
-                }
+            for (wi, y) in dense_out.iter().enumerate() {
+                let hx = dense.run_from(model, layer, wi)?;
                 d += (model.head_input(&hx)? - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             }
             model.blocks[layer] = dense_block.clone();
@@ -521,17 +449,17 @@ pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progr
             let tp = Instant::now();
             if opts.one_shot {
                 // Statistics come from the dense block; prune the whole block once all are in.
-                pending.push((group, InputStats { sum_sq: st.sum_sq.clone(), hessian: st.hessian.clone(), width: st.width }));
-                if group == 3 {
+                pending.push((group, st.clone()));
+                if group == Block::SHARED_INPUTS.len() - 1 {
                     for (g, s) in pending.drain(..) {
-                        for kind in GROUPS[g] {
-                            matrices.push(prune_linear(m, layer, *kind, Some(&s), opts.method, pattern_for(layer))?);
+                        for role in Block::SHARED_INPUTS[g] {
+                            matrices.push(prune_linear(m, LinearId::new(layer, *role), Some(&s), opts.method, pattern_for(layer))?);
                         }
                     }
                 }
             } else {
-                for kind in GROUPS[group] {
-                    matrices.push(prune_linear(m, layer, *kind, Some(st), opts.method, pattern_for(layer))?);
+                for role in Block::SHARED_INPUTS[group] {
+                    matrices.push(prune_linear(m, LinearId::new(layer, *role), Some(st), opts.method, pattern_for(layer))?);
                 }
             }
             prune_seconds += tp.elapsed().as_secs_f64();
@@ -539,9 +467,10 @@ pub fn prune(model: &mut Llama, windows: &[Vec<u32>], opts: &PruneOptions, progr
         })?;
     } else {
         for layer in 0..n {
-            for kind in LinearKind::ALL {
-                matrices.push(prune_linear(model, layer, kind, None, opts.method, pattern_for(layer))?);
+            for role in Block::ROLES {
+                matrices.push(prune_linear(model, LinearId::new(layer, role), None, opts.method, pattern_for(layer))?);
             }
+            model.settle_block(layer)?;
             progress(layer + 1);
         }
         prune_seconds = t1.elapsed().as_secs_f64();

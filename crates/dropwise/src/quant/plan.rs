@@ -17,9 +17,9 @@ use serde::Serialize;
 use super::{quantize_matrix, roundtrip, QType};
 use crate::eval::{score_window, Acc};
 use crate::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
-use crate::model::hooks::InputNormStats;
+use crate::calibrate::{BlockInputs, LinearInputStats};
 use crate::model::io::{gguf_to_hf_name, save_gguf_encoded, LoadedModel};
-use crate::model::{LinearKind, Llama, NoHooks};
+use crate::model::{Block, LinearId, Llama, Role};
 use crate::structural::{layers::block_influence, Part};
 
 /// How layers are ranked.
@@ -67,24 +67,27 @@ pub const LADDER: [(QType, QType); 10] = [
 #[derive(Debug, Clone, Serialize)]
 pub struct Unit {
     pub layer: usize,
-    #[serde(serialize_with = "ser_kind")]
-    pub kind: LinearKind,
+    #[serde(rename = "kind", serialize_with = "ser_role")]
+    pub role: Role,
     pub rows: usize,
     pub cols: usize,
     #[serde(rename = "type")]
     pub ty: QType,
 }
 
-fn ser_kind<S: serde::Serializer>(k: &LinearKind, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(k.hf_name())
+fn ser_role<S: serde::Serializer>(r: &Role, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.canonical_name())
 }
 
 impl Unit {
     fn elems(&self) -> usize {
         self.rows * self.cols
     }
+    pub fn id(&self) -> LinearId {
+        LinearId::new(self.layer, self.role)
+    }
     pub fn hf_name(&self) -> String {
-        format!("model.layers.{}.{}.weight", self.layer, self.kind.hf_name())
+        self.id().weight_name()
     }
 }
 
@@ -101,16 +104,16 @@ fn rung_type(rung: usize, cols: usize) -> QType {
 pub fn units(model: &Llama) -> Result<Vec<Unit>> {
     let mut out = Vec::new();
     for (layer, b) in model.blocks.iter().enumerate() {
-        for kind in LinearKind::ALL {
-            let w = &b.linear(kind).weight;
+        for (role, lin) in b.linears() {
+            let w = &lin.weight;
             if w.elem_count() == 0 {
                 continue;
             }
             let (rows, cols) = w.dims2()?;
             if cols % 32 != 0 {
-                bail!("model.layers.{layer}.{}: rows of {cols} are not whole 32-element blocks; no GGUF block type fits", kind.hf_name());
+                bail!("{}: rows of {cols} are not whole 32-element blocks; no GGUF block type fits", LinearId::new(layer, role).weight_name());
             }
-            out.push(Unit { layer, kind, rows, cols, ty: QType::F16 });
+            out.push(Unit { layer, role, rows, cols, ty: QType::F16 });
         }
     }
     if out.is_empty() {
@@ -235,24 +238,21 @@ pub fn uniform(units: &mut [Unit], ty: QType) -> Result<()> {
 /// Per-column importance weights of every block linear's input: the mean square of that input
 /// channel over the calibration tokens (llama.cpp's imatrix statistic).
 #[derive(Debug, Clone, Default)]
-pub struct Imatrix(pub BTreeMap<(usize, LinearKind), Vec<f32>>);
+/// Keyed by the first linear of each shared-input group ([`Block::shared_input`]).
+pub struct Imatrix(pub BTreeMap<LinearId, Vec<f32>>);
 
 impl Imatrix {
     pub fn collect(model: &Llama, windows: &[Vec<u32>], progress: &mut dyn FnMut(usize)) -> Result<Self> {
-        let mut st = InputNormStats::default();
+        let mut st = LinearInputStats::default();
         for (i, w) in windows.iter().enumerate() {
             model.forward_hidden(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?, &mut st)?;
             progress(i + 1);
         }
-        let mut out = BTreeMap::new();
-        for (key, sums) in &st.sum_sq {
-            let n = st.tokens.get(key).copied().unwrap_or(1).max(1) as f64;
-            out.insert(*key, sums.iter().map(|s| (s / n) as f32).collect());
-        }
-        Ok(Imatrix(out))
+        Ok(Imatrix(st.stats.iter().map(|(id, s)| (*id, s.mean_sq().into_iter().map(|m| m as f32).collect())).collect()))
     }
-    pub fn get(&self, layer: usize, kind: LinearKind) -> Option<&[f32]> {
-        self.0.get(&(layer, kind)).map(|v| v.as_slice())
+    /// Importance of the input linear `id` reads.
+    pub fn get(&self, id: LinearId) -> Option<&[f32]> {
+        self.0.get(&LinearId::new(id.layer, Block::shared_input(id.role))).map(|v| v.as_slice())
     }
 }
 
@@ -300,12 +300,11 @@ pub fn score_layers(model: &mut Llama, windows: &[Vec<u32>], importance: Importa
             let mut v = Vec::with_capacity(n);
             for b in &model.blocks {
                 let (mut s, mut c) = (0.0, 0usize);
-                for kind in LinearKind::ALL {
-                    let w = &b.linear(kind).weight;
-                    if w.elem_count() == 0 {
+                for (_, lin) in b.linears() {
+                    if lin.weight.elem_count() == 0 {
                         continue;
                     }
-                    let x: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    let x: Vec<f32> = lin.weight_f32()?.flatten_all()?.to_vec1()?;
                     s += z_share(&x) * x.len() as f64;
                     c += x.len();
                 }
@@ -323,43 +322,24 @@ fn kld_scores(model: &mut Llama, windows: &[Vec<u32>], imatrix: Option<&Imatrix>
         bail!("kld importance needs calibration windows");
     }
     let n = model.blocks.len();
-    let t = windows[0].len();
-    if t < 2 || windows.iter().any(|w| w.len() != t) {
-        bail!("calibration windows must share one length of at least 2 tokens");
-    }
-    let pos = model.positions(0, t)?;
-    // Dense inputs of every block and the dense last hidden state, per window.
-    let mut inputs: Vec<Vec<Tensor>> = vec![Vec::with_capacity(windows.len()); n];
-    let mut finals = Vec::with_capacity(windows.len());
-    for w in windows {
-        let mut h = model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?)?;
-        for (l, inp) in inputs.iter_mut().enumerate() {
-            inp.push(h.clone());
-            h = model.forward_block(l, &h, &pos, &mut NoHooks)?;
-        }
-        finals.push(h);
-    }
+    let dense = BlockInputs::collect(model, windows)?;
     let mut out = Vec::with_capacity(n);
     for l in 0..n {
         let saved = model.blocks[l].clone();
-        for kind in LinearKind::ALL {
-            let lin = model.blocks[l].linear_mut(kind);
+        for (role, lin) in model.blocks[l].linears_mut() {
             if lin.weight.elem_count() == 0 {
                 continue;
             }
             let (rows, cols) = lin.weight.dims2()?;
-            let w: Vec<f32> = lin.weight.flatten_all()?.to_vec1()?;
-            let q = roundtrip(&w, rows, cols, rung_type(0, cols), imatrix.and_then(|im| im.get(l, kind)))?;
-            lin.weight = Tensor::from_vec(q, (rows, cols), lin.weight.device())?;
+            let w: Vec<f32> = lin.weight_f32()?.flatten_all()?.to_vec1()?;
+            let q = roundtrip(&w, rows, cols, rung_type(0, cols), imatrix.and_then(|im| im.get(LinearId::new(l, role))))?;
+            lin.set_weight(Tensor::from_vec(q, (rows, cols), lin.weight.device())?);
         }
         let mut acc = Acc::default();
         for (wi, w) in windows.iter().enumerate() {
-            let mut h = inputs[l][wi].clone();
-            for j in l..n {
-                h = model.forward_block(j, &h, &pos, &mut NoHooks)?;
-            }
+            let h = dense.run_from(model, l, wi)?;
             // The head is untouched, so the model serves as its own reference for it.
-            let (a, _) = score_window(model, &h, Some((model, &finals[wi])), w)?;
+            let (a, _) = score_window(model, &h, Some((model, &dense.finals()[wi])), w)?;
             acc = acc.add(a);
         }
         model.blocks[l] = saved;
@@ -413,7 +393,7 @@ pub fn write(loaded: &LoadedModel, model: &Llama, units: &[Unit], imatrix: Optio
             if shape != [u.rows, u.cols] {
                 bail!("planned as {} × {}, the model has {:?}", u.rows, u.cols, shape);
             }
-            Some((u.ty, imatrix.and_then(|im| im.get(u.layer, u.kind))))
+            Some((u.ty, imatrix.and_then(|im| im.get(u.id()))))
         } else if t.rank() == 2 && (hf == "model.embed_tokens.weight" || hf == "lm_head.weight") {
             Some((embed.for_cols(shape[1]).with_context(|| format!("{} does not fit rows of {}", embed.name(), shape[1]))?, None))
         } else {
@@ -429,7 +409,7 @@ pub fn write(loaded: &LoadedModel, model: &Llama, units: &[Unit], imatrix: Optio
             None => TensorOut::from_tensor(gname, t, if t.rank() == 1 { WriteDType::F32 } else { WriteDType::F16 }),
         }
     };
-    save_gguf_encoded(model, &loaded.tokenizer_meta, &loaded.name, path, llama_file_type(dominant), extra, &mut encode)?;
+    save_gguf_encoded(model, &loaded.tokenizer_meta, &loaded.name, path, llama_file_type(dominant), extra, false, &mut encode)?;
     let g = GgufFile::open(path)?;
     let (mut bits, mut elems) = (0u64, 0u64);
     let mut bytes_by_type = BTreeMap::new();

@@ -20,6 +20,7 @@ use super::surgery::{self, Part};
 use crate::eval::{score_window, Acc};
 use crate::model::kernels::with_f32_slice;
 use crate::model::hooks::BlockCosineStats;
+use crate::calibrate::BlockInputs;
 use crate::model::{Llama, NoHooks};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,39 +61,23 @@ pub struct LayerPlan {
     pub calib_ppl: f64,
 }
 
-/// Calibration windows and the positional tables every candidate run shares.
+/// The calibration windows every candidate is scored on.
 struct Ctx<'a> {
     windows: &'a [Vec<u32>],
-    pos: crate::model::Positions,
 }
 
 impl Ctx<'_> {
-    /// Hidden states entering every block of `model` (index `blocks.len()` is the final output),
-    /// one tensor per window.
-    fn inputs(&self, model: &Llama) -> Result<Vec<Vec<Tensor>>> {
-        let mut all = Vec::with_capacity(model.blocks.len() + 1);
-        let mut h: Vec<Tensor> = self
-            .windows
-            .iter()
-            .map(|w| model.embed_tokens(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?))
-            .collect::<Result<_>>()?;
-        for l in 0..model.blocks.len() {
-            let next = h.iter().map(|x| model.forward_block(l, x, &self.pos, &mut NoHooks)).collect::<Result<_>>()?;
-            all.push(std::mem::replace(&mut h, next));
-        }
-        all.push(h);
-        Ok(all)
+    /// Hidden states entering every block of `model`, one per window.
+    fn inputs(&self, model: &Llama) -> Result<BlockInputs> {
+        BlockInputs::collect(model, self.windows)
     }
 
-    /// Runs `model`'s blocks `from..` on the hidden states `h` and scores the result on every
-    /// window (against `reference`'s final hidden states when given).
-    fn score_from(&self, model: &Llama, from: usize, h: &[Tensor], reference: Option<(&Llama, &[Tensor])>) -> Result<Acc> {
+    /// Runs `model`'s blocks `from..` on the cached inputs `h` of block `from` and scores the
+    /// result on every window (against `reference`'s final hidden states when given).
+    fn score_from(&self, model: &Llama, from: usize, h: &BlockInputs, reference: Option<(&Llama, &[Tensor])>) -> Result<Acc> {
         let mut total = Acc::default();
-        for (i, (x, w)) in h.iter().zip(self.windows).enumerate() {
-            let mut x = x.clone();
-            for l in from..model.blocks.len() {
-                x = model.forward_block(l, &x, &self.pos, &mut NoHooks)?;
-            }
+        for (i, w) in self.windows.iter().enumerate() {
+            let x = h.run_from(model, from, i)?;
             let (acc, _) = score_window(model, &x, reference.map(|(r, hs)| (r, &hs[i])), w)?;
             total = total.add(acc);
         }
@@ -126,7 +111,7 @@ fn cosine_sum(a: &Tensor, b: &Tensor) -> Result<(f64, usize)> {
 /// leaving that part (the whole block — the same statistic `analyze` reports, from the same hook
 /// — or its attention residual step, or its MLP residual step).
 pub fn block_influence(model: &Llama, windows: &[Vec<u32>], part: Part) -> Result<Vec<f64>> {
-    let ctx = make_ctx(model, windows)?;
+    let ctx = make_ctx(windows)?;
     if part == Part::Block {
         let mut st = BlockCosineStats::default();
         for w in windows {
@@ -138,8 +123,8 @@ pub fn block_influence(model: &Llama, windows: &[Vec<u32>], part: Part) -> Resul
     let mut out = Vec::with_capacity(model.blocks.len());
     for l in 0..model.blocks.len() {
         let (mut s, mut n) = (0.0, 0);
-        for x in &inputs[l] {
-            let mid = match model.attention_context(l, &model.attn_norm(l, x)?, &ctx.pos, &mut NoHooks)? {
+        for x in inputs.input(l) {
+            let mid = match model.attention_context(l, &model.attn_norm(l, x)?, &inputs.pos, &mut NoHooks)? {
                 Some(c) => model.attn_residual(l, x, &c, &mut NoHooks)?,
                 None => x.clone(),
             };
@@ -158,7 +143,7 @@ pub fn block_influence(model: &Llama, windows: &[Vec<u32>], part: Part) -> Resul
     Ok(out)
 }
 
-fn make_ctx<'a>(model: &Llama, windows: &'a [Vec<u32>]) -> Result<Ctx<'a>> {
+fn make_ctx(windows: &[Vec<u32>]) -> Result<Ctx<'_>> {
     if windows.is_empty() {
         bail!("layer plans need calibration windows");
     }
@@ -166,7 +151,7 @@ fn make_ctx<'a>(model: &Llama, windows: &'a [Vec<u32>]) -> Result<Ctx<'a>> {
     if t < 2 {
         bail!("calibration windows must hold at least 2 tokens");
     }
-    Ok(Ctx { windows, pos: model.positions(0, t)? })
+    Ok(Ctx { windows })
 }
 
 /// Whether block `l` of `model` still has `part` (a block always has itself).
@@ -192,10 +177,10 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
     if count > candidates.len() {
         bail!("cannot drop {count} {} sub-blocks: only {} blocks have one", part.name(), candidates.len());
     }
-    let ctx = make_ctx(model, windows)?;
+    let ctx = make_ctx(windows)?;
     let dense_inputs = ctx.inputs(model)?;
-    let dense_out = &dense_inputs[n];
-    let dense = ctx.score_from(model, n, dense_out, None)?;
+    let dense_out = dense_inputs.finals();
+    let dense = ctx.score_from(model, n, &dense_inputs, None)?;
     let mut scores: Vec<Option<f64>> = vec![None; n];
     let mut predicted_kl = None;
     let chosen: Vec<usize> = match metric {
@@ -214,7 +199,7 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
             for (i, &l) in candidates.iter().enumerate() {
                 let mut m = model.clone();
                 surgery::remove(&mut m, &[l], part)?;
-                let acc = ctx.score_from(&m, l, &dense_inputs[l], Some((model, dense_out)))?;
+                let acc = ctx.score_from(&m, l, &dense_inputs, Some((model, dense_out)))?;
                 scores[l] = Some(acc.kl / acc.n as f64);
                 progress(i + 1, candidates.len());
             }
@@ -226,14 +211,16 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
         }
         LayerMetric::Ppl => {
             // `current` is the model with the parts chosen so far removed; `orig[j]` maps its
-            // block j back to the original index; `inputs` are its cached block inputs.
+            // block j back to the original index; `current_inputs` are its cached block inputs (none
+            // until a part is removed: the dense ones serve).
             let mut current = model.clone();
             let mut orig: Vec<usize> = (0..n).collect();
-            let mut inputs = dense_inputs.clone();
+            let mut current_inputs: Option<BlockInputs> = None;
             let mut chosen = Vec::with_capacity(count);
             let total = (0..count).map(|k| candidates.len() - k).sum::<usize>();
             let mut done = 0;
             for _ in 0..count {
+                let inputs = current_inputs.as_ref().unwrap_or(&dense_inputs);
                 let mut best: Option<(f64, usize)> = None;
                 for j in 0..current.blocks.len() {
                     if !has_part(&current, j, part) || (part == Part::Block && current.blocks.len() == 1) {
@@ -241,7 +228,7 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
                     }
                     let mut m = current.clone();
                     surgery::remove(&mut m, &[j], part)?;
-                    let acc = ctx.score_from(&m, j, &inputs[j], None)?;
+                    let acc = ctx.score_from(&m, j, inputs, None)?;
                     let ppl = (acc.nll / acc.n as f64).exp();
                     if best.is_none_or(|(b, _)| ppl < b) {
                         best = Some((ppl, j));
@@ -256,14 +243,14 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
                 if part == Part::Block {
                     orig.remove(j);
                 }
-                inputs = ctx.inputs(&current)?;
+                current_inputs = Some(ctx.inputs(&current)?);
             }
             chosen
         }
     };
     let mut pruned = model.clone();
     surgery::remove(&mut pruned, &chosen, part)?;
-    let acc = ctx.score_from(&pruned, 0, &dense_inputs[0], Some((model, dense_out)))?;
+    let acc = ctx.score_from(&pruned, 0, &dense_inputs, Some((model, dense_out)))?;
     Ok(LayerPlan {
         metric,
         part,

@@ -35,7 +35,7 @@ impl Part {
 }
 
 fn empty_linear(rows: usize, cols: usize) -> Result<Linear> {
-    Ok(Linear { weight: Tensor::zeros((rows, cols), DType::F32, &candle_core::Device::Cpu)?, bias: None, quantized: None })
+    Ok(Linear::dense(Tensor::zeros((rows, cols), DType::F32, &candle_core::Device::Cpu)?, None))
 }
 
 /// Removes `part` of every block in `layers` (indices into the current blocks, any order).
@@ -96,11 +96,10 @@ fn keep_cols(t: &Tensor, keep: &[usize], unit: usize) -> Result<Tensor> {
 }
 
 fn slice_out(lin: &Linear, keep: &[usize], unit: usize) -> Result<Linear> {
-    Ok(Linear {
-        weight: keep_rows(&lin.weight, keep, unit)?,
-        bias: lin.bias.as_ref().map(|b| keep_rows(&b.unsqueeze(1)?, keep, unit).and_then(|x| Ok(x.squeeze(1)?))).transpose()?,
-        quantized: None,
-    })
+    Ok(Linear::dense(
+        keep_rows(&lin.weight_f32()?, keep, unit)?,
+        lin.bias.as_ref().map(|b| keep_rows(&b.unsqueeze(1)?, keep, unit).and_then(|x| Ok(x.squeeze(1)?))).transpose()?,
+    ))
 }
 
 /// Keeps query heads `q_keep` and KV heads `kv_keep` (original indices) of block `layer`, slicing
@@ -135,7 +134,7 @@ pub fn keep_heads(model: &mut Llama, layer: usize, q_keep: &[usize], kv_keep: &[
     b.q = slice_out(&b.q, q_keep, hd)?;
     b.k = slice_out(&b.k, kv_keep, hd)?;
     b.v = slice_out(&b.v, kv_keep, hd)?;
-    b.o = Linear { weight: keep_cols(&b.o.weight, q_keep, hd)?, bias: b.o.bias.clone(), quantized: None };
+    b.o = Linear::dense(keep_cols(&b.o.weight_f32()?, q_keep, hd)?, b.o.bias.clone());
     model.sync_config();
     Ok(())
 }
@@ -153,7 +152,7 @@ pub fn keep_neurons(model: &mut Llama, layer: usize, keep: &[usize]) -> Result<(
     let b = model.blocks.get_mut(layer).context("no such layer")?;
     b.gate = slice_out(&b.gate, keep, 1)?;
     b.up = slice_out(&b.up, keep, 1)?;
-    b.down = Linear { weight: keep_cols(&b.down.weight, keep, 1)?, bias: b.down.bias.clone(), quantized: None };
+    b.down = Linear::dense(keep_cols(&b.down.weight_f32()?, keep, 1)?, b.down.bias.clone());
     model.sync_config();
     Ok(())
 }

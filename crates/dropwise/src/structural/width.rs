@@ -28,8 +28,9 @@ use serde::Serialize;
 
 use super::surgery;
 use crate::config::LayerShape;
-use crate::model::kernels::{column_sum_squares, with_f32_slice};
-use crate::model::{Hooks, LinearKind, Llama};
+use crate::calibrate::InputStats;
+use crate::model::kernels::with_f32_slice;
+use crate::model::{Hooks, Linear, LinearId, Llama, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,8 +138,9 @@ fn per_unit(v: &[f64], unit: usize) -> Vec<f64> {
     v.chunks(unit).map(|c| c.iter().sum()).collect()
 }
 
-fn weights(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1()?)
+/// A linear layer's weight values, decoded when at rest.
+fn weights(lin: &Linear) -> Result<Vec<f32>> {
+    Ok(lin.weight_f32()?.flatten_all()?.to_vec1()?)
 }
 
 fn magnitude_scores(model: &Llama) -> Result<WidthScores> {
@@ -146,15 +148,15 @@ fn magnitude_scores(model: &Llama) -> Result<WidthScores> {
     let mut s = WidthScores { heads: vec![], kv: vec![], neurons: vec![] };
     for b in &model.blocks {
         let h = b.q.in_features();
-        let q = per_unit(&rows_sq(&weights(&b.q.weight)?, h), hd);
-        let o = per_unit(&cols_sq(&weights(&b.o.weight)?, b.o.in_features()), hd);
+        let q = per_unit(&rows_sq(&weights(&b.q)?, h), hd);
+        let o = per_unit(&cols_sq(&weights(&b.o)?, b.o.in_features()), hd);
         s.heads.push(q.iter().zip(&o).map(|(a, b)| a + b).collect());
-        let k = per_unit(&rows_sq(&weights(&b.k.weight)?, h), hd);
-        let v = per_unit(&rows_sq(&weights(&b.v.weight)?, h), hd);
+        let k = per_unit(&rows_sq(&weights(&b.k)?, h), hd);
+        let v = per_unit(&rows_sq(&weights(&b.v)?, h), hd);
         s.kv.push(k.iter().zip(&v).map(|(a, b)| a + b).collect());
-        let g = rows_sq(&weights(&b.gate.weight)?, h);
-        let u = rows_sq(&weights(&b.up.weight)?, h);
-        let d = cols_sq(&weights(&b.down.weight)?, b.down.in_features());
+        let g = rows_sq(&weights(&b.gate)?, h);
+        let u = rows_sq(&weights(&b.up)?, h);
+        let d = cols_sq(&weights(&b.down)?, b.down.in_features());
         s.neurons.push(g.iter().zip(&u).zip(&d).map(|((a, b), c)| a + b + c).collect());
     }
     Ok(s)
@@ -164,7 +166,7 @@ fn magnitude_scores(model: &Llama) -> Result<WidthScores> {
 /// output norm², Σ a_j² per neuron, and Σ ‖h_in‖² with the token count.
 struct ActivationStats {
     head_out: Vec<Vec<f64>>,
-    neuron_sq: Vec<Vec<f64>>,
+    neurons: Vec<InputStats>,
     resid: Vec<(f64, usize)>,
     head_dim: usize,
     o_weights: Vec<Tensor>,
@@ -178,9 +180,10 @@ impl Hooks for ActivationStats {
         self.resid[layer].1 += n;
         Ok(())
     }
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &Tensor) -> Result<Option<Tensor>> {
-        match kind {
-            LinearKind::O => {
+    fn linear_input(&mut self, id: LinearId, x: &Tensor) -> Result<Option<Tensor>> {
+        let layer = id.layer;
+        match id.role {
+            Role::O => {
                 let qd = x.dim(D::Minus1)?;
                 let x2 = x.reshape((x.elem_count() / qd, qd))?;
                 let w = &self.o_weights[layer];
@@ -190,12 +193,7 @@ impl Hooks for ActivationStats {
                     self.head_out[layer][h] += y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
                 }
             }
-            LinearKind::Down => {
-                let f = x.dim(D::Minus1)?;
-                for (a, s) in self.neuron_sq[layer].iter_mut().zip(column_sum_squares(x, f)?) {
-                    *a += s;
-                }
-            }
+            Role::DOWN => self.neurons[layer].add(x)?,
             _ => {}
         }
         Ok(None)
@@ -206,10 +204,10 @@ fn activation_scores(model: &Llama, windows: &[Vec<u32>]) -> Result<WidthScores>
     let n = model.blocks.len();
     let mut st = ActivationStats {
         head_out: (0..n).map(|l| vec![0.0; model.layer_shape(l).heads]).collect(),
-        neuron_sq: (0..n).map(|l| vec![0.0; model.layer_shape(l).ffn]).collect(),
+        neurons: (0..n).map(|l| InputStats::new(model.layer_shape(l).ffn, false)).collect(),
         resid: vec![(0.0, 0); n],
         head_dim: model.config.head_dim,
-        o_weights: model.blocks.iter().map(|b| b.o.weight.clone()).collect(),
+        o_weights: model.blocks.iter().map(|b| b.o.weight_f32()).collect::<Result<_>>()?,
     };
     for w in windows {
         model.forward_hidden(&Tensor::new(w.as_slice(), model.device())?.unsqueeze(0)?, &mut st)?;
@@ -220,8 +218,8 @@ fn activation_scores(model: &Llama, windows: &[Vec<u32>]) -> Result<WidthScores>
         let norm = 1.0 / resid.max(1e-30);
         s.heads.push(st.head_out[l].iter().map(|x| x * norm).collect());
         s.kv.push(vec![0.0; model.layer_shape(l).kv_heads]);
-        let down = cols_sq(&weights(&model.blocks[l].down.weight)?, model.blocks[l].down.in_features());
-        s.neurons.push(st.neuron_sq[l].iter().zip(&down).map(|(a, d)| a * d * norm).collect());
+        let down = cols_sq(&weights(&model.blocks[l].down)?, model.blocks[l].down.in_features());
+        s.neurons.push(st.neurons[l].sum_sq.iter().zip(&down).map(|(a, d)| a * d * norm).collect());
     }
     Ok(s)
 }
@@ -249,10 +247,9 @@ fn taylor_scores(model: &Llama, windows: &[Vec<u32>]) -> Result<WidthScores> {
     let mut vars: Vec<Vec<Var>> = Vec::new();
     for b in m.blocks.iter_mut() {
         let mut v = Vec::new();
-        for kind in LinearKind::ALL {
-            let lin = b.linear_mut(kind);
-            let var = Var::from_tensor(&lin.weight)?;
-            lin.weight = var.as_tensor().clone();
+        for (_, lin) in b.linears_mut() {
+            let var = Var::from_tensor(&lin.weight_f32()?)?;
+            lin.set_weight(var.as_tensor().clone());
             v.push(var);
         }
         vars.push(v);
@@ -280,16 +277,16 @@ fn taylor_scores(model: &Llama, windows: &[Vec<u32>]) -> Result<WidthScores> {
     let mut s = WidthScores { heads: vec![], kv: vec![], neurons: vec![] };
     for (b, g) in model.blocks.iter().zip(&grads) {
         let h = b.q.in_features();
-        // LinearKind::ALL order: q, k, v, o, gate, up, down.
-        let q = taylor_rows(&weights(&b.q.weight)?, &g[0], h, hd);
-        let o = taylor_cols(&weights(&b.o.weight)?, &g[3], b.o.in_features(), hd);
+        // Block::ROLES order: q, k, v, o, gate, up, down.
+        let q = taylor_rows(&weights(&b.q)?, &g[0], h, hd);
+        let o = taylor_cols(&weights(&b.o)?, &g[3], b.o.in_features(), hd);
         s.heads.push(q.iter().zip(&o).map(|(a, b)| (a + b).abs()).collect());
-        let k = taylor_rows(&weights(&b.k.weight)?, &g[1], h, hd);
-        let v = taylor_rows(&weights(&b.v.weight)?, &g[2], h, hd);
+        let k = taylor_rows(&weights(&b.k)?, &g[1], h, hd);
+        let v = taylor_rows(&weights(&b.v)?, &g[2], h, hd);
         s.kv.push(k.iter().zip(&v).map(|(a, b)| (a + b).abs()).collect());
-        let gt = taylor_rows(&weights(&b.gate.weight)?, &g[4], h, 1);
-        let up = taylor_rows(&weights(&b.up.weight)?, &g[5], h, 1);
-        let d = taylor_cols(&weights(&b.down.weight)?, &g[6], b.down.in_features(), 1);
+        let gt = taylor_rows(&weights(&b.gate)?, &g[4], h, 1);
+        let up = taylor_rows(&weights(&b.up)?, &g[5], h, 1);
+        let d = taylor_cols(&weights(&b.down)?, &g[6], b.down.in_features(), 1);
         s.neurons.push(gt.iter().zip(&up).zip(&d).map(|((a, b), c)| (a + b + c).abs()).collect());
     }
     Ok(s)
@@ -459,6 +456,7 @@ pub fn shrink(model: &mut Llama, windows: &[Vec<u32>], opts: &ShrinkOptions) -> 
         if let Some(keep) = &neuron_keep[l] {
             surgery::keep_neurons(model, l, keep)?;
         }
+        model.settle_block(l)?;
     }
     let after: Vec<LayerShape> = (0..n).map(|l| model.layer_shape(l)).collect();
     let heads_after: usize = after.iter().map(|s| s.heads).sum();
