@@ -122,6 +122,14 @@ fn methods_on_weights_at_rest_give_the_f32_models_results() -> Result<()> {
     let pb = plan_layers(&rest.model, &calib, LayerMetric::Additive, Part::Block, 1, &mut |_, _| {})?;
     assert_eq!(pa.layers, pb.layers);
     assert!((pa.measured_kl - pb.measured_kl).abs() <= 1e-6 * pa.measured_kl.abs().max(1.0));
+    // The quantizer writes the same file from either load (an at-rest embedding is encoded
+    // from rows decoded a chunk at a time).
+    let mut units = plan::units(&full.model)?;
+    plan::uniform(&mut units, QType::Q4_0)?;
+    let (qa, qb) = (dir.path().join("qa.gguf"), dir.path().join("qb.gguf"));
+    plan::write(&full, &full.model, &units, None, QType::Q5_0, &qa, &BTreeMap::new())?;
+    plan::write(&rest, &rest.model, &units, None, QType::Q5_0, &qb, &BTreeMap::new())?;
+    assert!(std::fs::read(&qa)? == std::fs::read(&qb)?, "quantized files differ");
     // Quantization scores round-trip blocks from the decoded weights.
     let (mut fm, mut rm) = (full.model.clone(), rest.model.clone());
     let sa = plan::score_layers(&mut fm, &calib, plan::Importance::Kld, None, &mut |_, _| {})?;

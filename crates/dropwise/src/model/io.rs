@@ -522,13 +522,14 @@ pub fn save_gguf_encoded(
     // to disk as soon as it is encoded: memory stays bounded by one block.
     let mut out = gguf::GgufWriter::beside(path)?;
     for g in 0..model.tensor_groups() {
-        let group = if keep_stored { model.named_tensors_in_keeping_stored(g)? } else { model.named_tensors_in(g)? };
-        for (hf, t) in c.arch.fuse_for_gguf(group, c)? {
+        for (hf, t) in c.arch.fuse_for_gguf(model.named_tensors_in_keeping_stored(g)?, c)? {
             let gname = hf_to_gguf_name(c.arch, &hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
-            if let Some(q) = model.at_rest_tensor(&hf).filter(|_| keep_stored) {
-                // An embedding or head kept in its block type is written as stored: its values
-                // exactly, without an f32 copy of a vocabulary-sized matrix.
-                out.add(TensorOut::from_qtensor(&gname, q)?)?;
+            if let Some(q) = model.at_rest_tensor(&hf) {
+                // An embedding or head kept in its block type: written as stored (its values
+                // exactly), or encoded from rows decoded a chunk at a time, never as a whole
+                // vocabulary-sized f32 matrix.
+                let t = if keep_stored { TensorOut::from_qtensor(&gname, q)? } else { encode_by_rows(&gname, q, encode)? };
+                out.add(t)?;
                 continue;
             }
             let mut t = t.detach();
@@ -557,6 +558,28 @@ pub fn save_gguf_encoded(
         }
     }
     out.finish(path, &m)
+}
+
+/// Rows decoded and encoded at a time by [`encode_by_rows`].
+const ENCODE_CHUNK_ROWS: usize = 8192;
+
+/// `encode` applied to a block-quantized `[rows, cols]` matrix in row chunks: every GGUF type
+/// encodes each row on its own (blocks run along rows, scales are per block), so the chunks'
+/// bytes concatenate to the whole matrix's encoding.
+fn encode_by_rows(gname: &str, q: &candle_core::quantized::QTensor, encode: &mut dyn FnMut(&str, &Tensor) -> Result<TensorOut>) -> Result<TensorOut> {
+    let (rows, cols) = q.shape().dims2()?;
+    let mut data = Vec::new();
+    let mut dtype = None;
+    for start in (0..rows).step_by(ENCODE_CHUNK_ROWS) {
+        let idx: Vec<u32> = (start..(start + ENCODE_CHUNK_ROWS).min(rows)).map(|r| r as u32).collect();
+        let part = encode(gname, &super::llama::decode_rows(q, &idx)?).with_context(|| format!("tensor {gname}"))?;
+        if dtype.is_some_and(|d| d != part.dtype) {
+            bail!("tensor {gname}: row chunks were encoded in different types");
+        }
+        dtype = Some(part.dtype);
+        data.extend_from_slice(&part.data);
+    }
+    Ok(TensorOut { name: gname.to_string(), shape: vec![rows, cols], dtype: dtype.context("empty tensor")?, data })
 }
 
 /// Writes the model as an HF folder: config.json, model.safetensors, tokenizer files.

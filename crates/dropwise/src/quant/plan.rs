@@ -402,8 +402,7 @@ pub fn write(loaded: &LoadedModel, model: &Llama, units: &[Unit], imatrix: Optio
         match ty {
             Some((ty, im)) => {
                 let (rows, cols) = t.dims2()?;
-                let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                let data = quantize_matrix(&w, rows, cols, ty, im)?;
+                let data = crate::model::kernels::with_f32_slice(t, |w| quantize_matrix(w, rows, cols, ty, im))??;
                 Ok(TensorOut { name: gname.to_string(), shape, dtype: ty.ggml(), data })
             }
             None => TensorOut::from_tensor(gname, t, if t.rank() == 1 { WriteDType::F32 } else { WriteDType::F16 }),
