@@ -11,6 +11,14 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// A new read/write file at `path`, unlinked at once: scratch space that has no name and
+/// vanishes with the process, even after a crash.
+pub fn unlinked_scratch_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    std::fs::remove_file(path).ok();
+    Ok(file)
+}
+
 /// Outputs go into an existing folder: a typo in the path should not silently create folders.
 pub(crate) fn check_parent(path: &Path) -> Result<()> {
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -552,13 +552,7 @@ impl GgufWriter {
     pub fn beside(path: &Path) -> Result<Self> {
         crate::util::check_parent(path)?;
         let spool_path = crate::util::temp_sibling(path).with_extension("spool");
-        let spool = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&spool_path)
-            .with_context(|| format!("cannot create {}", spool_path.display()))?;
-        std::fs::remove_file(&spool_path).ok();
+        let spool = crate::util::unlinked_scratch_file(&spool_path).with_context(|| format!("cannot create {}", spool_path.display()))?;
         Ok(Self { spool: std::io::BufWriter::with_capacity(1 << 20, spool), infos: Vec::new(), offset: 0 })
     }
 

@@ -46,13 +46,8 @@ impl Spill {
     pub fn anonymous() -> Result<Arc<Self>> {
         let dir = std::env::temp_dir();
         let path = dir.join(format!("dropwise-spill-{}-{}", std::process::id(), unique()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        let file = crate::util::unlinked_scratch_file(&path)
             .with_context(|| format!("cannot create a scratch file in {} (set TMPDIR to a folder with room for the changed weights)", dir.display()))?;
-        std::fs::remove_file(&path).ok();
         Ok(Arc::new(Self { file, len: Mutex::new(0) }))
     }
 
