@@ -24,4 +24,8 @@ pub mod tokenizer;
 pub mod testing;
 pub mod util;
 
+// Linked only for its `x86-v4` feature (see Cargo.toml): it turns on the AVX-512 kernels of the
+// gemm crate candle multiplies with.
+use gemm as _;
+
 pub use model::io::{load, LoadedModel};
