@@ -2,7 +2,7 @@
 """dropwise, PyTorch (transformers eager, f32, sdpa) and llama.cpp on the same windows,
 interleaved round by round in one run, and the ratios.
 
-  python3 scripts/speed_compare.py F32.gguf [--quantized Q.gguf] [--windows 4] [--rounds 3] [--threads 2]
+  python3 scripts/speed_compare.py F32.gguf [--quantized Q.gguf] [--windows 4] [--rounds 3] [--threads 2] [--warmup 1]
 
 F32.gguf is the f32 file all three run (dropwise `eval`, transformers loading that GGUF, llama.cpp
 on it). With --quantized, dropwise `eval --quantized-matmul` and llama.cpp also run that file.
@@ -10,8 +10,13 @@ Every round runs each contender once over the first W austen-512 windows of pers
 (the BOS rule where the tokenizer adds BOS): dropwise as a fresh `eval` process (its own
 forward-time tokens/s; loading is excluded), torch and llama.cpp in worker processes that
 keep their model loaded (`.venv-torch`, `.venv-llama`) and time the forward passes only.
-All computed logits at every position. Prints tokens/s per round and the median ratio of
-dropwise to each other contender over rounds; one JSON object with --json.
+All computed logits at every position. Each run's first --warmup windows are computed but not
+timed, for every contender alike: a fresh dropwise process would otherwise pay its first-touch
+page faults and cold caches inside the timing while the workers are warm from earlier rounds.
+Prints tokens/s per round and the median ratio of dropwise to each other contender over rounds;
+one JSON object with --json. This machine is a shared VM whose host steals CPU time in bursts
+(seconds of /proc/stat steal per run at times): each round also prints the steal ticks it saw,
+and only ratios within a round mean anything.
 """
 import json
 import os
@@ -34,7 +39,7 @@ def windows_of(ids, bos, w):
     return out
 
 
-def worker(kind, path, w, threads):
+def worker(kind, path, w, threads, warmup):
     if kind == "torch":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,11 +54,12 @@ def worker(kind, path, w, threads):
         def run():
             t = 0.0
             with torch.inference_mode():
-                for win in wins:
+                for i, win in enumerate(wins):
                     x = torch.tensor([win])
                     t0 = time.perf_counter()
                     model(x).logits
-                    t += time.perf_counter() - t0
+                    if i >= warmup:
+                        t += time.perf_counter() - t0
             return t
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,23 +71,24 @@ def worker(kind, path, w, threads):
 
         def run():
             t = 0.0
-            for win in wins:
+            for i, win in enumerate(wins):
                 llm.reset()
                 t0 = time.perf_counter()
                 llm.eval(win)
-                t += time.perf_counter() - t0
+                if i >= warmup:
+                    t += time.perf_counter() - t0
             return t
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
         secs = run()
-        print(json.dumps({"seconds": secs, "tokens": sum(len(x) for x in wins)}), flush=True)
+        print(json.dumps({"seconds": secs, "tokens": sum(len(x) for x in wins[warmup:])}), flush=True)
 
 
 class Worker:
-    def __init__(self, python, kind, path, w, threads):
-        self.p = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind, path, str(w), str(threads)],
+    def __init__(self, python, kind, path, w, threads, warmup):
+        self.p = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind, path, str(w), str(threads), str(warmup)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
         if line.strip() != "ready":
@@ -98,19 +105,27 @@ class Worker:
         self.p.wait()
 
 
-def dropwise_tps(path, w, threads, quantized):
+def dropwise_tps(path, w, threads, quantized, warmup):
     cmd = [os.path.join(ROOT, "target/release/dropwise"), "--threads", str(threads), "eval", path, "--data", TEXT, "--windows", str(w), "--json"]
     if quantized:
         cmd.append("--quantized-matmul")
     v = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return v["tokens_per_second"]
+    return v["seq_len"] * (w - warmup) / sum(v["window_seconds"][warmup:])
+
+
+def steal_ticks():
+    """CPU time the hypervisor took from this VM so far (/proc/stat, in clock ticks); 0 elsewhere."""
+    try:
+        return int(open("/proc/stat").readline().split()[8])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def main():
     a = sys.argv[1:]
     if a and a[0] == "--worker":
-        return worker(a[1], a[2], int(a[3]), int(a[4]))
-    opt = {"--quantized": None, "--windows": "4", "--rounds": "3", "--threads": "2"}
+        return worker(a[1], a[2], int(a[3]), int(a[4]), int(a[5]))
+    opt = {"--quantized": None, "--windows": "4", "--rounds": "3", "--threads": "2", "--warmup": "1"}
     as_json = "--json" in a
     a = [x for x in a if x != "--json"]
     f32 = a[0]
@@ -120,22 +135,26 @@ def main():
         if k not in opt:
             raise SystemExit(f"unknown option {k}")
         opt[k] = v
-    w, rounds, threads = int(opt["--windows"]), int(opt["--rounds"]), int(opt["--threads"])
+    w, rounds, threads, warmup = int(opt["--windows"]), int(opt["--rounds"]), int(opt["--threads"]), int(opt["--warmup"])
+    if not 0 <= warmup < w:
+        raise SystemExit("--warmup must leave at least one timed window")
     torch_py = os.path.join(ROOT, ".venv-torch/bin/python")
     llama_py = os.path.join(ROOT, ".venv-llama/bin/python")
-    contenders = {"torch f32": Worker(torch_py, "torch", f32, w, threads), "llama.cpp f32": Worker(llama_py, "llama", f32, w, threads)}
+    contenders = {"torch f32": Worker(torch_py, "torch", f32, w, threads, warmup), "llama.cpp f32": Worker(llama_py, "llama", f32, w, threads, warmup)}
     if opt["--quantized"]:
-        contenders["llama.cpp quantized"] = Worker(llama_py, "llama", opt["--quantized"], w, threads)
+        contenders["llama.cpp quantized"] = Worker(llama_py, "llama", opt["--quantized"], w, threads, warmup)
     rows = []
     for r in range(rounds):
-        row = {"dropwise f32": dropwise_tps(f32, w, threads, False)}
+        s0 = steal_ticks()
+        row = {"dropwise f32": dropwise_tps(f32, w, threads, False, warmup)}
         for name, c in contenders.items():
             if name == "llama.cpp quantized":
-                row["dropwise quantized-matmul"] = dropwise_tps(opt["--quantized"], w, threads, True)
+                row["dropwise quantized-matmul"] = dropwise_tps(opt["--quantized"], w, threads, True, warmup)
             row[name] = c.run()
+        row["steal ticks"] = steal_ticks() - s0
         rows.append(row)
         if not as_json:
-            print("round %d: " % (r + 1) + ", ".join("%s %.1f tok/s" % kv for kv in row.items()), flush=True)
+            print("round %d: " % (r + 1) + ", ".join(("%s %d" if k == "steal ticks" else "%s %.1f tok/s") % (k, v) for k, v in row.items()), flush=True)
     for c in contenders.values():
         c.close()
     ratio = lambda a, b: statistics.median(x[a] / x[b] for x in rows)
@@ -143,11 +162,11 @@ def main():
     if opt["--quantized"]:
         ratios["dropwise quantized-matmul / llama.cpp quantized"] = ratio("dropwise quantized-matmul", "llama.cpp quantized")
     if as_json:
-        print(json.dumps({"f32": f32, "quantized": opt["--quantized"], "windows": w, "rounds": rows, "threads": threads, "median_ratios": ratios}, indent=1))
+        print(json.dumps({"f32": f32, "quantized": opt["--quantized"], "windows": w, "warmup": warmup, "rounds": rows, "threads": threads, "median_ratios": ratios}, indent=1))
     else:
         for k, v in ratios.items():
             print("%-48s %.2f×" % (k, v))
-        print("(%d rounds × %d windows of 512 tokens, %d threads)" % (rounds, w, threads))
+        print("(%d rounds × %d timed windows of 512 tokens after %d warm-up, %d threads)" % (rounds, w - warmup, warmup, threads))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ impl RowState {
             self.argmax = base + ci;
         }
         let m = self.max;
-        self.sum += row.iter().map(|&v| (v - m).exp() as f64).sum::<f64>();
+        self.sum += crate::model::vexp::sum_exp_shifted(row, m);
         if (base..base + row.len()).contains(&target) {
             self.target = row[target - base];
         }
@@ -93,12 +93,7 @@ impl RowState {
                 self.ref_argmax = base + ri;
             }
             let m = self.ref_max;
-            let (mut s, mut c) = (0f64, 0f64);
-            for (&lr, &lm) in r.iter().zip(row) {
-                let e = (lr - m).exp() as f64;
-                s += e;
-                c += e * (lr - lm) as f64;
-            }
+            let (s, c) = crate::model::vexp::sum_exp_and_cross(r, row, m);
             self.ref_sum += s;
             self.cross += c;
         }
@@ -179,6 +174,9 @@ pub struct EvalResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1_agreement: Option<f64>,
     pub window_nll: Vec<f64>,
+    /// Seconds of the model's own work per window (its share of a batched forward pass plus its
+    /// head), so a benchmark can leave out a warm-up window.
+    pub window_seconds: Vec<f64>,
 }
 
 /// Evaluates `model` on `windows` (each `seq_len` tokens), `batch` windows per forward pass;
@@ -224,6 +222,7 @@ pub fn evaluate_many(
     let mut forward = vec![0.0; n];
     let mut total = vec![Acc::default(); n];
     let mut window_nll = vec![Vec::with_capacity(windows.len()); n];
+    let mut window_seconds = vec![Vec::with_capacity(windows.len()); n];
     let batch = batch.max(1);
     let mut done = 0;
     for chunk in windows.chunks(batch) {
@@ -238,7 +237,8 @@ pub fn evaluate_many(
             // Blocks run on the whole batch (bigger matmuls); the vocabulary-sized head runs one
             // window at a time so only one window's logits are ever held.
             let hidden = model.forward_hidden(&ids, &mut NoHooks)?;
-            forward[i] += f0.elapsed().as_secs_f64();
+            let body = f0.elapsed().as_secs_f64();
+            forward[i] += body;
             for (j, w) in chunk.iter().enumerate() {
                 let h = hidden.narrow(0, j, 1)?;
                 let rh = match (reference, &ref_hidden) {
@@ -247,6 +247,7 @@ pub fn evaluate_many(
                 };
                 let (acc, head_time) = score_window(model, &h, rh.as_ref().map(|(r, t)| (*r, t)), w)?;
                 forward[i] += head_time;
+                window_seconds[i].push(body / chunk.len() as f64 + head_time);
                 window_nll[i].push(acc.nll / acc.n as f64);
                 total[i] = total[i].add(acc);
             }
@@ -279,6 +280,7 @@ pub fn evaluate_many(
             kl_divergence: reference.map(|_| acc.kl / acc.n as f64),
             top1_agreement: reference.map(|_| acc.agree as f64 / acc.n as f64),
             window_nll: std::mem::take(&mut window_nll[i]),
+            window_seconds: std::mem::take(&mut window_seconds[i]),
         });
     }
     Ok(out)

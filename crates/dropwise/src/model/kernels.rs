@@ -3,7 +3,7 @@
 //! differentiable mode uses elementary candle ops instead.
 
 use anyhow::{bail, Result};
-use candle_core::{Storage, Tensor};
+use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Runs `f` on the f32 contents of a contiguous CPU tensor without copying them.
@@ -40,12 +40,7 @@ pub fn causal_softmax_block(scores: &Tensor, q_block: usize, offset: usize, wind
             let last = offset + r % q_block;
             let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
             let m = x[first..=last].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (oj, &xj) in o[first..=last].iter_mut().zip(&x[first..=last]) {
-                let e = (xj - m).exp();
-                *oj = e;
-                sum += e;
-            }
+            let sum = super::vexp::exp_shifted(&x[first..=last], &mut o[first..=last], m);
             let inv = 1.0 / sum;
             for oj in &mut o[first..=last] {
                 *oj *= inv;
@@ -74,11 +69,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let out = with_f32_slice(&gv, |gs| {
         with_f32_slice(&uv, |us| {
             let mut out = vec![0f32; gs.len()];
-            out.par_chunks_mut(4096).zip(gs.par_chunks(4096).zip(us.par_chunks(4096))).for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
+            out.par_chunks_mut(4096).zip(gs.par_chunks(4096).zip(us.par_chunks(4096))).for_each(|(o, (g, u))| super::vexp::silu_mul(g, u, o));
             out
         })
     })??;
@@ -124,7 +115,7 @@ pub fn quantized_product(x: &Tensor, w: &candle_core::quantized::QTensor) -> Res
     let block_bytes = match w.dtype() {
         G::Q4_1 => 20,
         G::Q5_1 => 24,
-        other => return Ok(round_to_dot_partner(x, other)?.matmul(&dense.t()?)?),
+        other => return f32_product(&round_to_dot_partner(x, other)?, &dense),
     };
     let (out, inp) = w.shape().dims2()?;
     if inp != cols || cols % 32 != 0 {
@@ -139,7 +130,7 @@ pub fn quantized_product(x: &Tensor, w: &candle_core::quantized::QTensor) -> Res
     // Each block starts with its f16 scale d and then its f16 offset m.
     let m: Vec<f32> = data.chunks(block_bytes).map(|b| half::f16::from_le_bytes([b[2], b[3]]).to_f32()).collect();
     let m = Tensor::from_vec(m, (out, nb), x.device())?;
-    Ok((xr.matmul(&dense.t()?)? + e.matmul(&m.t()?)?)?)
+    Ok((f32_product(&xr, &dense)? + e.matmul(&m.t()?)?)?)
 }
 
 /// Rounds every row of `x` `[rows, cols]` to Q8_1 (32-value blocks) and decodes it back; also
@@ -262,12 +253,95 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// step (bound by reading `W` once), the GEMM otherwise and whenever autograd needs the graph
 /// (a `Var` weight or a tracked input).
 pub fn f32_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.dim(0)? <= GEMV_MAX_ROWS && w.is_contiguous() && !w.is_variable() && !x.track_op() {
+    let plain = !w.is_variable() && !x.track_op() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && w.device().is_cpu();
+    if plain && x.dim(0)? <= GEMV_MAX_ROWS && w.is_contiguous() {
         gemv(x, w)
+    } else if plain {
+        gemm_x_wt(x, w)
     } else {
         Ok(x.matmul(&w.t()?)?)
     }
 }
+
+/// Output columns below which [`gemm_x_wt`] does not split the product across threads.
+const SPLIT_MIN_COLUMNS: usize = 64;
+
+/// `x @ Wᵀ` for f32 `x` `[m, k]` and `W` `[n, k]` on the CPU: the gemm crate (candle's own GEMM)
+/// called single-threaded on runs of output columns spread over the threads, into an output
+/// that is not zeroed first.
+///
+/// Why not `x.matmul(&w.t())`: candle zero-fills the output and hands gemm its rayon pool, and
+/// gemm's own 2-thread split reached 106-197 GFLOP/s on this 2-core machine where one
+/// single-threaded call per column half reached 170-212 (the shapes of SmolLM2's and
+/// Qwen2.5-1.5B's linears; PyTorch's GEMM measured 181-188 beside them).
+pub fn gemm_x_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 {
+        bail!("product of a [{m}, {k}] input and a [{n}, {k2}] weight");
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    if m * n > 0 && k > 0 {
+        with_f32_slice(&x, |xs| {
+            with_f32_slice(&w, |ws| {
+                // Four runs per thread rather than one: when the hypervisor stalls one vCPU (this
+                // VM sees seconds of steal per minute), the other thread takes its remaining runs
+                // instead of waiting; on an idle machine 2 and 8 runs measured the same.
+                let parts = (4 * rayon::current_num_threads()).min(n / SPLIT_MIN_COLUMNS).max(1);
+                // Runs of whole 16-float cache lines, so no two threads write into one line.
+                let width = n.div_ceil(parts).div_ceil(16) * 16;
+                let dst = SendPtr(out.as_mut_ptr());
+                (0..parts).into_par_iter().for_each(|p| {
+                    let (j0, j1) = (p * width, ((p + 1) * width).min(n));
+                    if j0 >= j1 {
+                        return;
+                    }
+                    let dst = &dst;
+                    // SAFETY: dst is `[m, n]` row-major with capacity m·n; this call writes columns
+                    // j0..j1 of every row (row stride n, column stride 1) and nothing else, so the
+                    // threads' writes are disjoint. lhs is `xs` `[m, k]` row-major; rhs is Wᵀ: element
+                    // (kk, j) of W's rows j0..j1 at `ws[(j0 + j)·k + kk]` (row stride 1, column stride
+                    // k). `read_dst = false`: the uninitialized output is only written.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            j1 - j0,
+                            k,
+                            dst.0.add(j0),
+                            1,
+                            n as isize,
+                            false,
+                            xs.as_ptr(),
+                            1,
+                            k as isize,
+                            ws.as_ptr().add(j0 * k),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    };
+                });
+            })
+        })??;
+    } else {
+        out.resize(m * n, 0.0);
+    }
+    // SAFETY: every element was written above (each column run covers all m rows), or zeroed.
+    unsafe { out.set_len(m * n) };
+    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// A raw output pointer the column-run threads of [`gemm_x_wt`] share (each writes its own run).
+struct SendPtr(*mut f32);
+// SAFETY: see gemm_x_wt: the runs written through it are disjoint.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// Dot product in 16 independent lanes (vectorizes without fast-math), then the tail.
 fn dot(a: &[f32], b: &[f32]) -> f32 {

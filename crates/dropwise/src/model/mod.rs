@@ -6,6 +6,7 @@ pub mod kernels;
 pub mod llama;
 pub mod qmatmul;
 pub mod spill;
+pub mod vexp;
 
 pub use hooks::{Hooks, LinearId, NoHooks, Role};
 pub use llama::{Block, KvCache, Linear, Llama, Positions, QMATMUL_MAX_ROWS};

@@ -62,6 +62,11 @@ impl Spill {
         if cols % dtype.block_size() != 0 {
             anyhow::bail!("rows of {cols} are not whole blocks of {dtype:?}");
         }
+        if let Some(order) = &row_order {
+            if order.len() != rows || order.iter().any(|&r| r >= rows) {
+                anyhow::bail!("a row order of {} entries for a matrix of {rows} rows", order.len());
+            }
+        }
         Ok(SpillSlot { spill: Arc::clone(self), offset, rows, cols, dtype, row_order })
     }
 
@@ -97,7 +102,41 @@ impl SpillSlot {
 
     /// The matrix back as an f32 tensor.
     pub fn read(&self) -> Result<Tensor> {
+        let mut v = Vec::new();
+        self.read_into(&mut v)?;
+        Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
+    }
+
+    /// Appends the matrix's `rows × cols` f32 values (row-major) to `out`, so several slots can
+    /// be read into one buffer (the stacked q/k/v and gate/up weights of a fused product).
+    /// An f32 slot is read straight into `out`'s memory, row by row where the rows are
+    /// reordered: no zeroed staging buffer and no second copy, which a profile of `eval`
+    /// showed costing ~8 % of an f32 model's run.
+    pub fn read_into(&self, out: &mut Vec<f32>) -> Result<()> {
         let n = self.rows * self.cols;
+        if self.dtype == GgmlDType::F32 && cfg!(target_endian = "little") {
+            let start = out.len();
+            out.reserve(n);
+            let row_bytes = self.cols * 4;
+            {
+                // SAFETY: the `n` floats after `start` are within the reserved capacity; they are
+                // viewed as bytes only to be filled by the reads below, and `out`'s length covers
+                // them only once every read has succeeded (an error leaves `out` as it was).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().add(start) as *mut u8, n * 4) };
+                let read = |buf: &mut [u8], at: u64| self.spill.file.read_exact_at(buf, at).context("cannot read weights back from disk");
+                match &self.row_order {
+                    None => read(dst, self.offset)?,
+                    Some(order) => {
+                        for (row, &src) in dst.chunks_exact_mut(row_bytes.max(1)).zip(order) {
+                            read(row, self.offset + (src * row_bytes) as u64)?;
+                        }
+                    }
+                }
+            }
+            // SAFETY: all `n` values were written by the reads above.
+            unsafe { out.set_len(start + n) };
+            return Ok(());
+        }
         let len = n / self.dtype.block_size() * self.dtype.type_size();
         let mut bytes = vec![0u8; len];
         self.spill.file.read_exact_at(&mut bytes, self.offset).context("cannot read weights back from disk")?;
@@ -106,16 +145,16 @@ impl SpillSlot {
             let rb = len / self.rows.max(1);
             bytes = order.iter().flat_map(|&r| bytes[r * rb..(r + 1) * rb].iter().copied()).collect();
         }
-        let v: Vec<f32> = match self.dtype {
-            GgmlDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            GgmlDType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        match self.dtype {
+            GgmlDType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            GgmlDType::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
             t => {
                 let q = qtensor_from_ggml(t, &bytes, vec![self.rows, self.cols], &Device::Cpu).context("cannot decode weights read from disk")?;
                 drop(bytes);
-                return Ok(q.dequantize(&Device::Cpu)?);
+                out.extend(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
             }
-        };
-        Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
+        }
+        Ok(())
     }
 
     /// The stored type.
