@@ -52,6 +52,20 @@ fn max_weight_diff(a: &Llama, b: &Llama) -> Result<f32> {
     Ok(worst)
 }
 
+/// A row order that is not one index per row, in range, is refused when the slot is made
+/// (an f32 slot is read straight into memory row by row, so every row must be covered).
+#[test]
+fn a_slot_with_a_bad_row_order_is_refused() -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    let spill = Spill::anonymous()?;
+    for order in [vec![0, 1], vec![0, 1, 3], vec![2, 1, 0, 0]] {
+        let err = spill.slot(0, 3, 4, GgmlDType::F32, Some(order.clone())).expect_err("bad row order accepted");
+        assert!(err.to_string().contains("row order"), "{order:?}: {err}");
+    }
+    assert!(spill.slot(0, 3, 4, GgmlDType::F32, Some(vec![2, 0, 1])).is_ok());
+    Ok(())
+}
+
 #[test]
 fn a_spilled_weight_reads_back_and_multiplies_as_before() -> Result<()> {
     let spill = Spill::anonymous()?;

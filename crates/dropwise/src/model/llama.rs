@@ -149,10 +149,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let (last, lead) = dims.split_last().context("linear input has no dimensions")?;
         let rows: usize = lead.iter().product();
-        let mut y = product(&x.reshape((rows, *last))?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        self.finish_rows(product(&x.reshape((rows, *last))?)?, lead)
+    }
+
+    /// The product `y` `[rows, out]` plus the bias, shaped back to `[lead..., out]`.
+    fn finish_rows(&self, y: Tensor, lead: &[usize]) -> Result<Tensor> {
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         Ok(y.reshape(out_dims)?)
@@ -716,7 +721,8 @@ impl Llama {
     /// letting the hooks see (or replace) each one's input. When no input was replaced the
     /// products run as one GEMM on the stacked weights ([`Linear::stacked_weight`]): one pass
     /// over `x` and one wide output instead of several narrow ones (k and v are a third of q's
-    /// width in grouped-query models), which measured 1.5× faster for q/k/v on 2 cores. Not
+    /// width in grouped-query models). In isolation that measured 1.5× faster for q/k/v on 2
+    /// cores; inside `eval` no difference showed beyond this VM's noise (docs/results.md). Not
     /// fused: the differentiable mode (each weight its own `Var`), decoding steps (a few rows,
     /// bound by reading the weights, where stacking would copy them), and block-quantized
     /// weights multiplied as llama.cpp does (activations rounded per weight type).
@@ -747,13 +753,7 @@ impl Llama {
         let mut col = 0;
         for l in lins {
             let n = l.out_features();
-            let mut part = y.narrow(1, col, n)?;
-            if let Some(b) = &l.bias {
-                part = part.broadcast_add(b)?;
-            }
-            let mut out_dims = lead.to_vec();
-            out_dims.push(n);
-            outs.push(part.reshape(out_dims)?);
+            outs.push(l.finish_rows(y.narrow(1, col, n)?, lead)?);
             col += n;
         }
         Ok(outs)

@@ -87,7 +87,7 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// U = R⁻¹ = J L⁻¹ J: one Cholesky, one in-place triangular inverse and two reversals.
 pub fn inverse_hessian_factor(h: &[f64], n: usize) -> Result<(Vec<f64>, Vec<bool>)> {
     if h.len() != n * n {
-        bail!("Hessian of {} entries for {n} columns", h.len());
+        bail!("SparseGPT: Hessian of {} entries does not match {n} columns", h.len());
     }
     let mut a = h.to_vec();
     let mut dead = vec![false; n];
@@ -112,9 +112,6 @@ pub fn inverse_hessian_factor(h: &[f64], n: usize) -> Result<(Vec<f64>, Vec<bool
 /// Prunes `w` (`rows × cols`, row-major) in place with SparseGPT given the Hessian `h` = Σ xᵀx
 /// (`cols × cols`) of its calibration inputs.
 pub fn prune(w: &mut [f32], rows: usize, cols: usize, h: &[f64], pattern: Pattern) -> Result<()> {
-    if h.len() != cols * cols {
-        bail!("SparseGPT: Hessian size {} does not match {cols} columns", h.len());
-    }
     let (u, dead) = inverse_hessian_factor(h, cols)?;
     prune_with_factor(w, rows, cols, &u, &dead, pattern)
 }
