@@ -130,6 +130,47 @@ fn inverse_hessian_factor_is_the_cholesky_of_the_damped_inverse() -> Result<()> 
     Ok(())
 }
 
+/// The blocked Cholesky and triangular inverse (GEMM trailing updates, row-chunk staircases)
+/// give the unblocked results, at sizes that leave partial blocks and partial row chunks.
+#[test]
+fn blocked_factorization_matches_unblocked() -> Result<()> {
+    for (n, nb) in [(300usize, 16usize), (517, 128), (64, 7)] {
+        let x = llm_like_inputs(2 * n, n, 9);
+        let mut h: Vec<f64> = x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as f64).collect();
+        for i in 0..n {
+            h[i * n + i] += 1.0;
+        }
+        let (mut blocked, mut plain) = (h.clone(), h.clone());
+        sparsegpt::cholesky_lower_blocked(&mut blocked, n, nb)?;
+        sparsegpt::cholesky_lower_blocked(&mut plain, n, n)?;
+        let scale = plain.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = blocked.iter().zip(&plain).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-10 * scale, "n {n}, block {nb}: Cholesky differs by {diff} (scale {scale})");
+        // L · Lᵀ = H on the lower triangle.
+        for i in (0..n).step_by(7) {
+            for j in 0..=i {
+                let s: f64 = (0..=j).map(|k| blocked[i * n + k] * blocked[j * n + k]).sum();
+                assert!((s - h[i * n + j]).abs() <= 1e-9 * h[i * n + i].abs().max(1.0), "({i},{j})");
+            }
+        }
+        let mut inv_plain = plain.clone();
+        sparsegpt::invert_lower_blocked(&mut blocked, n, nb)?;
+        sparsegpt::invert_lower_blocked(&mut inv_plain, n, n)?;
+        let scale = inv_plain.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = blocked.iter().zip(&inv_plain).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-9 * scale, "n {n}, block {nb}: inverse differs by {diff} (scale {scale})");
+        // L⁻¹ · L = I.
+        for i in (0..n).step_by(5) {
+            for j in 0..n {
+                let s: f64 = (0..n).map(|k| blocked[i * n + k] * plain[k * n + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((s - want).abs() < 1e-8, "n {n}: (L⁻¹L)[{i}][{j}] = {s}");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn masks_pick_the_lowest_scores() -> Result<()> {
     let scores = [5.0f32, 1.0, 3.0, 2.0, 8.0, 0.5, 7.0, 6.0];
