@@ -68,10 +68,23 @@ impl CalibArgs {
         if n == 0 {
             bail!("--calib-windows must be at least 1");
         }
+        // The windows are held as token ids and their statistics summed per window: a count
+        // past this is a typo, not a calibration set, and must not become a huge allocation.
+        if n.saturating_mul(self.seq_len) > MAX_CALIB_TOKENS {
+            bail!("--calib-windows {n} of {} tokens is more than {MAX_CALIB_TOKENS} calibration tokens", self.seq_len);
+        }
+        check_seq_len(m, self.seq_len)?;
         let ids = data::tokenize_files(&m.tokenizer, &self.calib)?;
         data::calibration_windows(&ids, self.seq_len, n, self.seed, m.window_bos())
     }
 }
+
+/// Calibration windows × sequence length beyond which a calibration set is refused (64× the
+/// largest protocol in use, 512 windows of 512 tokens).
+const MAX_CALIB_TOKENS: usize = 1 << 24;
+
+/// Worker threads beyond which `--threads` is refused: each is an OS thread with its own stack.
+const MAX_THREADS: usize = 256;
 
 /// Where and how a command writes its model.
 #[derive(clap::Args, Clone)]
@@ -328,9 +341,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             // Usage errors get one line too; the usage text is one `--help` away.
+            // The message may continue on indented lines (the missing arguments); they are
+            // joined up to the usage text.
             let text = e.render().to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
-            eprintln!("{} (see --help)", first.trim_end());
+            let message: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information")).filter(|l| !l.is_empty()).collect();
+            let line = if message.is_empty() { "error: invalid arguments".to_string() } else { message.join(" ") };
+            eprintln!("{line} (see --help)");
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -361,12 +377,14 @@ fn main() -> ExitCode {
 fn thread_count(n: Option<usize>) -> Result<usize> {
     let n = match n {
         Some(0) => bail!("--threads must be at least 1"),
+        Some(n) if n > MAX_THREADS => bail!("--threads {n} is more than {MAX_THREADS}"),
         Some(n) => n,
         None => std::env::var("RAYON_NUM_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&v| v > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            .min(MAX_THREADS),
     };
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     Ok(n)
@@ -427,6 +445,9 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
 }
 
 fn cmd_inspect(model: PathBuf, seq_len: usize, json: bool) -> Result<()> {
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
     let m = dropwise::load(&model)?;
     let r = inspect::inspect(&m, seq_len);
     if json {
@@ -528,7 +549,18 @@ fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
+/// A window longer than the model's context is positions it was never trained on, and its
+/// attention scores grow with the square of the length.
+fn check_seq_len(m: &dropwise::LoadedModel, seq_len: usize) -> Result<()> {
+    let ctx = m.model.config.max_position_embeddings;
+    if seq_len > ctx {
+        bail!("--seq-len {seq_len} is longer than the model's context of {ctx} tokens");
+    }
+    Ok(())
+}
+
 fn load_windows(m: &dropwise::LoadedModel, data: &[PathBuf], seq_len: usize, windows: usize) -> Result<Vec<Vec<u32>>> {
+    check_seq_len(m, seq_len)?;
     let ids = data::tokenize_files(&m.tokenizer, data)?;
     data::eval_windows(&ids, seq_len, windows, m.window_bos())
 }
@@ -548,6 +580,9 @@ fn print_eval_table(r: &EvalResult, threads: usize) {
 
 #[allow(clippy::too_many_arguments)]
 fn cmd_eval(models: Vec<PathBuf>, data: Vec<PathBuf>, seq_len: usize, windows: usize, reference: Option<PathBuf>, batch: usize, quantized_matmul: bool, json: bool, threads: usize) -> Result<()> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     // Without --quantized-matmul a quantized file runs as the f32 model of record, its weights
     // decoded to f32 one product at a time (the same numbers as a full f32 load, in a fraction
     // of the memory).

@@ -16,155 +16,8 @@ use dropwise::config::Arch;
 use dropwise::formats::gguf::{self, GgufFile, TensorOut, Value, WriteDType};
 use dropwise::testing;
 
-const DEADLINE: Duration = Duration::from_secs(20);
-/// Virtual memory limit in KiB for the binary (~3 GB).
-const VMEM_KIB: u64 = 3_000_000;
-
-// ---------------------------------------------------------------------------------------------
-// Running the binary
-// ---------------------------------------------------------------------------------------------
-
-struct Outcome {
-    /// Exit code; `None` when killed by a signal (e.g. an abort after a failed allocation).
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Runs `dropwise args...` under `ulimit -v`, with a deadline; kills it and fails on timeout.
-fn dropwise<I, S>(args: I) -> Outcome
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    run_limited(Path::new(env!("CARGO_BIN_EXE_dropwise")), args)
-}
-
-/// Runs `program args...` under `ulimit -v`, with a deadline; kills it and fails on timeout.
-fn run_limited<I, S>(program: &Path, args: I) -> Outcome
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-    let logs = tempfile::tempdir().unwrap();
-    let out_path = logs.path().join("stdout");
-    let err_path = logs.path().join("stderr");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("ulimit -v {VMEM_KIB} || exit 97; exec \"$0\" \"$@\""))
-        .arg(program)
-        .args(&args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .env("RAYON_NUM_THREADS", "2")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("cannot spawn sh");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-            panic!("{} {args:?} did not finish within {DEADLINE:?}; stderr so far:\n{stderr}", program.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let elapsed = start.elapsed();
-    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    let o = Outcome { code: status.code(), stdout: read(&out_path), stderr: read(&err_path), elapsed };
-    assert_ne!(o.code, Some(97), "the shell could not set ulimit -v");
-    o
-}
-
-/// Asserts a clean one-line failure; every needle (case-insensitive) must appear in the line.
-fn assert_clean_error(case: &str, o: &Outcome, needles: &[&str]) -> String {
-    let ctx = format!(
-        "case {case}: exit {:?} after {:?}\n--- stderr ---\n{}\n--- stdout ---\n{}",
-        o.code, o.elapsed, o.stderr, o.stdout
-    );
-    for bad in ["panicked", "internal error", "RUST_BACKTRACE", "memory allocation of"] {
-        assert!(!o.stderr.contains(bad), "{ctx}\n=> stderr contains '{bad}'");
-    }
-    let code = o.code.unwrap_or_else(|| panic!("{ctx}\n=> killed by a signal (abort after a failed allocation?)"));
-    assert_ne!(code, 0, "{ctx}\n=> succeeded but should have failed");
-    assert_ne!(code, 101, "{ctx}\n=> exit code 101 is a panic");
-    let line = o.stderr.strip_suffix('\n').unwrap_or(&o.stderr);
-    assert!(!line.contains('\n'), "{ctx}\n=> stderr is more than one line");
-    assert!(line.starts_with("error:"), "{ctx}\n=> stderr does not start with 'error:'");
-    assert!(line.len() < 2000, "{ctx}\n=> error line is implausibly long ({} bytes)", line.len());
-    let lower = line.to_lowercase();
-    for n in needles {
-        assert!(lower.contains(&n.to_lowercase()), "{ctx}\n=> error does not mention '{n}'");
-    }
-    // Shown with --nocapture, to review what each case says.
-    eprintln!("[{case}] {line}");
-    line.to_string()
-}
-
-fn inspect(model: &Path) -> Outcome {
-    dropwise([OsStr::new("inspect"), model.as_os_str()])
-}
-
-fn eval(model: &Path, data: &Path, seq_len: &str, windows: &str) -> Outcome {
-    dropwise([
-        OsStr::new("eval"),
-        model.as_os_str(),
-        OsStr::new("--data"),
-        data.as_os_str(),
-        OsStr::new("--seq-len"),
-        OsStr::new(seq_len),
-        OsStr::new("--windows"),
-        OsStr::new(windows),
-    ])
-}
-
-fn convert(input: &Path, output: &Path) -> Outcome {
-    dropwise([OsStr::new("convert"), input.as_os_str(), OsStr::new("-o"), output.as_os_str()])
-}
-
-/// Inspect, eval and convert of a broken model must all fail cleanly.
-fn assert_model_rejected(case: &str, model: &Path, needles: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("text.txt");
-    std::fs::write(&text, testing::sample_text(4000)).unwrap();
-    assert_clean_error(&format!("{case} (inspect)"), &inspect(model), needles);
-    assert_clean_error(&format!("{case} (eval)"), &eval(model, &text, "16", "2"), needles);
-    let out = dir.path().join("out.gguf");
-    assert_clean_error(&format!("{case} (convert)"), &convert(model, &out), needles);
-    assert!(!out.exists(), "case {case}: convert of a broken model wrote {}", out.display());
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left, vec![OsString::from("text.txt")], "case {case}: convert left files behind");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixtures
-// ---------------------------------------------------------------------------------------------
-
-fn tiny_model() -> dropwise::model::Llama {
-    testing::tiny_model(testing::tiny_config(Arch::Llama), 7).unwrap()
-}
-
-/// A valid tiny llama GGUF.
-fn valid_gguf(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny.gguf");
-    testing::write_tiny_gguf(&tiny_model(), &p, WriteDType::F32).unwrap();
-    p
-}
-
-/// A valid tiny HF folder (config.json, tokenizer.json, model.safetensors).
-fn valid_hf(dir: &Path) -> PathBuf {
-    let p = dir.join("tiny-hf");
-    testing::write_tiny_hf(&tiny_model(), &p, WriteDType::F32).unwrap();
-    p
-}
+mod common;
+use common::*;
 
 /// The metadata and tensors of a GGUF file, ready to be edited and written back.
 fn gguf_parts(path: &Path) -> (BTreeMap<String, Value>, Vec<TensorOut>) {
@@ -1468,8 +1321,8 @@ fn prune_owl_with_nm() {
 }
 
 #[test]
-fn prune_calibration_text_too_short() {
-    prune_case("calibration shorter than a window", &["--method", "wanda", "--sparsity", "0.5", "--calib", "CALIB", "--seq-len", "100000"], &["shorter than one window"]);
+fn prune_calibration_window_past_the_context() {
+    prune_case("--seq-len past the context", &["--method", "wanda", "--sparsity", "0.5", "--calib", "CALIB", "--seq-len", "100000"], &["context of 256"]);
 }
 
 #[test]

@@ -433,6 +433,22 @@ impl LlamaConfig {
         }
     }
 
+    /// The config with per-layer widths folded into the global ones when every layer has the
+    /// same widths (a uniform shrink), as an HF config.json states them; `None` when they differ.
+    pub fn with_uniform_layers(&self) -> Option<LlamaConfig> {
+        let Some(l) = &self.per_layer else { return Some(self.clone()) };
+        let first = *l.first()?;
+        if l.iter().any(|s| *s != first) {
+            return None;
+        }
+        let mut c = self.clone();
+        c.per_layer = None;
+        c.num_attention_heads = first.heads;
+        c.num_key_value_heads = first.kv_heads;
+        c.intermediate_size = first.ffn;
+        Some(c)
+    }
+
     /// Weights in the decoder: embeddings, blocks, final norm and (untied) head.
     pub fn param_count(&self) -> usize {
         let h = self.hidden_size;

@@ -273,12 +273,17 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
         model.embed_quantized = embed_q;
     }
     let at_rest = !quantized.is_empty() || !on_disk.is_empty() || model.embed_quantized.is_some();
+    // from_tensors refused tensors of blocks the config does not have; a miss here is a bug.
+    fn block(model: &mut Llama, layer: usize) -> Result<&mut Block> {
+        let n = model.blocks.len();
+        model.blocks.get_mut(layer).with_context(|| format!("tensor of block {layer} in a {n}-block model"))
+    }
     for (layer, role, slot) in on_disk {
-        let lin = model.blocks[layer].linear_mut(role)?;
+        let lin = block(&mut model, layer)?.linear_mut(role)?;
         lin.spilled = Some(std::sync::Arc::new(slot));
     }
     for (layer, kind, q) in quantized {
-        let lin = model.blocks[layer].linear_mut(kind)?;
+        let lin = block(&mut model, layer)?.linear_mut(kind)?;
         *lin = Linear::quantized(q, lin.bias.take())?;
     }
     if decoded && at_rest {
@@ -362,9 +367,17 @@ fn gguf_tokenizer_keys(tok_json: &str, config: &LlamaConfig) -> Result<BTreeMap<
         bail!("only byte-level BPE tokenizers can be written to GGUF (this one is {})", model["type"]);
     }
     let vocab = model["vocab"].as_object().context("tokenizer.json has no model.vocab")?;
-    let mut tokens = vec![String::new(); vocab.len()];
+    // Ids index the embedding, so none may reach past it (and an id near u32::MAX must not size
+    // the token list).
+    let fits = |id: u64| -> Result<usize> {
+        if id >= config.vocab_size as u64 {
+            bail!("tokenizer.json has token id {id}, past the model's vocabulary of {}", config.vocab_size);
+        }
+        Ok(id as usize)
+    };
+    let mut tokens = vec![String::new(); vocab.len().min(config.vocab_size)];
     for (t, id) in vocab {
-        let id = id.as_u64().context("tokenizer.json vocab id is not a number")? as usize;
+        let id = fits(id.as_u64().context("tokenizer.json vocab id is not a number")?)?;
         if id >= tokens.len() {
             tokens.resize(id + 1, String::new());
         }
@@ -374,7 +387,7 @@ fn gguf_tokenizer_keys(tok_json: &str, config: &LlamaConfig) -> Result<BTreeMap<
     if let Some(added) = j["added_tokens"].as_array() {
         for a in added {
             let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
-            let id = id as usize;
+            let id = fits(id)?;
             if id >= tokens.len() {
                 tokens.resize(id + 1, String::new());
                 types.resize(id + 1, 1);
@@ -596,10 +609,10 @@ fn save_hf_with(
     dtype: WriteDType,
     extra: serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
-    let c = &model.config;
-    if c.per_layer.is_some() || model.blocks.iter().any(|b| !b.has_attention() || !b.has_mlp()) {
+    let uniform = model.config.with_uniform_layers();
+    let Some(c) = uniform.as_ref().filter(|_| model.blocks.iter().all(|b| b.has_attention() && b.has_mlp())) else {
         bail!("this model's blocks differ in shape (or lack attention / MLP sub-blocks); an HF config.json has one width for all layers: write it as GGUF (.gguf), which llama.cpp loads as its deci architecture");
-    }
+    };
     if matches!(c.rope_scaling, Some(crate::config::RopeScaling::FreqFactors(_))) {
         bail!("this model's rope scaling came from a GGUF file as per-frequency factors (rope_freqs.weight), which config.json cannot express; export it as GGUF");
     }

@@ -1,0 +1,368 @@
+//! Hostile command-line arguments for every subcommand: zero, negative, NaN, infinite, huge and
+//! malformed values for every numeric flag, malformed lists and patterns, conflicting flags, and
+//! output paths that are the input, a folder, unwritable or missing. Every case must end with
+//! one `error:` line (no panic, backtrace or "internal error"), a non-zero exit, the inputs
+//! untouched and nothing new in the folder.
+//!
+//! The cases are generated from a table of each command's valid arguments and each flag's kind;
+//! `HOSTILE_TABLE=FILE` writes every case and its error line as a Markdown table.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+
+mod common;
+use common::*;
+
+/// What a flag takes, which decides the hostile values it is fed.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A count that must be at least 1.
+    Count,
+    /// A count where 0 is allowed but negative, fractional or overflowing values are not.
+    Natural,
+    /// A fraction in [0, 1).
+    Fraction,
+    /// A positive real.
+    Positive,
+    /// A real ≥ 0.
+    NonNegative,
+    /// One name from a fixed list.
+    Choice,
+}
+
+fn hostile_values(kind: Kind) -> &'static [&'static str] {
+    const INTS: [&str; 7] = ["-1", "1.5", "1e3", "18446744073709551616", "", "abc", "nan"];
+    match kind {
+        Kind::Count => &["0", "-1", "1.5", "1e3", "18446744073709551616", "", "abc", "nan"],
+        Kind::Natural => &INTS,
+        Kind::Fraction => &["-0.1", "1", "1.5", "nan", "inf", "-inf", "1e30", "", "abc"],
+        Kind::Positive => &["0", "-1", "nan", "inf", "-inf", "1e30", "", "abc"],
+        Kind::NonNegative => &["-1", "nan", "inf", "-inf", "", "abc"],
+        Kind::Choice => &["", "bogus", "0"],
+    }
+}
+
+/// A command's valid arguments (flag → value; "" for a switch) and the flags to attack.
+struct Command {
+    name: &'static str,
+    /// Positional arguments after the command (MODEL, …).
+    positional: &'static [&'static str],
+    valid: &'static [(&'static str, &'static str)],
+    flags: &'static [(&'static str, Kind)],
+    /// Whether it writes `-o`.
+    writes: bool,
+}
+
+const COMMANDS: &[Command] = &[
+    Command { name: "inspect", positional: &["MODEL"], valid: &[], flags: &[("--seq-len", Kind::Count), ("--threads", Kind::Count)], writes: false },
+    Command {
+        name: "eval",
+        positional: &["MODEL"],
+        valid: &[("--data", "DATA"), ("--seq-len", "16"), ("--windows", "2")],
+        flags: &[("--seq-len", Kind::Count), ("--windows", Kind::Count), ("--batch", Kind::Count), ("--threads", Kind::Count)],
+        writes: false,
+    },
+    Command { name: "convert", positional: &["MODEL"], valid: &[("-o", "OUT")], flags: &[("--dtype", Kind::Choice)], writes: true },
+    Command {
+        name: "prune",
+        positional: &["MODEL"],
+        valid: &[("--method", "wanda"), ("--sparsity", "0.5"), ("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2"), ("-o", "OUT")],
+        flags: &[
+            ("--sparsity", Kind::Fraction),
+            ("--seq-len", Kind::Count),
+            ("--calib-windows", Kind::Count),
+            ("--seed", Kind::Natural),
+            ("--method", Kind::Choice),
+            ("--allocation", Kind::Choice),
+            ("--dtype", Kind::Choice),
+            ("--threads", Kind::Count),
+        ],
+        writes: true,
+    },
+    Command {
+        name: "analyze",
+        positional: &["MODEL"],
+        valid: &[("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2")],
+        flags: &[("--seq-len", Kind::Count), ("--calib-windows", Kind::Count), ("--seed", Kind::Natural)],
+        writes: false,
+    },
+    Command {
+        name: "drop-layers",
+        positional: &["MODEL"],
+        valid: &[("--count", "1"), ("--metric", "bi"), ("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2"), ("-o", "OUT")],
+        flags: &[
+            ("--count", Kind::Count),
+            ("--seq-len", Kind::Count),
+            ("--calib-windows", Kind::Count),
+            ("--seed", Kind::Natural),
+            ("--metric", Kind::Choice),
+            ("--part", Kind::Choice),
+        ],
+        writes: true,
+    },
+    Command {
+        name: "shrink",
+        positional: &["MODEL"],
+        valid: &[("--neurons", "0.25"), ("--importance", "activation"), ("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2"), ("-o", "OUT")],
+        flags: &[
+            ("--neurons", Kind::Fraction),
+            ("--heads", Kind::Fraction),
+            ("--neuron-multiple", Kind::Count),
+            ("--seq-len", Kind::Count),
+            ("--calib-windows", Kind::Count),
+            ("--importance", Kind::Choice),
+            ("--allocation", Kind::Choice),
+            ("--head-unit", Kind::Choice),
+        ],
+        writes: true,
+    },
+    Command {
+        name: "quantize",
+        positional: &["MODEL"],
+        valid: &[("--bpw", "6.0"), ("--importance", "outliers"), ("-o", "OUT")],
+        flags: &[("--bpw", Kind::Positive), ("--importance", Kind::Choice), ("--embed-type", Kind::Choice), ("--uniform", Kind::Choice)],
+        writes: true,
+    },
+    Command {
+        name: "generate",
+        positional: &["MODEL"],
+        valid: &[("--prompt", "hello"), ("--max-tokens", "4")],
+        flags: &[("--max-tokens", Kind::Count), ("--temperature", Kind::NonNegative), ("--seed", Kind::Natural)],
+        writes: false,
+    },
+    Command {
+        name: "bench",
+        positional: &["MODEL"],
+        valid: &[("--data", "DATA"), ("--seq-len", "16"), ("--windows", "2")],
+        flags: &[("--seq-len", Kind::Count), ("--windows", Kind::Count)],
+        writes: false,
+    },
+    Command { name: "tokenize", positional: &["MODEL"], valid: &[("--data", "DATA")], flags: &[("--threads", Kind::Count)], writes: false },
+];
+
+/// Cases beyond the generated ones: malformed lists and patterns, conflicts, values that parse
+/// but cannot be met. (command, overrides (None removes a valid flag), what the error must say)
+type Special = (&'static str, &'static [(&'static str, Option<&'static str>)], &'static str);
+const SPECIAL: &[Special] = &[
+    ("eval", &[("--reference", Some("MISSING"))], "missing"),
+    ("eval", &[("--seq-len", Some("100000"))], "context"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("0:4"))], "impossible"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("2:0"))], "impossible"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("4:2"))], "4:2"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("4:4"))], "4:4"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("2:4:8"))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some(":"))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some(""))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("a:b"))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("-2:4"))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("2:18446744073709551616"))], "N:M"),
+    ("prune", &[("--sparsity", None), ("--pattern", Some("1:1000000000000"))], "impossible"),
+    ("prune", &[("--pattern", Some("2:4"))], ""),
+    ("prune", &[("--sparsity", None)], "--sparsity"),
+    ("prune", &[("--calib-windows", Some("100000000"))], "calibration tokens"),
+    ("prune", &[("--seq-len", Some("100000"))], "context"),
+    ("prune", &[("--seq-len", Some("1"))], "at least 2"),
+    ("prune", &[("--calib", Some("MISSING"))], "missing"),
+    ("drop-layers", &[("--count", Some("3"))], "at least one must remain"),
+    ("drop-layers", &[("--count", Some("4"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("0"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("-0.5"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("1"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("1.5"))], "fraction"),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("nan"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("inf"))], ""),
+    ("drop-layers", &[("--count", None), ("--fraction", Some("abc"))], ""),
+    ("drop-layers", &[("--fraction", Some("0.3"))], ""),
+    ("drop-layers", &[("--layers", Some("0"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some(""))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("a"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("0,,1"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("1,1"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("-1"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("7"))], "layer 7"),
+    ("drop-layers", &[("--count", None), ("--layers", Some("18446744073709551616"))], ""),
+    ("drop-layers", &[("--count", None), ("--layers", Some("0,1,2"))], ""),
+    ("drop-layers", &[("--count", None)], ""),
+    ("shrink", &[("--neurons", None), ("--heads", Some("0.99"))], "every unit"),
+    ("shrink", &[("--neurons", None)], "nothing to shrink"),
+    ("shrink", &[("--neurons", Some("0"))], ""),
+    ("shrink", &[("--neuron-multiple", Some("1000000"))], ""),
+    ("quantize", &[("--bpw", Some("2.0"))], "cannot be met"),
+    ("quantize", &[("--bpw", Some("20"))], "cannot be met"),
+    ("quantize", &[("--uniform", Some("Q8_0"))], "alternatives"),
+    ("quantize", &[("--reuse-scores", Some("MISSING"))], "missing"),
+    ("quantize", &[("--reuse-scores", Some("CALIB"))], "not a quantize --json output"),
+    ("quantize", &[("--imatrix", Some(""))], "--calib"),
+    ("generate", &[("--prompt", Some(""))], "prompt is empty"),
+    ("generate", &[("--max-tokens", Some("100000000"))], "context"),
+    ("generate", &[("--chat", Some(""))], "chat template"),
+    ("generate", &[("--prompt", None)], ""),
+];
+
+/// Output paths that must be refused, for every command that writes one: the input itself, an
+/// existing folder that is not a model, a place nobody can create a file, a folder that does
+/// not exist, a "folder" that is a file, and an empty path.
+const BAD_OUTPUTS: &[(&str, &str)] = &[
+    ("MODEL", "input"),
+    ("FOLDER", ""),
+    ("/proc/dropwise-hostile.gguf", ""),
+    ("NOWHERE/out.gguf", "does not exist"),
+    ("CALIB/out.gguf", ""),
+    ("", ""),
+];
+
+struct Case {
+    name: String,
+    args: Vec<String>,
+    needle: String,
+}
+
+/// The command's valid arguments with `overrides` applied (None removes a flag).
+fn build(cmd: &Command, overrides: &[(&str, Option<&str>)]) -> Vec<String> {
+    let mut flags: BTreeMap<String, String> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for (f, v) in cmd.valid {
+        flags.insert(f.to_string(), v.to_string());
+        order.push(f.to_string());
+    }
+    for (f, v) in overrides {
+        match v {
+            Some(v) => {
+                if flags.insert(f.to_string(), v.to_string()).is_none() {
+                    order.push(f.to_string());
+                }
+            }
+            None => {
+                flags.remove(*f);
+            }
+        }
+    }
+    let mut args = vec![cmd.name.to_string()];
+    args.extend(cmd.positional.iter().map(|s| s.to_string()));
+    for f in order {
+        let Some(v) = flags.get(&f) else { continue };
+        if f == "--threads" {
+            // Global: given before the command.
+            args.insert(0, format!("{f}={v}"));
+        } else if is_switch(&f) {
+            args.push(f);
+        } else {
+            // `--flag=value` so that "-1" is a value, not a flag.
+            args.push(format!("{f}={v}"));
+        }
+    }
+    args
+}
+
+fn is_switch(flag: &str) -> bool {
+    matches!(flag, "--imatrix" | "--chat" | "--one-shot" | "--json" | "--quantized-matmul")
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    let find = |name: &str| COMMANDS.iter().find(|c| c.name == name).unwrap();
+    for cmd in COMMANDS {
+        for &(flag, kind) in cmd.flags {
+            for v in hostile_values(kind) {
+                let args = build(cmd, &[(flag, Some(v))]);
+                out.push(Case { name: format!("{} {flag}={v:?}", cmd.name), args, needle: String::new() });
+            }
+        }
+        if cmd.writes {
+            for (path, needle) in BAD_OUTPUTS {
+                let args = build(cmd, &[("-o", Some(path))]);
+                out.push(Case { name: format!("{} -o {path:?}", cmd.name), args, needle: needle.to_string() });
+            }
+        }
+    }
+    for (name, overrides, needle) in SPECIAL {
+        let args = build(find(name), overrides);
+        let shown: Vec<String> = overrides.iter().map(|(f, v)| match v { Some(v) => format!("{f}={v:?}"), None => format!("no {f}") }).collect();
+        out.push(Case { name: format!("{name} {}", shown.join(" ")), args, needle: needle.to_string() });
+    }
+    out
+}
+
+/// A fresh folder with the inputs every case may name.
+struct Inputs {
+    dir: tempfile::TempDir,
+}
+
+impl Inputs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        valid_gguf(dir.path());
+        let text = dropwise::testing::sample_text(4000);
+        std::fs::write(dir.path().join("calib.txt"), &text).unwrap();
+        std::fs::write(dir.path().join("data.txt"), &text).unwrap();
+        std::fs::create_dir(dir.path().join("folder")).unwrap();
+        std::fs::write(dir.path().join("folder").join("notes.txt"), "keep me").unwrap();
+        Inputs { dir }
+    }
+
+    fn resolve(&self, arg: &str) -> OsString {
+        let p = self.dir.path();
+        let sub = |s: &str| -> String {
+            s.replace("MODEL", &p.join("tiny.gguf").display().to_string())
+                .replace("CALIB", &p.join("calib.txt").display().to_string())
+                .replace("DATA", &p.join("data.txt").display().to_string())
+                .replace("FOLDER", &p.join("folder").display().to_string())
+                .replace("NOWHERE", &p.join("nowhere").display().to_string())
+                .replace("MISSING", &p.join("missing.txt").display().to_string())
+                .replace("OUT", &p.join("out.gguf").display().to_string())
+        };
+        OsString::from(sub(arg))
+    }
+
+    /// Every file under the folder with its bytes, to show nothing was written or changed.
+    fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+        fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                let key = p.strip_prefix(root).unwrap().display().to_string();
+                if p.is_dir() {
+                    out.insert(key + "/", Vec::new());
+                    walk(&p, root, out);
+                } else {
+                    out.insert(key, std::fs::read(&p).unwrap());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(self.dir.path(), self.dir.path(), &mut out);
+        out
+    }
+}
+
+#[test]
+fn every_hostile_argument_ends_in_one_clean_error() {
+    let inputs = Inputs::new();
+    let before = inputs.snapshot();
+    let mut table = String::from("| case | error |\n|---|---|\n");
+    let mut failures = Vec::new();
+    let all = cases();
+    for case in &all {
+        let args: Vec<OsString> = case.args.iter().map(|a| inputs.resolve(a)).collect();
+        let o = dropwise(&args);
+        let needles: Vec<&str> = if case.needle.is_empty() { vec![] } else { vec![case.needle.as_str()] };
+        match check_clean_error(&o, &needles) {
+            Ok(line) => table.push_str(&format!("| `{}` | {} |\n", case.name.replace('|', "\\|"), line.replace('|', "\\|"))),
+            Err(why) => failures.push(format!("{}: {why}; exit {:?}, stderr: {}", case.name, o.code, o.stderr.trim())),
+        }
+        let after = inputs.snapshot();
+        if after != before {
+            let changed: Vec<&String> = after.keys().filter(|k| before.get(*k) != after.get(*k)).chain(before.keys().filter(|k| !after.contains_key(*k))).collect();
+            failures.push(format!("{}: the folder changed: {changed:?}", case.name));
+            // Put it back for the next case.
+            for k in after.keys().filter(|k| !before.contains_key(*k)) {
+                let p = inputs.dir.path().join(k);
+                let _ = if k.ends_with('/') { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+    }
+    if let Ok(path) = std::env::var("HOSTILE_TABLE") {
+        std::fs::write(path, &table).unwrap();
+    }
+    assert!(failures.is_empty(), "{} of {} hostile-argument cases failed:\n{}", failures.len(), all.len(), failures.join("\n"));
+}
