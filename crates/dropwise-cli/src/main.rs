@@ -329,6 +329,10 @@ fn main() -> ExitCode {
     }
     // Errors are reported as one line; a panic is a bug, but it still gets one line, not a trace.
     std::panic::set_hook(Box::new(|info| {
+        // A panic the library turns into an error (third-party parsing) is reported as that.
+        if dropwise::util::catching_foreign_panic() {
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()

@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod formats;
+pub mod fuzzing;
 pub mod generate;
 pub mod inspect;
 pub mod model;

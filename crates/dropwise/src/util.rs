@@ -73,6 +73,28 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
     result
 }
 
+thread_local! {
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs third-party parsing that can panic on hostile input (the tokenizers crate has `expect`s
+/// in its deserializers and its added-token splitting) and turns a panic into an error naming
+/// `what`. Panic hooks ask [`catching_foreign_panic`] to stay quiet meanwhile.
+pub fn catch_foreign_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    let outer = CATCHING.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING.with(|c| c.set(outer));
+    r.map_err(|p| {
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        anyhow::anyhow!("{what}: {}", msg.replace('\n', " "))
+    })
+}
+
+/// Whether this thread is inside [`catch_foreign_panic`] (a panic here becomes an error).
+pub fn catching_foreign_panic() -> bool {
+    CATCHING.with(|c| c.get())
+}
+
 /// Formats a count with a metric suffix: 134.5M, 1.2G.
 pub fn human(n: f64) -> String {
     let (v, s) = if n >= 1e12 {

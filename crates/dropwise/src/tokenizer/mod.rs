@@ -41,7 +41,10 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let inner = HfTokenizer::from_bytes(&bytes).map_err(|e| anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?;
+        let bad = |e: &dyn std::fmt::Display| anyhow!("{}: not a usable tokenizer.json: {e}", path.display());
+        // Syntax first: the tokenizers crate panics (`expect`) on some malformed JSON.
+        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| bad(&e))?;
+        let inner = crate::util::catch_foreign_panic("tokenizer.json", || HfTokenizer::from_bytes(&bytes)).map_err(|e| bad(&e))?.map_err(|e| bad(&e))?;
         Ok(Self { inner: Backend::Hf(inner), source: "tokenizer.json".into() })
     }
 
@@ -133,7 +136,10 @@ impl Tokenizer {
     /// `parse_special = false`) for SentencePiece; the BPE tokenizers match them always.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.inner {
-            Backend::Hf(t) => Ok(t.encode_fast(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?.get_ids().to_vec()),
+            Backend::Hf(t) => Ok(crate::util::catch_foreign_panic("tokenization failed", || t.encode_fast(text, false))?
+                .map_err(|e| anyhow!("tokenization failed: {e}"))?
+                .get_ids()
+                .to_vec()),
             Backend::Spm(t) => Ok(t.encode(text, false)),
         }
     }
@@ -148,7 +154,7 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {
-            Backend::Hf(t) => t.decode(ids, false).map_err(|e| anyhow!("detokenization failed: {e}")),
+            Backend::Hf(t) => crate::util::catch_foreign_panic("detokenization failed", || t.decode(ids, false))?.map_err(|e| anyhow!("detokenization failed: {e}")),
             Backend::Spm(t) => t.decode(ids),
         }
     }
