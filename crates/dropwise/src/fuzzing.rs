@@ -20,6 +20,20 @@ const PROBE_TEXT: &str = "It is a truth universally acknowledged, 1234 — that 
 /// Largest tensor (elements) the GGUF target decodes; bigger ones are only parsed.
 const MAX_DECODE_ELEMS: usize = 1 << 20;
 
+/// Call first in a fuzz target: panics that dropwise turns into errors (third-party parsing,
+/// [`crate::util::catch_foreign_panic`]) must not reach libFuzzer's hook, which aborts on any.
+pub fn prepare() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let next = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !crate::util::catching_foreign_panic() {
+                next(info);
+            }
+        }));
+    });
+}
+
 /// A scratch folder for this thread, kept for the life of the process.
 fn scratch() -> PathBuf {
     thread_local! {

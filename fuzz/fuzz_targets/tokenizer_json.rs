@@ -1,0 +1,8 @@
+#![no_main]
+//! libFuzzer target: dropwise::fuzzing::tokenizer_json (see crates/dropwise/src/fuzzing.rs).
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    dropwise::fuzzing::prepare();
+    dropwise::fuzzing::tokenizer_json(data);
+});
