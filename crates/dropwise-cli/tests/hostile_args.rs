@@ -145,6 +145,7 @@ const COMMANDS: &[Command] = &[
 /// but cannot be met. (command, overrides (None removes a valid flag), what the error must say)
 type Special = (&'static str, &'static [(&'static str, Option<&'static str>)], &'static str);
 const SPECIAL: &[Special] = &[
+    ("inspect", &[("--threads", Some("100000"))], "more than 256"),
     ("eval", &[("--reference", Some("MISSING"))], "missing"),
     ("eval", &[("--seq-len", Some("100000"))], "context"),
     ("prune", &[("--sparsity", None), ("--pattern", Some("0:4"))], "impossible"),
