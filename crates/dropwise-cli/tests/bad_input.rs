@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
 use dropwise::config::Arch;
