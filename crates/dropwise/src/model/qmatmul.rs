@@ -73,6 +73,7 @@ pub fn cpu_simd_features() -> String {
             ("avx512f", std::is_x86_feature_detected!("avx512f")),
             ("avx512bw", std::is_x86_feature_detected!("avx512bw")),
             ("avx512vnni", std::is_x86_feature_detected!("avx512vnni")),
+            ("avxvnni", std::is_x86_feature_detected!("avxvnni")),
             ("avx2", std::is_x86_feature_detected!("avx2")),
             ("fma", std::is_x86_feature_detected!("fma")),
             ("f16c", std::is_x86_feature_detected!("f16c")),
