@@ -78,27 +78,7 @@ pub fn cholesky_lower_blocked(a: &mut [f64], n: usize, nb: usize) -> Result<()> 
                 // chunk's part of the lower trailing triangle, disjoint across chunks) and reads
                 // columns k0..k1 < k1 of rows k1..r1, which no chunk writes.
                 unsafe {
-                    gemm::gemm(
-                        r1 - r0,
-                        r1 - k1,
-                        k1 - k0,
-                        p.0.add(r0 * n + k1),
-                        1,
-                        n as isize,
-                        true,
-                        p.0.add(r0 * n + k0),
-                        1,
-                        n as isize,
-                        p.0.add(k1 * n + k0),
-                        n as isize,
-                        1,
-                        1.0,
-                        -1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
+                    gemm_row_major(r1 - r0, r1 - k1, k1 - k0, p.0.add(r0 * n + k1), n as isize, true, p.0.add(r0 * n + k0), n as isize, p.0.add(k1 * n + k0), n as isize, 1, 1.0, -1.0)
                 };
             });
         }
@@ -138,27 +118,7 @@ pub fn invert_lower_blocked(l: &mut [f64], n: usize, nb: usize) -> Result<()> {
                 // SAFETY: reads rows r0..r1, columns j1..r1 of `l` (T) and rows j1..r1, columns
                 // j0..j1 (L21); writes rows r0−j1..r1−j1 of tmp (m × b), disjoint across chunks.
                 unsafe {
-                    gemm::gemm(
-                        r1 - r0,
-                        b,
-                        r1 - j1,
-                        t.0.add((r0 - j1) * b),
-                        1,
-                        b as isize,
-                        false,
-                        p.0.add(r0 * n + j1),
-                        1,
-                        n as isize,
-                        p.0.add(j1 * n + j0),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
+                    gemm_row_major(r1 - r0, b, r1 - j1, t.0.add((r0 - j1) * b), b as isize, false, p.0.add(r0 * n + j1), n as isize, p.0.add(j1 * n + j0), 1, n as isize, 0.0, 1.0)
                 };
             });
         }
@@ -171,27 +131,7 @@ pub fn invert_lower_blocked(l: &mut [f64], n: usize, nb: usize) -> Result<()> {
                 // SAFETY: writes rows r0..r1, columns j0..j1 of `l` (disjoint across chunks),
                 // reads tmp and the diagonal block (rows j0..j1 < j1), which no chunk writes.
                 unsafe {
-                    gemm::gemm(
-                        r1 - r0,
-                        b,
-                        b,
-                        p.0.add(r0 * n + j0),
-                        1,
-                        n as isize,
-                        false,
-                        t.0.add((r0 - j1) * b),
-                        1,
-                        b as isize,
-                        p.0.add(j0 * n + j0),
-                        1,
-                        n as isize,
-                        0.0,
-                        -1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
+                    gemm_row_major(r1 - r0, b, b, p.0.add(r0 * n + j0), n as isize, false, t.0.add((r0 - j1) * b), b as isize, p.0.add(j0 * n + j0), 1, n as isize, 0.0, -1.0)
                 };
             });
         }
@@ -217,6 +157,32 @@ fn invert_diagonal_block(l: &mut [f64], n: usize, j0: usize, j1: usize) -> Resul
         }
     }
     Ok(())
+}
+
+/// `dst = alpha·dst + beta·lhs·rhs` on one thread, for a row-major `dst` (`m × n`, row stride
+/// `dst_rs`) and `lhs` (`m × k`, row stride `lhs_rs`) and an `rhs` (`k × n`) of any strides.
+///
+/// # Safety
+/// The pointers must address those extents; `dst` must not overlap `lhs` or `rhs`, and no other
+/// thread may write what this call reads or writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_row_major(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f64,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f64,
+    lhs_rs: isize,
+    rhs: *const f64,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    alpha: f64,
+    beta: f64,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe { gemm::gemm(m, n, k, dst, 1, dst_rs, read_dst, lhs, 1, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta, false, false, false, gemm::Parallelism::None) }
 }
 
 /// Rows from..to in chunks of [`ROW_CHUNK`].
