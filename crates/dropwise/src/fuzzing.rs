@@ -114,8 +114,11 @@ pub fn text(data: &[u8]) {
     let windows = params.get(1).map_or(4, |&b| b as usize);
     let path = write("text.txt", body);
     let Ok(text) = crate::data::read_text(&path) else { return };
-    let Ok(tok) = crate::testing::tiny_tokenizer() else { return };
-    let Ok(ids) = tok.encode(&text) else { return };
+    // Built once per thread: rebuilding it per input was most of this target's time.
+    thread_local! {
+        static TOKENIZER: Option<Tokenizer> = crate::testing::tiny_tokenizer().ok();
+    }
+    let Some(Ok(ids)) = TOKENIZER.with(|t| t.as_ref().map(|t| t.encode(&text))) else { return };
     for bos in [None, Some(1)] {
         let _ = crate::data::eval_windows(&ids, seq_len, windows, bos);
         let _ = crate::data::calibration_windows(&ids, seq_len, windows, 7, bos);
