@@ -15,6 +15,8 @@ use dropwise::formats::gguf::WriteDType;
 use dropwise::inspect;
 use dropwise::util::human;
 
+mod recover_cmd;
+
 #[derive(Parser)]
 #[command(name = "dropwise", version, about = "Drop what a pretrained network does not need; measure what it costs and saves.")]
 struct Cli {
@@ -302,6 +304,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Heal a dropped or pruned model: train it (the student) to reproduce the model it was cut
+    /// from (the teacher) by distillation; pruned weights stay zero.
+    Recover(recover_cmd::RecoverArgs),
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -445,6 +450,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let opts = GenerateArgs { prompt, max_tokens, temperature, seed, chat, quantized_matmul, json };
             cmd_generate(model, opts, threads)
         }
+        Cmd::Recover(a) => recover_cmd::cmd_recover(a),
     }
 }
 

@@ -154,7 +154,7 @@ fn a_kill_mid_write_leaves_the_previous_file_or_the_whole_new_one() {
     let previous = std::fs::read(&out).unwrap();
     assert_ne!(new.len(), previous.len());
     let mut rng = dropwise::data::SplitMix64(20);
-    let (mut kept_previous, mut finished) = (0, 0);
+    let (mut kept_previous, mut finished, mut swept) = (0, 0, 0);
     for kill in 0..20 {
         let at = Duration::from_secs_f64(full_time.as_secs_f64() * 1.1 * (rng.below(1000) as f64 / 1000.0));
         let mut child = run("f32").spawn().unwrap();
@@ -171,14 +171,17 @@ fn a_kill_mid_write_leaves_the_previous_file_or_the_whole_new_one() {
         } else {
             panic!("kill {kill} at {at:?}: {} holds {} bytes, neither the previous file nor the whole new one", out.display(), now.len());
         }
-        // Killed writers leave their temporary file (a dot-name with their pid); remove them.
-        for e in std::fs::read_dir(dir.path()).unwrap() {
-            let p = e.unwrap().path();
-            if p != out {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
+        // A killed writer leaves its temporary file (a dot-name with its pid): the next writer
+        // of the same output removes it, so at most one leftover exists at any time.
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path() != out).count();
+        assert!(leftovers <= 1, "kill {kill}: {leftovers} stale temporaries beside the output; writers do not sweep them");
+        swept += usize::from(leftovers == 1);
     }
+    // One finished run now leaves nothing but the output.
+    assert!(run("f16").status().unwrap().success());
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("smol.gguf")], "a finished write left stale temporaries");
+    eprintln!("{swept} kills left a temporary that the next write removed");
     eprintln!("20 kills: {kept_previous} left the previous file, {finished} the whole new one");
     assert!(kept_previous > 0, "no kill landed before the rename: the test did not test anything");
 }

@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod model;
 pub mod prune;
 pub mod quant;
+pub mod recover;
 pub mod structural;
 pub mod tokenizer;
 pub mod testing;

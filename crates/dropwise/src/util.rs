@@ -28,9 +28,53 @@ pub(crate) fn check_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes temporaries that an earlier, killed writer of `path` left behind: siblings named
+/// `.NAME.PID.tmp` (or a GGUF writer's `.NAME.PID.spool`) whose process no longer runs. A SIGKILL cannot be caught, so the dead
+/// writer could not clean up itself; a live one (another dropwise writing the same output now)
+/// is left alone. Only where `/proc` tells which processes run (Linux); elsewhere nothing is removed.
+pub fn sweep_stale_temps(path: &Path) {
+    let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else { return };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp").or_else(|| rest.strip_suffix(".spool"))) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let stale = entry.path();
+        // symlink_metadata: a stale name is removed as what it is, never followed.
+        let is_dir = std::fs::symlink_metadata(&stale).map(|m| m.is_dir()).unwrap_or(false);
+        let _ = if is_dir { std::fs::remove_dir_all(&stale) } else { std::fs::remove_file(&stale) };
+    }
+}
+
+/// Checks before long work that `path` can be written: its folder exists and a file can be
+/// created there (the probe, a temporary name, is removed at once). A run that trains for an
+/// hour must not find out at the end that its output folder is missing or read-only.
+pub fn probe_writable(path: &Path) -> Result<()> {
+    if path.file_name().is_none() {
+        anyhow::bail!("output path {:?} names no file", path.display().to_string());
+    }
+    check_parent(path)?;
+    if path.is_dir() && !path.join("config.json").exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        anyhow::bail!("output {} is a folder that is not a model folder; refusing to replace it", path.display());
+    }
+    let probe = temp_sibling(path).with_extension("probe");
+    std::fs::File::create(&probe).with_context(|| format!("cannot create {}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Writes a file through `fill` into a temporary name, then renames it over `path`.
 pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
     check_parent(path)?;
+    sweep_stale_temps(path);
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", path.display()))?;
@@ -58,6 +102,7 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
             anyhow::bail!("output folder {} exists and is not a model folder; refusing to replace it", path.display());
         }
     }
+    sweep_stale_temps(path);
     let tmp = temp_sibling(path);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", path.display()))?;
@@ -117,4 +162,34 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_dead_writers_temporary_is_swept_and_a_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.gguf");
+        // A pid that has exited: a child that ran `true` and was reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir.path().join(format!(".m.gguf.{dead}.tmp"));
+        let stale_dir = dir.path().join(format!(".m.gguf.{dead}.tmp.d"));
+        std::fs::write(&stale, b"partial").unwrap();
+        let live = dir.path().join(".m.gguf.1.tmp");
+        let other = dir.path().join(format!(".n.gguf.{dead}.tmp"));
+        std::fs::write(&live, b"init's").unwrap();
+        std::fs::write(&other, b"another output's").unwrap();
+        std::fs::create_dir(&stale_dir).unwrap();
+        write_atomically(&out, |f| Ok(std::io::Write::write_all(f, b"whole")?)).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"whole");
+        assert!(!stale.exists(), "the dead writer's temporary was left");
+        assert!(live.exists(), "a temporary of a running process (pid 1) was removed");
+        assert!(other.exists(), "another output's temporary was removed");
+        assert!(stale_dir.exists(), "a name that is not NAME.PID.tmp was removed");
+    }
 }

@@ -82,8 +82,10 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 pub fn column_sum_squares(x: &Tensor, width: usize) -> Result<Vec<f64>> {
     let rows = x.elem_count() / width.max(1);
     let x2 = x.reshape((rows, width))?;
+    // At most ~64 partial sums, sized by the row count alone (never by the thread count).
+    let rows_per_chunk = (rows / 64).max(64);
     with_f32_slice(&x2, |s| {
-        s.par_chunks(width * 64)
+        s.par_chunks(width.max(1) * rows_per_chunk)
             .map(|chunk| {
                 let mut acc = vec![0f64; width];
                 for row in chunk.chunks(width) {
@@ -93,7 +95,11 @@ pub fn column_sum_squares(x: &Tensor, width: usize) -> Result<Vec<f64>> {
                 }
                 acc
             })
-            .reduce(|| vec![0f64; width], |mut a, b| {
+            // Partial sums come back in chunk order and are added in that order, so the result
+            // does not depend on how many threads ran or how rayon split the work.
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(vec![0f64; width], |mut a, b| {
                 for (x, y) in a.iter_mut().zip(b) {
                     *x += y;
                 }

@@ -607,6 +607,33 @@ impl Llama {
         Ok(vars)
     }
 
+    /// A copy for inference of a model in training: every tensor detached from the graph (same
+    /// storage, no `Var`), fused kernels on. Evaluating or writing it records no gradients.
+    pub fn detached(&self) -> Llama {
+        let mut m = self.clone();
+        let d = |t: &mut Tensor| *t = t.detach();
+        d(&mut m.embed);
+        d(&mut m.final_norm);
+        if let Some(h) = m.lm_head.as_mut() {
+            d(h);
+        }
+        for b in &mut m.blocks {
+            d(&mut b.attn_norm);
+            d(&mut b.mlp_norm);
+            for t in [&mut b.q_norm, &mut b.k_norm, &mut b.attn_output_norm, &mut b.mlp_output_norm].into_iter().flatten() {
+                d(t);
+            }
+            for (_, l) in b.linears_mut() {
+                d(&mut l.weight);
+                if let Some(bias) = l.bias.as_mut() {
+                    d(bias);
+                }
+            }
+        }
+        m.differentiable = false;
+        m
+    }
+
     pub fn device(&self) -> &Device {
         self.embed.device()
     }

@@ -1,0 +1,254 @@
+//! AdamW (Loshchilov & Hutter: decoupled weight decay, PyTorch's `torch.optim.AdamW` update)
+//! over the model's `Var`s, with gradient accumulation, global-norm clipping, a linear warm-up
+//! and cosine decay, and masks that keep pruned weights exactly zero.
+//!
+//! The state lives in flat f32 buffers updated by one parallel pass per parameter, not in
+//! candle tensors: candle's elementwise ops run on one thread and would make the ten passes an
+//! update needs one at a time.
+
+use anyhow::{bail, Result};
+use candle_core::{backprop::GradStore, Tensor, Var};
+use rayon::prelude::*;
+
+use crate::model::kernels::with_f32_slice;
+
+/// AdamW's hyper-parameters (PyTorch's defaults for the betas and epsilon).
+#[derive(Clone, Copy, Debug)]
+pub struct Hyper {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// One trained tensor and its optimizer state.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// Where the weight must stay exactly zero (pruned), when it has such entries.
+    keep: Option<Vec<bool>>,
+    decay: bool,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+impl Param {
+    /// Entries held at zero by the mask.
+    pub fn masked(&self) -> usize {
+        self.keep.as_ref().map_or(0, |k| k.iter().filter(|&&x| !x).count())
+    }
+}
+
+pub struct AdamW {
+    pub params: Vec<Param>,
+    pub hyper: Hyper,
+    /// Updates taken so far.
+    pub step: u64,
+    /// Micro-batches whose gradients are in the buffers now.
+    accumulated: usize,
+}
+
+impl AdamW {
+    /// State for `vars`. Tensors `masked(name)` says are prunable keep their exact zeros zero
+    /// through training when they are pruned (at least [`PRUNED_FRACTION`] zeros); weight decay applies to tensors `decays(name)` says (matrices, by
+    /// convention, not norms or biases).
+    pub fn new(vars: Vec<(String, Var)>, hyper: Hyper, masked: impl Fn(&str) -> bool, decays: impl Fn(&str) -> bool) -> Result<Self> {
+        let mut params = Vec::with_capacity(vars.len());
+        for (name, var) in vars {
+            let n = var.as_tensor().elem_count();
+            let keep = if masked(&name) {
+                let keep: Vec<bool> = with_f32_slice(var.as_tensor(), |w| w.iter().map(|&x| x != 0.0).collect())?;
+                let zeros = keep.iter().filter(|&&k| !k).count();
+                // A pruned tensor: at least PRUNED_FRACTION of it is exactly zero. Dense weights
+                // decoded from a block type have a few exact zeros too (0.03 % in SmolLM2's
+                // Q4_1 file); those are values, not a mask, and train freely.
+                (zeros as f64 >= PRUNED_FRACTION * n as f64 && zeros > 0).then_some(keep)
+            } else {
+                None
+            };
+            let decay = decays(&name);
+            params.push(Param { name, var, keep, decay, m: vec![0.0; n], v: vec![0.0; n], grad: vec![0.0; n] });
+        }
+        Ok(Self { params, hyper, step: 0, accumulated: 0 })
+    }
+
+    /// Adds one micro-batch's gradients to the buffers (masked entries get none). Returns the
+    /// names of parameters the loss did not reach.
+    pub fn accumulate(&mut self, grads: &GradStore) -> Result<Vec<String>> {
+        let mut unreached = Vec::new();
+        for p in &mut self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                unreached.push(p.name.clone());
+                continue;
+            };
+            if g.elem_count() != p.grad.len() {
+                bail!("gradient of {} has {} entries for {}", p.name, g.elem_count(), p.grad.len());
+            }
+            let keep = p.keep.as_deref();
+            with_f32_slice(g, |g| {
+                p.grad.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).enumerate().for_each(|(c, (acc, g))| {
+                    for (i, (a, &x)) in acc.iter_mut().zip(g).enumerate() {
+                        if keep.is_none_or(|k| k[c * CHUNK + i]) {
+                            *a += x;
+                        }
+                    }
+                });
+            })?;
+        }
+        self.accumulated += 1;
+        Ok(unreached)
+    }
+
+    /// The global L2 norm of the averaged accumulated gradient.
+    pub fn grad_norm(&self) -> Result<f64> {
+        let scale = 1.0 / self.accumulated.max(1) as f64;
+        // Per-chunk sums, added in order: the norm does not depend on the thread count.
+        let mut total = 0f64;
+        for p in &self.params {
+            let parts: Vec<f64> = p.grad.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64 * scale).powi(2)).sum()).collect();
+            total += parts.iter().sum::<f64>();
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update at learning rate `lr` from the averaged accumulated gradients, clipped to
+    /// global norm `clip` when given; clears the buffers. Returns the norm before clipping.
+    pub fn update(&mut self, lr: f64, clip: Option<f64>) -> Result<f64> {
+        if self.accumulated == 0 {
+            bail!("an optimizer step needs at least one accumulated gradient");
+        }
+        let norm = self.grad_norm()?;
+        let mut scale = 1.0 / self.accumulated as f64;
+        if let Some(c) = clip.filter(|&c| norm > c && norm > 0.0) {
+            scale *= c / norm;
+        }
+        self.step += 1;
+        let h = self.hyper;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - h.beta1.powi(t), 1.0 - h.beta2.powi(t));
+        for p in &mut self.params {
+            let decay = if p.decay { lr * h.weight_decay } else { 0.0 };
+            let mut w: Vec<f32> = with_f32_slice(p.var.as_tensor(), |w| w.to_vec())?;
+            let keep = p.keep.as_deref();
+            w.par_chunks_mut(CHUNK)
+                .zip(p.m.par_chunks_mut(CHUNK).zip(p.v.par_chunks_mut(CHUNK)))
+                .zip(p.grad.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(c, ((w, (m, v)), g))| {
+                    for i in 0..w.len() {
+                        if keep.is_some_and(|k| !k[c * CHUNK + i]) {
+                            w[i] = 0.0;
+                            g[i] = 0.0;
+                            continue;
+                        }
+                        let gi = g[i] as f64 * scale;
+                        let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * gi;
+                        let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * gi * gi;
+                        m[i] = mi as f32;
+                        v[i] = vi as f32;
+                        let wi = w[i] as f64 * (1.0 - decay);
+                        w[i] = (wi - lr * (mi / bc1) / ((vi / bc2).sqrt() + h.eps)) as f32;
+                        g[i] = 0.0;
+                    }
+                });
+            let shape = p.var.as_tensor().shape().clone();
+            p.var.set(&Tensor::from_vec(w, shape, p.var.as_tensor().device())?)?;
+        }
+        self.accumulated = 0;
+        Ok(norm)
+    }
+}
+
+/// The fraction of exact zeros from which a prunable tensor is taken to be pruned (and masked).
+pub const PRUNED_FRACTION: f64 = 0.01;
+
+/// Entries per parallel work item of the optimizer's passes.
+const CHUNK: usize = 1 << 14;
+
+/// The learning rate at update `step` (from 0) of `total`: linear warm-up over `warmup` updates
+/// to `peak`, then cosine decay to zero at `total`.
+pub fn learning_rate(step: u64, total: u64, warmup: u64, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let done = ((step - warmup) as f64 / span).min(1.0);
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// PyTorch's AdamW on one scalar, written out (torch.optim.AdamW's documented update).
+    fn reference(w0: f64, grads: &[f64], lr: f64, h: Hyper) -> f64 {
+        let (mut w, mut m, mut v) = (w0, 0.0, 0.0);
+        for (t, &g) in grads.iter().enumerate() {
+            let t = t as i32 + 1;
+            w *= 1.0 - lr * h.weight_decay;
+            m = h.beta1 * m + (1.0 - h.beta1) * g;
+            v = h.beta2 * v + (1.0 - h.beta2) * g * g;
+            w -= lr * (m / (1.0 - h.beta1.powi(t))) / ((v / (1.0 - h.beta2.powi(t))).sqrt() + h.eps);
+        }
+        w
+    }
+
+    #[test]
+    fn updates_follow_pytorch_adamw_and_masked_zeros_stay_zero() {
+        let h = Hyper { weight_decay: 0.1, ..Hyper::default() };
+        let w0 = [0.5f32, 0.0, -1.0, 2.0];
+        let var = Var::from_vec(w0.to_vec(), 4, &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w.weight".into(), var.clone())], h, |_| true, |_| true).unwrap();
+        assert_eq!(opt.params[0].masked(), 1);
+        // Loss Σ c·w with a fixed c: the gradient is c every step.
+        let c = Tensor::from_vec(vec![0.3f32, 1.0, -0.2, 0.05], 4, &Device::Cpu).unwrap();
+        for _ in 0..5 {
+            let loss = (var.as_tensor() * &c).unwrap().sum_all().unwrap();
+            assert!(opt.accumulate(&loss.backward().unwrap()).unwrap().is_empty());
+            opt.update(1e-2, None).unwrap();
+        }
+        let w = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(w[1], 0.0, "a pruned weight moved");
+        for (i, &ci) in [0.3, 1.0, -0.2, 0.05].iter().enumerate() {
+            if i == 1 {
+                continue;
+            }
+            let want = reference(w0[i] as f64, &[ci; 5], 1e-2, h);
+            assert!((w[i] as f64 - want).abs() < 1e-6, "w[{i}] = {}, PyTorch's update gives {want}", w[i]);
+        }
+    }
+
+    #[test]
+    fn accumulation_averages_and_clipping_caps_the_norm() {
+        let var = Var::from_vec(vec![1.0f32, 1.0], 2, &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], Hyper::default(), |_| false, |_| false).unwrap();
+        for c in [[3.0f32, 0.0], [5.0, 0.0]] {
+            let c = Tensor::from_vec(c.to_vec(), 2, &Device::Cpu).unwrap();
+            opt.accumulate(&(var.as_tensor() * &c).unwrap().sum_all().unwrap().backward().unwrap()).unwrap();
+        }
+        assert!((opt.grad_norm().unwrap() - 4.0).abs() < 1e-9, "mean gradient of 3 and 5 is 4");
+        assert!((opt.update(0.1, Some(1.0)).unwrap() - 4.0).abs() < 1e-9);
+        // After clipping, the first Adam step still moves by lr (Adam normalizes magnitude).
+        let w = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((w[0] - 0.9).abs() < 1e-5 && w[1] == 1.0, "{w:?}");
+        assert!(opt.update(0.1, None).is_err(), "a step without gradients must be refused");
+    }
+
+    #[test]
+    fn warm_up_then_cosine_to_zero() {
+        assert!((learning_rate(0, 100, 10, 1.0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(9, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(10, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(55, 100, 10, 1.0) - 0.5).abs() < 1e-12);
+        assert!(learning_rate(100, 100, 10, 1.0).abs() < 1e-12);
+        assert!((learning_rate(0, 1, 0, 2.0) - 2.0).abs() < 1e-12);
+    }
+}
