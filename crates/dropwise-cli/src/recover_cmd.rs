@@ -15,6 +15,22 @@ use super::{check_seq_len, print_peak_memory, refuse_overwrite, OutputArgs, MAX_
 pub enum LossArg {
     /// KL(teacher ‖ student) over the full vocabulary at every position.
     Kd,
+    /// kd plus every block's output matched to the teacher's (LAPTOP-Diff's normalized features).
+    #[value(name = "kd+features")]
+    KdFeatures,
+    /// Each changed block trained alone to reproduce the teacher's state after it from the
+    /// teacher's state before it (no end-to-end backward pass).
+    Local,
+}
+
+impl From<LossArg> for recover::Loss {
+    fn from(l: LossArg) -> Self {
+        match l {
+            LossArg::Kd => recover::Loss::Kd,
+            LossArg::KdFeatures => recover::Loss::KdFeatures,
+            LossArg::Local => recover::Loss::Local,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -42,6 +58,9 @@ pub struct RecoverArgs {
     pub loss: LossArg,
     #[arg(long, value_enum, default_value = "all")]
     pub params: ParamsArg,
+    /// Weight of the feature term of kd+features.
+    #[arg(long, default_value_t = 1.0)]
+    pub feature_weight: f64,
     /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
@@ -95,6 +114,9 @@ fn check(a: &RecoverArgs) -> Result<()> {
     }
     if !(a.warmup.is_finite() && (0.0..1.0).contains(&a.warmup)) {
         bail!("--warmup is a fraction of the updates in [0, 1), not {}", a.warmup);
+    }
+    if !(a.feature_weight.is_finite() && a.feature_weight >= 0.0 && a.feature_weight <= 1e6) {
+        bail!("--feature-weight must be a number in [0, 1e6], not {}", a.feature_weight);
     }
     if a.accumulate == 0 {
         bail!("--accumulate must be at least 1");
@@ -173,6 +195,8 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
     };
     let updates = count.div_ceil(a.accumulate);
     let opts = RecoverOptions {
+        loss: a.loss.into(),
+        feature_weight: a.feature_weight,
         lr: a.lr,
         warmup: (a.warmup * updates as f64).round() as usize,
         accumulate: a.accumulate,
@@ -193,7 +217,8 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
         extra.insert(format!("dropwise.recover.{k}"), v);
     };
     put("teacher", Value::String(a.teacher.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    put("loss", Value::String(format!("{:?}", a.loss).to_lowercase()));
+    put("loss", Value::String(serde_json::to_value(opts.loss)?.as_str().unwrap_or_default().to_string()));
+    put("feature_weight", Value::F32(a.feature_weight as f32));
     put("params", Value::String(format!("{:?}", a.params).to_lowercase()));
     put("tokens", Value::U64(report.tokens as u64));
     put("seq_len", Value::U64(a.seq_len as u64));

@@ -156,6 +156,7 @@ const COMMANDS: &[Command] = &[
             ("--eval-every", Kind::Natural),
             ("--loss", Kind::Choice),
             ("--params", Kind::Choice),
+            ("--feature-weight", Kind::NonNegative),
             ("--dtype", Kind::Choice),
             ("--threads", Kind::Count),
         ],
@@ -235,7 +236,8 @@ const SPECIAL: &[Special] = &[
     ("recover", &[("--lr", Some("2"))], "(0, 1]"),
     ("recover", &[("--curves", Some("CALIB"))], ".svg"),
     ("recover", &[("--curves", Some("NOWHERE/c.svg"))], "does not exist"),
-    ("recover", &[("--loss", Some("local"))], ""),
+    ("recover", &[("--loss", Some("lora"))], ""),
+    ("recover", &[("--loss", Some("local"))], "nothing for local reconstruction"),
 ];
 
 /// Output paths that must be refused, for every command that writes one: the input itself, an

@@ -568,6 +568,13 @@ impl Llama {
     /// Turns every weight into a candle `Var` (so gradients flow to it), switches to the
     /// differentiable mode, and returns the variables by name.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        self.make_trainable_where(|_| true)
+    }
+
+    /// As [`Llama::make_trainable`] for the tensors `train` picks: `train(Some(i))` for block
+    /// `i`'s, `train(None)` for the embedding, final norm and head. The others stay constants
+    /// (the differentiable mode is on for the whole model, so gradients still pass through them).
+    pub fn make_trainable_where(&mut self, train: impl Fn(Option<usize>) -> bool) -> Result<Vec<(String, Var)>> {
         let mut vars = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
             let v = Var::from_tensor(t)?;
@@ -575,36 +582,51 @@ impl Llama {
             vars.push((name, v));
             Ok(())
         };
-        var("model.embed_tokens.weight".into(), &mut self.embed)?;
+        if train(None) {
+            var("model.embed_tokens.weight".into(), &mut self.embed)?;
+        }
         for (i, b) in self.blocks.iter_mut().enumerate() {
+            if !train(Some(i)) {
+                continue;
+            }
+            // A removed sub-block's tensors (empty linears, its unused norms) take no part in
+            // the forward pass, so they have no gradient and are not trained.
+            let (attn, mlp) = (b.has_attention(), b.has_mlp());
             let p = format!("model.layers.{i}");
-            var(format!("{p}.input_layernorm.weight"), &mut b.attn_norm)?;
-            var(format!("{p}.post_attention_layernorm.weight"), &mut b.mlp_norm)?;
-            if let Some(w) = b.q_norm.as_mut() {
-                var(format!("{p}.self_attn.q_norm.weight"), w)?;
+            if attn {
+                var(format!("{p}.input_layernorm.weight"), &mut b.attn_norm)?;
             }
-            if let Some(w) = b.k_norm.as_mut() {
-                var(format!("{p}.self_attn.k_norm.weight"), w)?;
+            if mlp {
+                var(format!("{p}.post_attention_layernorm.weight"), &mut b.mlp_norm)?;
             }
-            if let Some(w) = b.attn_output_norm.as_mut() {
-                var(format!("{p}.attn_output_norm.weight"), w)?;
-            }
-            if let Some(w) = b.mlp_output_norm.as_mut() {
-                var(format!("{p}.mlp_output_norm.weight"), w)?;
+            let norms = [("self_attn.q_norm", &mut b.q_norm, attn), ("self_attn.k_norm", &mut b.k_norm, attn), ("attn_output_norm", &mut b.attn_output_norm, attn), ("mlp_output_norm", &mut b.mlp_output_norm, mlp)];
+            for (name, w, used) in norms {
+                if let Some(w) = w.as_mut().filter(|_| used) {
+                    var(format!("{p}.{name}.weight"), w)?;
+                }
             }
             for (role, l) in b.linears_mut() {
+                if l.weight.elem_count() == 0 {
+                    continue;
+                }
                 var(format!("{p}.{}.weight", role.canonical_name()), &mut l.weight)?;
                 if let Some(bias) = l.bias.as_mut() {
                     var(format!("{p}.{}.bias", role.canonical_name()), bias)?;
                 }
             }
         }
-        var("model.norm.weight".into(), &mut self.final_norm)?;
-        if let Some(hd) = self.lm_head.as_mut() {
-            var("lm_head.weight".into(), hd)?;
+        if train(None) {
+            var("model.norm.weight".into(), &mut self.final_norm)?;
+            if let Some(hd) = self.lm_head.as_mut() {
+                var("lm_head.weight".into(), hd)?;
+            }
         }
         self.differentiable = true;
         Ok(vars)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
     }
 
     /// A copy for inference of a model in training: every tensor detached from the graph (same
@@ -634,9 +656,6 @@ impl Llama {
         m
     }
 
-    pub fn device(&self) -> &Device {
-        self.embed.device()
-    }
 
     /// Embeds token ids `[batch, seq]` into hidden states `[batch, seq, hidden]`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {

@@ -1,8 +1,17 @@
 //! Recovery: heal what a drop cost by training the changed model (the student) to reproduce the
 //! model it came from (the teacher) on training text.
 //!
-//! The loss is knowledge distillation over the full vocabulary (`kd`, [`kd::kd_loss`]). Teacher
-//! logits are computed on the fly, one teacher forward pass per window in inference mode (fused
+//! Three losses ([`Loss`]):
+//! * `kd`: knowledge distillation over the full vocabulary ([`kd::kd_loss`]), end to end;
+//! * `kd+features`: kd plus LAPTOP-Diff's normalized feature distillation: every student block's
+//!   output matched to the teacher's hidden state at the same point (across dropped blocks,
+//!   [`blocks::spans`]), each term divided by the teacher state's squared norm so no layer
+//!   dominates;
+//! * `local`: each changed block alone ([`blocks::changed`]) trained to turn the teacher's
+//!   cached state before it into the teacher's state after it; no end-to-end backward pass and
+//!   no vocabulary-sized head, so a step costs a teacher pass and one block per change.
+//!
+//! Teacher logits and states are computed on the fly, one teacher forward pass per window in inference mode (fused
 //! kernels, no graph): cached, a 512-token window's full logits are 100 MB for SmolLM2's 49k
 //! vocabulary (6 GB for 64 windows), and a top-k cache would change the loss (the tail of the
 //! teacher's distribution is most of the KL a pruned model has to win back). The teacher pass
@@ -15,20 +24,36 @@
 //! seed.
 
 pub mod adamw;
+pub mod blocks;
 pub mod kd;
 pub mod plot;
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::model::Llama;
+use crate::calibrate::BlockInputs;
+use crate::model::{Hooks, Llama, NoHooks};
+
+/// What the student is trained to reproduce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Loss {
+    #[serde(rename = "kd")]
+    Kd,
+    #[serde(rename = "kd+features")]
+    KdFeatures,
+    #[serde(rename = "local")]
+    Local,
+}
 
 /// What `recover` trains and how.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoverOptions {
+    pub loss: Loss,
+    /// Weight of the feature term in `kd+features`.
+    pub feature_weight: f64,
     /// Peak learning rate (after warm-up).
     pub lr: f64,
     /// Optimizer updates of linear warm-up before the cosine decay.
@@ -77,6 +102,10 @@ pub struct RecoverReport {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalPoint>,
     pub trained_parameters: usize,
+    /// Student blocks trained by `local` (all blocks are trained by the end-to-end losses), and
+    /// for each student block the teacher block it stands for.
+    pub changed_blocks: Vec<usize>,
+    pub block_map: Vec<usize>,
     /// Weights held at exactly zero by the pruning masks.
     pub masked_weights: usize,
     pub tokens: usize,
@@ -123,7 +152,18 @@ pub fn recover(
     if !(opts.lr.is_finite() && opts.lr > 0.0) {
         bail!("the learning rate must be a positive number, not {}", opts.lr);
     }
-    let vars = student.make_trainable()?;
+    let map = blocks::block_map(student, teacher)?;
+    let spans = blocks::spans(&map, teacher.blocks.len());
+    let changed: Vec<usize> = (0..map.len()).filter(|&i| blocks::changed(student, teacher, &map, i)).collect();
+    let vars = match opts.loss {
+        Loss::Local => {
+            if changed.is_empty() {
+                bail!("the student's blocks are the teacher's: there is nothing for local reconstruction to train");
+            }
+            student.make_trainable_where(|b| b.is_some_and(|i| changed.contains(&i)))?
+        }
+        Loss::Kd | Loss::KdFeatures => student.make_trainable()?,
+    };
     let trained_parameters = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
     let hyper = adamw::Hyper { weight_decay: opts.weight_decay, ..adamw::Hyper::default() };
     let mut opt = adamw::AdamW::new(vars, hyper, is_block_linear, is_matrix)?;
@@ -133,6 +173,8 @@ pub fn recover(
         steps: Vec::with_capacity(updates),
         evals: Vec::new(),
         trained_parameters,
+        changed_blocks: changed.clone(),
+        block_map: map.clone(),
         masked_weights,
         tokens: 0,
         train_seconds: 0.0,
@@ -160,17 +202,46 @@ pub fn recover(
         Ok(())
     };
     evaluate(student, 0, 0, &mut report)?;
+    // Training time leaves out the evaluations made during training (the first one is before).
+    let eval_before = report.eval_seconds;
     let start = Instant::now();
     for (u, group) in train.chunks(opts.accumulate).enumerate() {
         let mut loss_sum = 0.0;
         for window in group {
             let ids = Tensor::from_vec(window.clone(), (1, window.len()), &Device::Cpu)?;
             let t = Instant::now();
-            let target = teacher_logits(teacher, &ids)?;
+            let states = BlockInputs::collect(teacher, std::slice::from_ref(window))?;
+            let target = match opts.loss {
+                Loss::Kd | Loss::KdFeatures => Some(teacher.head(&states.finals()[0])?.squeeze(0)?.detach()),
+                Loss::Local => None,
+            };
             report.teacher_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let logits = student.forward(&ids)?.squeeze(0)?;
-            let loss = kd::kd_loss(&logits, &target, opts.temperature)?;
+            let state = |k: usize| &states.states[k][0];
+            let logits_target = || target.as_ref().context("no teacher logits for a distillation loss");
+            let loss = match opts.loss {
+                Loss::Kd => kd::kd_loss(&student.forward(&ids)?.squeeze(0)?, logits_target()?, opts.temperature)?,
+                Loss::KdFeatures => {
+                    let mut outputs = BlockOutputs(Vec::with_capacity(map.len()));
+                    let h = student.forward_hidden(&ids, &mut outputs)?;
+                    let kd = kd::kd_loss(&student.head(&h)?.squeeze(0)?, logits_target()?, opts.temperature)?;
+                    let mut features = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
+                    for (out, &(_, to)) in outputs.0.iter().zip(&spans) {
+                        features = (features + normalized_sq_error(out, state(to))?)?;
+                    }
+                    (kd + (features * opts.feature_weight)?)?
+                }
+                Loss::Local => {
+                    let pos = student.positions(0, window.len())?;
+                    let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
+                    for &i in &changed {
+                        let (from, to) = spans[i];
+                        let out = student.forward_block(i, state(from), &pos, &mut NoHooks)?;
+                        total = (total + normalized_sq_error(&out, state(to))?)?;
+                    }
+                    total
+                }
+            };
             report.forward_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let grads = loss.backward()?;
@@ -188,7 +259,7 @@ pub fn recover(
         let lr = adamw::learning_rate(u as u64, updates as u64, opts.warmup as u64, opts.lr);
         let grad_norm = opt.update(lr, opts.clip)?;
         report.optimizer_seconds += t.elapsed().as_secs_f64();
-        let seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
+        let seconds = start.elapsed().as_secs_f64() - (report.eval_seconds - eval_before);
         let step = StepRecord {
             update: u + 1,
             updates,
@@ -206,7 +277,7 @@ pub fn recover(
             evaluate(student, u + 1, report.tokens, &mut report)?;
         }
     }
-    report.train_seconds = start.elapsed().as_secs_f64() - report.eval_seconds;
+    report.train_seconds = start.elapsed().as_secs_f64() - (report.eval_seconds - eval_before);
     report.tokens_per_second = report.tokens as f64 / report.train_seconds.max(1e-9);
     *student = student.detached();
     let tokens = report.tokens;
@@ -214,7 +285,45 @@ pub fn recover(
     Ok(report)
 }
 
-/// The teacher's logits `[seq, vocab]` for one window, outside any graph.
-fn teacher_logits(teacher: &Llama, ids: &Tensor) -> Result<Tensor> {
-    Ok(teacher.forward(ids)?.squeeze(0)?.detach())
+/// `‖s − t‖² / ‖t‖²`: a student state's squared error to the teacher's, relative to the
+/// teacher state's size (LAPTOP-Diff's normalization: layers whose states are large, like the
+/// outlier channels of late blocks, do not drown the others).
+fn normalized_sq_error(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let t = teacher.detach();
+    let norm = t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok(((student - &t)?.sqr()?.sum_all()? / norm.max(1e-30))?)
+}
+
+/// Every block's output during a student forward pass, graph attached.
+struct BlockOutputs(Vec<Tensor>);
+
+impl Hooks for BlockOutputs {
+    fn block_output(&mut self, _layer: usize, h: &Tensor) -> Result<Option<Tensor>> {
+        self.0.push(h.clone());
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn the_normalized_feature_loss_has_the_gradient_finite_differences_give() {
+        let s0: Vec<f32> = (0..12).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect();
+        let t = Tensor::from_vec((0..12).map(|i| (i as f32 - 6.0) * 0.2).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+        let s = Var::from_vec(s0.clone(), (3, 4), &Device::Cpu).unwrap();
+        let g = normalized_sq_error(s.as_tensor(), &t).unwrap().backward().unwrap().get(s.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let at = |v: &[f32]| normalized_sq_error(&Tensor::from_vec(v.to_vec(), (3, 4), &Device::Cpu).unwrap(), &t).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let h = 1e-2f32;
+        for i in 0..12 {
+            let (mut up, mut down) = (s0.clone(), s0.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (at(&up) - at(&down)) / (2.0 * h as f64);
+            assert!((fd - g[i] as f64).abs() <= 1e-4 + 1e-3 * fd.abs(), "element {i}: finite difference {fd}, gradient {}", g[i]);
+        }
+        assert_eq!(normalized_sq_error(&t, &t).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 }
