@@ -37,6 +37,11 @@ impl From<LossArg> for recover::Loss {
 pub enum ParamsArg {
     /// Every weight of the student (pruned entries stay zero).
     All,
+    /// Only the changed blocks (next to a cut, or changed by the method); --select-blocks K
+    /// keeps the K farthest from the teacher's output.
+    Selective,
+    /// Rank --lora-rank adapters on the block linears, merged into the weights when written.
+    Lora,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +63,12 @@ pub struct RecoverArgs {
     pub loss: LossArg,
     #[arg(long, value_enum, default_value = "all")]
     pub params: ParamsArg,
+    /// With --params selective: train only this many of the changed blocks.
+    #[arg(long)]
+    pub select_blocks: Option<usize>,
+    /// With --params lora: the adapters' rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
     /// Weight of the feature term of kd+features.
     #[arg(long, default_value_t = 1.0)]
     pub feature_weight: f64,
@@ -117,6 +128,15 @@ fn check(a: &RecoverArgs) -> Result<()> {
     }
     if !(a.feature_weight.is_finite() && a.feature_weight >= 0.0 && a.feature_weight <= 1e6) {
         bail!("--feature-weight must be a number in [0, 1e6], not {}", a.feature_weight);
+    }
+    if a.select_blocks == Some(0) {
+        bail!("--select-blocks must be at least 1");
+    }
+    if a.lora_rank == 0 || a.lora_rank > 4096 {
+        bail!("--lora-rank must be in 1..=4096, not {}", a.lora_rank);
+    }
+    if a.select_blocks.is_some() && !matches!(a.params, ParamsArg::Selective) {
+        bail!("--select-blocks goes with --params selective");
     }
     if a.accumulate == 0 {
         bail!("--accumulate must be at least 1");
@@ -196,6 +216,12 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
     let updates = count.div_ceil(a.accumulate);
     let opts = RecoverOptions {
         loss: a.loss.into(),
+        params: match a.params {
+            ParamsArg::All => recover::Params::All,
+            ParamsArg::Selective => recover::Params::Selective { blocks: a.select_blocks },
+            ParamsArg::Lora => recover::Params::Lora { rank: a.lora_rank },
+        },
+        seed: a.seed,
         feature_weight: a.feature_weight,
         lr: a.lr,
         warmup: (a.warmup * updates as f64).round() as usize,
@@ -220,6 +246,12 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
     put("loss", Value::String(serde_json::to_value(opts.loss)?.as_str().unwrap_or_default().to_string()));
     put("feature_weight", Value::F32(a.feature_weight as f32));
     put("params", Value::String(format!("{:?}", a.params).to_lowercase()));
+    if let recover::Params::Lora { rank } = opts.params {
+        put("lora_rank", Value::U64(rank as u64));
+    }
+    if let recover::Params::Selective { .. } = opts.params {
+        put("trained_blocks", Value::Array(report.trained_blocks.iter().map(|&b| Value::U64(b as u64)).collect()));
+    }
     put("tokens", Value::U64(report.tokens as u64));
     put("seq_len", Value::U64(a.seq_len as u64));
     put("lr", Value::F32(a.lr as f32));

@@ -157,6 +157,8 @@ const COMMANDS: &[Command] = &[
             ("--loss", Kind::Choice),
             ("--params", Kind::Choice),
             ("--feature-weight", Kind::NonNegative),
+            ("--lora-rank", Kind::Count),
+            ("--select-blocks", Kind::Count),
             ("--dtype", Kind::Choice),
             ("--threads", Kind::Count),
         ],
@@ -237,6 +239,10 @@ const SPECIAL: &[Special] = &[
     ("recover", &[("--curves", Some("CALIB"))], ".svg"),
     ("recover", &[("--curves", Some("NOWHERE/c.svg"))], "does not exist"),
     ("recover", &[("--loss", Some("lora"))], ""),
+    ("recover", &[("--select-blocks", Some("2"))], "--params selective"),
+    ("recover", &[("--params", Some("selective"))], "no block changed"),
+    ("recover", &[("--lora-rank", Some("5000"))], "1..=4096"),
+    ("recover", &[("--feature-weight", Some("1e30"))], "[0, 1e6]"),
     ("recover", &[("--loss", Some("local"))], "nothing for local reconstruction"),
 ];
 

@@ -276,7 +276,7 @@ fn quantized_linear_paths_agree_for_every_type() {
     );
     check_paths_agree(&label, &|x, q| {
         let (out, inp) = q.shape().dims2().unwrap();
-        let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()), spilled: None };
+        let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()), spilled: None, adapter: None };
         lin.forward(x).unwrap()
     });
 }

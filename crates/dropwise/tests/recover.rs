@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use dropwise::config::Arch;
 use dropwise::model::Llama;
-use dropwise::recover::{recover, Loss, RecoverOptions, RecoverReport};
+use dropwise::recover::{recover, Loss, Params, RecoverOptions, RecoverReport};
 use dropwise::testing::{tiny_config, tiny_model, tiny_tokenizer, sample_text};
 
 fn windows(seq: usize, count: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -40,7 +40,7 @@ fn pruned(model: &Llama) -> Result<Llama> {
 }
 
 fn options(loss: Loss) -> RecoverOptions {
-    RecoverOptions { loss, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
+    RecoverOptions { loss, params: Params::All, seed: 0, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
 }
 
 /// Teacher and student: the student is a pruned model of another seed, so it starts far from the
@@ -132,5 +132,69 @@ fn every_loss_heals_a_dropped_run_of_blocks() -> Result<()> {
             assert_eq!(zeros_of(&student), before, "{arch:?} {loss:?}: the zero pattern changed");
         }
     }
+    Ok(())
+}
+
+/// A LoRA adapter merged into its weight computes what the adapted layer computed, and a
+/// pruned weight's mask applies to the adapter too.
+#[test]
+fn a_merged_lora_adapter_is_the_adapted_layer() -> Result<()> {
+    use candle_core::Device;
+    use dropwise::model::llama::Adapter;
+    use dropwise::model::Linear;
+    let v = |n: usize, seed: u64| -> Vec<f32> {
+        let mut r = dropwise::data::SplitMix64(seed);
+        (0..n).map(|_| r.below(2001) as f32 / 1000.0 - 1.0).collect()
+    };
+    let (out, inp, rank) = (6, 8, 2);
+    let mut w = v(out * inp, 1);
+    for x in w.iter_mut().step_by(2) {
+        *x = 0.0;
+    }
+    let w = Tensor::from_vec(w, (out, inp), &Device::Cpu)?;
+    let mask = w.ne(0f32)?.to_dtype(candle_core::DType::F32)?;
+    let mut lin = Linear::dense(w, None);
+    lin.adapter = Some(Adapter { a: Tensor::from_vec(v(rank * inp, 2), (rank, inp), &Device::Cpu)?, b: Tensor::from_vec(v(out * rank, 3), (out, rank), &Device::Cpu)?, scale: 0.7, mask: Some(mask) });
+    let x = Tensor::from_vec(v(3 * inp, 4), (3, inp), &Device::Cpu)?;
+    let adapted = lin.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    lin.merge_adapter()?;
+    assert!(lin.adapter.is_none());
+    let merged = lin.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    let worst = adapted.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-6, "merged output differs by {worst}");
+    let zeros = lin.weight_f32()?.flatten_all()?.to_vec1::<f32>()?.iter().step_by(2).filter(|&&x| x == 0.0).count();
+    assert_eq!(zeros, out * inp / 2, "the merged weight lost its pruned zeros");
+    Ok(())
+}
+
+/// `--params lora` and `selective` heal a drop too; lora keeps a pruned student's zeros and
+/// selective trains only the blocks it picks.
+#[test]
+fn lora_and_selective_training_heal_and_keep_their_bounds() -> Result<()> {
+    use dropwise::structural::{surgery, Part};
+    let mut c = tiny_config(Arch::Llama);
+    c.num_hidden_layers = 6;
+    let teacher = tiny_model(c, 8)?;
+    for params in [Params::Lora { rank: 4 }, Params::Selective { blocks: Some(1) }] {
+        let mut student = teacher.clone();
+        surgery::remove(&mut student, &[1, 2, 4], Part::Block)?;
+        let untouched = student.blocks[0].q.weight_f32()?.flatten_all()?.to_vec1::<f32>()?;
+        let opts = RecoverOptions { params, ..options(Loss::Kd) };
+        let report = recover(&mut student, &teacher, &windows(24, 24, 1), &windows(24, 4, 99), &opts, &mut |_| {})?;
+        let (first, last) = (report.evals.first().unwrap().kl_divergence, report.evals.last().unwrap().kl_divergence);
+        assert!(last < 0.9 * first, "{params:?}: held-out KL {first:.4} -> {last:.4}");
+        if let Params::Selective { .. } = params {
+            assert_eq!(report.trained_blocks.len(), 1);
+            assert!(report.trained_blocks[0] == 1 || report.trained_blocks[0] == 2);
+            assert_eq!(student.blocks[0].q.weight_f32()?.flatten_all()?.to_vec1::<f32>()?, untouched, "an unselected block changed");
+        } else {
+            assert!(student.blocks.iter().all(|b| b.linears().all(|(_, l)| l.adapter.is_none())), "adapters were not merged");
+        }
+    }
+    let mut student = pruned(&teacher)?;
+    let before = zeros_of(&student);
+    let opts = RecoverOptions { params: Params::Lora { rank: 4 }, ..options(Loss::Kd) };
+    recover(&mut student, &teacher, &windows(24, 4, 1), &[], &opts, &mut |_| {})?;
+    assert_eq!(zeros_of(&student), before, "LoRA changed the zero pattern of a pruned student");
     Ok(())
 }

@@ -33,6 +33,31 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     pub quantized: Option<std::sync::Arc<candle_core::quantized::QTensor>>,
     pub spilled: Option<std::sync::Arc<super::spill::SpillSlot>>,
+    /// A low-rank adapter being trained on this layer (LoRA), until [`Linear::merge_adapter`].
+    pub adapter: Option<Adapter>,
+}
+
+/// A LoRA adapter: the layer computes with `W + scale · (B A) ⊙ M`, `A` `[rank, in]`, `B`
+/// `[out, rank]`, and `M` the pruning mask of `W` when it has one, so the pruned entries stay
+/// zero in the merged weight and the trained function is exactly the merged one.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub mask: Option<Tensor>,
+}
+
+impl Adapter {
+    /// `W + scale · (B A) ⊙ M`.
+    pub fn effective(&self, w: &Tensor) -> Result<Tensor> {
+        let delta = (self.b.matmul(&self.a)? * self.scale)?;
+        let delta = match &self.mask {
+            Some(m) => (delta * m)?,
+            None => delta,
+        };
+        Ok((w + delta)?)
+    }
 }
 
 impl Linear {
@@ -55,12 +80,12 @@ impl Linear {
     ///   scalar one: 10-20× slower than decode + GEMM here.
     pub fn quantized(q: candle_core::quantized::QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, inp) = q.shape().dims2()?;
-        Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)), spilled: None })
+        Ok(Self { weight: Self::shape_only(out, inp)?, bias, quantized: Some(std::sync::Arc::new(q)), spilled: None, adapter: None })
     }
 
     /// A linear layer with its f32 weight in memory.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, quantized: None, spilled: None }
+        Self { weight, bias, quantized: None, spilled: None, adapter: None }
     }
 
     /// The weight's values as an f32 `[out, in]` tensor, decoded or read back when it is at rest.
@@ -72,6 +97,15 @@ impl Linear {
             return s.read();
         }
         Ok(self.weight.clone())
+    }
+
+    /// Folds the adapter into the weight (`W ← W + scale · (B A) ⊙ M`, detached) and drops it.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        if let Some(ad) = self.adapter.take() {
+            let merged = ad.effective(&self.weight_f32()?)?.detach();
+            self.set_weight(merged);
+        }
+        Ok(())
     }
 
     /// Replaces the weight by the f32 tensor `w` (in memory until [`Linear::spill_to`]).
@@ -127,6 +161,9 @@ impl Linear {
     /// the product of the f32 model of record (the same decoded values, unrounded activations),
     /// holding one decoded matrix at a time. Plain [`Linear::forward`] for an f32 weight.
     pub fn forward_decoded(&self, x: &Tensor) -> Result<Tensor> {
+        if self.adapter.is_some() {
+            return self.forward(x);
+        }
         match (&self.quantized, &self.spilled) {
             (Some(q), _) => self.on_rows(x, |x2| kernels::f32_product(x2, &q.dequantize(x2.device())?)),
             (None, Some(s)) => self.on_rows(x, |x2| kernels::f32_product(x2, &s.read()?)),
@@ -136,6 +173,10 @@ impl Linear {
 
     /// `x @ Wᵀ + b` for `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(ad) = &self.adapter {
+            let w = ad.effective(&self.weight_f32()?)?;
+            return self.on_rows(x, |x2| Ok(x2.matmul(&w.t()?)?));
+        }
         self.on_rows(x, |x2| match (&self.quantized, &self.spilled) {
             (Some(q), _) if x2.dim(0)? <= QMATMUL_MAX_ROWS => qmatmul::short_product(x2, q, qmatmul::simd_path()),
             (Some(q), _) => kernels::quantized_product(x2, q),
@@ -631,7 +672,7 @@ impl Llama {
 
     /// A copy for inference of a model in training: every tensor detached from the graph (same
     /// storage, no `Var`), fused kernels on. Evaluating or writing it records no gradients.
-    pub fn detached(&self) -> Llama {
+    pub fn detached(&self) -> Result<Llama> {
         let mut m = self.clone();
         let d = |t: &mut Tensor| *t = t.detach();
         d(&mut m.embed);
@@ -646,6 +687,11 @@ impl Llama {
                 d(t);
             }
             for (_, l) in b.linears_mut() {
+                // An adapter in training is folded in: the copy computes what the layer does now.
+                if let Some(ad) = l.adapter.take() {
+                    let w = ad.effective(&l.weight_f32()?)?;
+                    l.set_weight(w);
+                }
                 d(&mut l.weight);
                 if let Some(bias) = l.bias.as_mut() {
                     d(bias);
@@ -653,7 +699,7 @@ impl Llama {
             }
         }
         m.differentiable = false;
-        m
+        Ok(m)
     }
 
 
@@ -786,7 +832,7 @@ impl Llama {
             && !self.differentiable
             && rows > kernels::GEMV_MAX_ROWS
             && !quantized_as_llama_cpp
-            && lins.iter().all(|l| l.out_features() > 0);
+            && lins.iter().all(|l| l.out_features() > 0 && l.adapter.is_none());
         if !fuse {
             return lins.iter().zip(&inputs).map(|(l, r)| self.linear_product(l, r.as_ref().unwrap_or(x))).collect();
         }

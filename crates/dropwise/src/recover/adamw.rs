@@ -69,7 +69,7 @@ impl AdamW {
                 // A pruned tensor: at least PRUNED_FRACTION of it is exactly zero. Dense weights
                 // decoded from a block type have a few exact zeros too (0.03 % in SmolLM2's
                 // Q4_1 file); those are values, not a mask, and train freely.
-                (zeros as f64 >= PRUNED_FRACTION * n as f64 && zeros > 0).then_some(keep)
+                is_pruned(zeros, n).then_some(keep)
             } else {
                 None
             };
@@ -168,6 +168,11 @@ impl AdamW {
 
 /// The fraction of exact zeros from which a prunable tensor is taken to be pruned (and masked).
 pub const PRUNED_FRACTION: f64 = 0.01;
+
+/// Whether a prunable tensor with `zeros` exact zeros among `n` entries was pruned.
+pub fn is_pruned(zeros: usize, n: usize) -> bool {
+    zeros > 0 && zeros as f64 >= PRUNED_FRACTION * n as f64
+}
 
 /// Entries per parallel work item of the optimizer's passes.
 const CHUNK: usize = 1 << 14;

@@ -48,10 +48,28 @@ pub enum Loss {
     Local,
 }
 
+/// Which weights the end-to-end losses train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Params {
+    /// Every tensor of the student.
+    All,
+    /// Only changed blocks (those next to a cut, or whose weights the method changed); with
+    /// `blocks`, the that many of them whose output is farthest from the teacher's (their
+    /// normalized error on the first training window, given the teacher's input).
+    Selective { blocks: Option<usize> },
+    /// Rank-`rank` adapters on every block linear, merged into the weights at the end
+    /// ([`crate::model::llama::Adapter`]); nothing else trains.
+    Lora { rank: usize },
+}
+
 /// What `recover` trains and how.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoverOptions {
     pub loss: Loss,
+    pub params: Params,
+    /// Seeds what training draws itself (LoRA's initial `A`).
+    pub seed: u64,
     /// Weight of the feature term in `kd+features`.
     pub feature_weight: f64,
     /// Peak learning rate (after warm-up).
@@ -105,6 +123,8 @@ pub struct RecoverReport {
     /// Student blocks trained by `local` (all blocks are trained by the end-to-end losses), and
     /// for each student block the teacher block it stands for.
     pub changed_blocks: Vec<usize>,
+    /// Student blocks with a trained tensor.
+    pub trained_blocks: Vec<usize>,
     pub block_map: Vec<usize>,
     /// Weights held at exactly zero by the pruning masks.
     pub masked_weights: usize,
@@ -155,15 +175,21 @@ pub fn recover(
     let map = blocks::block_map(student, teacher)?;
     let spans = blocks::spans(&map, teacher.blocks.len());
     let changed: Vec<usize> = (0..map.len()).filter(|&i| blocks::changed(student, teacher, &map, i)).collect();
-    let vars = match opts.loss {
-        Loss::Local => {
-            if changed.is_empty() {
-                bail!("the student's blocks are the teacher's: there is nothing for local reconstruction to train");
-            }
-            student.make_trainable_where(|b| b.is_some_and(|i| changed.contains(&i)))?
+    let vars = match (opts.loss, opts.params) {
+        (_, Params::Selective { .. }) | (Loss::Local, _) if changed.is_empty() => {
+            bail!("the student's blocks are the teacher's: no block changed, so there is nothing for this selection to train");
         }
-        Loss::Kd | Loss::KdFeatures => student.make_trainable()?,
+        (Loss::Local, Params::All) => student.make_trainable_where(|b| b.is_some_and(|i| changed.contains(&i)))?,
+        (Loss::Local, _) => bail!("--loss local trains the changed blocks themselves; --params applies to kd and kd+features"),
+        (_, Params::All) => student.make_trainable()?,
+        (_, Params::Selective { blocks }) => {
+            let chosen = select_blocks(student, teacher, &train[0], &changed, &spans, blocks)?;
+            student.make_trainable_where(|b| b.is_some_and(|i| chosen.contains(&i)))?
+        }
+        (_, Params::Lora { rank }) => attach_adapters(student, rank, opts.seed)?,
     };
+    let mut trained_blocks: Vec<usize> = vars.iter().filter_map(|(n, _)| n.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()).collect();
+    trained_blocks.dedup();
     let trained_parameters = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
     let hyper = adamw::Hyper { weight_decay: opts.weight_decay, ..adamw::Hyper::default() };
     let mut opt = adamw::AdamW::new(vars, hyper, is_block_linear, is_matrix)?;
@@ -174,6 +200,7 @@ pub fn recover(
         evals: Vec::new(),
         trained_parameters,
         changed_blocks: changed.clone(),
+        trained_blocks,
         block_map: map.clone(),
         masked_weights,
         tokens: 0,
@@ -190,7 +217,7 @@ pub fn recover(
             return Ok(());
         }
         let t = Instant::now();
-        let r = crate::eval::evaluate(&student.detached(), Some(teacher), eval, 1, &mut |_| {})?;
+        let r = crate::eval::evaluate(&student.detached()?, Some(teacher), eval, 1, &mut |_| {})?;
         report.eval_seconds += t.elapsed().as_secs_f64();
         report.evals.push(EvalPoint {
             update,
@@ -279,10 +306,69 @@ pub fn recover(
     }
     report.train_seconds = start.elapsed().as_secs_f64() - (report.eval_seconds - eval_before);
     report.tokens_per_second = report.tokens as f64 / report.train_seconds.max(1e-9);
-    *student = student.detached();
+    *student = student.detached()?;
     let tokens = report.tokens;
     evaluate(student, updates, tokens, &mut report)?;
     Ok(report)
+}
+
+/// The changed blocks to train under `selective`: all of them, or the `k` whose output on
+/// `window` (from the teacher's state before them) is farthest from the teacher's state after
+/// them, in block order.
+fn select_blocks(student: &Llama, teacher: &Llama, window: &[u32], changed: &[usize], spans: &[(usize, usize)], k: Option<usize>) -> Result<Vec<usize>> {
+    let Some(k) = k.filter(|&k| k < changed.len()) else { return Ok(changed.to_vec()) };
+    if k == 0 {
+        bail!("selective training of 0 blocks trains nothing");
+    }
+    let states = BlockInputs::collect(teacher, &[window])?;
+    let pos = student.positions(0, window.len())?;
+    let mut scored = Vec::with_capacity(changed.len());
+    for &i in changed {
+        let (from, to) = spans[i];
+        let out = student.forward_block(i, &states.states[from][0], &pos, &mut NoHooks)?;
+        scored.push((normalized_sq_error(&out, &states.states[to][0])?.to_scalar::<f32>()?, i));
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut chosen: Vec<usize> = scored.iter().take(k).map(|&(_, i)| i).collect();
+    chosen.sort_unstable();
+    Ok(chosen)
+}
+
+/// Rank-`rank` LoRA adapters on every non-empty block linear: `A` uniform in ±1/√in (seeded),
+/// `B` zero, so training starts from the student as it is; scale 1 (α = rank). The weights
+/// themselves stay constants. Returns the adapters' variables.
+fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(String, candle_core::Var)>> {
+    use candle_core::Var;
+    if rank == 0 {
+        bail!("a LoRA rank must be at least 1");
+    }
+    let mut rng = crate::data::SplitMix64(seed ^ 0x4c6f_5241);
+    let mut vars = Vec::new();
+    for (i, b) in student.blocks.iter_mut().enumerate() {
+        for (role, l) in b.linears_mut() {
+            let (out, inp) = (l.out_features(), l.in_features());
+            if out * inp == 0 {
+                continue;
+            }
+            let w = l.weight_f32()?;
+            let zeros = kernel_zeros(&w)?;
+            let mask = if adamw::is_pruned(zeros, out * inp) { Some(w.ne(0f32)?.to_dtype(candle_core::DType::F32)?) } else { None };
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..rank * inp).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * bound as f32).collect();
+            let a = Var::from_vec(a, (rank, inp), &Device::Cpu)?;
+            let bm = Var::from_tensor(&Tensor::zeros((out, rank), candle_core::DType::F32, &Device::Cpu)?)?;
+            let name = format!("model.layers.{i}.{}", role.canonical_name());
+            vars.push((format!("{name}.lora_a"), a.clone()));
+            vars.push((format!("{name}.lora_b"), bm.clone()));
+            l.adapter = Some(crate::model::llama::Adapter { a: a.as_tensor().clone(), b: bm.as_tensor().clone(), scale: 1.0, mask });
+        }
+    }
+    student.differentiable = true;
+    Ok(vars)
+}
+
+fn kernel_zeros(w: &Tensor) -> Result<usize> {
+    crate::model::kernels::with_f32_slice(w, |s| s.iter().filter(|&&x| x == 0.0).count())
 }
 
 /// `‖s − t‖² / ‖t‖²`: a student state's squared error to the teacher's, relative to the

@@ -46,7 +46,7 @@ pub fn curves_svg(report: &RecoverReport, title: &str) -> String {
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"860\" height=\"290\" viewBox=\"0 0 860 290\" font-family=\"sans-serif\">\
 <title>{title}</title>{}{}<text x=\"20\" y=\"284\" font-size=\"11\" fill=\"#555\">{title}</text></svg>\n",
-        panel("training loss (KD)", "tokens", &loss, 0.0, "#1f77b4"),
+        panel("training loss", "tokens", &loss, 0.0, "#1f77b4"),
         panel("held-out KL to the teacher", "tokens", &kl, 430.0, "#d62728"),
     )
 }
