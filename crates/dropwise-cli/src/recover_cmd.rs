@@ -100,6 +100,15 @@ pub struct RecoverArgs {
     /// Evaluate every this many updates (0: before and after training only).
     #[arg(long, default_value_t = 0)]
     pub eval_every: usize,
+    /// Write a checkpoint (safetensors: trained tensors, AdamW moments, position) here every
+    /// --checkpoint-every updates.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub checkpoint_every: usize,
+    /// Continue a run from its checkpoint (same student, teacher, text and options).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
     /// Write the loss and held-out KL curves as SVG here.
     #[arg(long)]
     pub curves: Option<PathBuf>,
@@ -128,6 +137,22 @@ fn check(a: &RecoverArgs) -> Result<()> {
     }
     if !(a.feature_weight.is_finite() && a.feature_weight >= 0.0 && a.feature_weight <= 1e6) {
         bail!("--feature-weight must be a number in [0, 1e6], not {}", a.feature_weight);
+    }
+    if a.checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1");
+    }
+    if let Some(c) = &a.checkpoint {
+        if c.extension().is_none_or(|e| !e.eq_ignore_ascii_case("safetensors")) {
+            bail!("--checkpoint writes safetensors: the path must end in .safetensors");
+        }
+        refuse_overwrite(&a.student, c)?;
+        refuse_overwrite(&a.teacher, c)?;
+        dropwise::util::probe_writable(c)?;
+    }
+    if let Some(r) = &a.resume {
+        if !r.is_file() {
+            bail!("--resume {}: no such checkpoint file", r.display());
+        }
     }
     if a.select_blocks == Some(0) {
         bail!("--select-blocks must be at least 1");
@@ -230,6 +255,9 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
         temperature: a.temperature,
         weight_decay: a.weight_decay,
         eval_every: a.eval_every,
+        checkpoint: a.checkpoint.clone(),
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume.clone(),
     };
     let pb = ProgressBar::new(updates as u64);
     pb.set_style(ProgressStyle::with_template("recover [{bar:30}] {pos}/{len} updates, {msg}, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));

@@ -40,7 +40,7 @@ fn pruned(model: &Llama) -> Result<Llama> {
 }
 
 fn options(loss: Loss) -> RecoverOptions {
-    RecoverOptions { loss, params: Params::All, seed: 0, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
+    RecoverOptions { loss, params: Params::All, seed: 0, checkpoint: None, checkpoint_every: 0, resume: None, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
 }
 
 /// Teacher and student: the student is a pruned model of another seed, so it starts far from the
@@ -196,5 +196,36 @@ fn lora_and_selective_training_heal_and_keep_their_bounds() -> Result<()> {
     let opts = RecoverOptions { params: Params::Lora { rank: 4 }, ..options(Loss::Kd) };
     recover(&mut student, &teacher, &windows(24, 4, 1), &[], &opts, &mut |_| {})?;
     assert_eq!(zeros_of(&student), before, "LoRA changed the zero pattern of a pruned student");
+    Ok(())
+}
+
+/// A run stopped after a checkpoint and resumed from it ends with the weights, bit for bit, of
+/// the run that never stopped; a checkpoint of another run is refused.
+#[test]
+fn a_resumed_run_continues_bit_identically() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("run.safetensors");
+    let teacher = tiny_model(tiny_config(Arch::Llama), 8)?;
+    let train = windows(24, 16, 1);
+    for params in [Params::All, Params::Lora { rank: 2 }] {
+        // The uninterrupted run checkpoints after update 5 of 8 (as a run killed later would
+        // have); a fresh start from the same student file resumes from that checkpoint.
+        let base = RecoverOptions { params, checkpoint: Some(ckpt.clone()), checkpoint_every: 5, ..options(Loss::KdFeatures) };
+        let mut whole = pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?;
+        let full = recover(&mut whole, &teacher, &train, &[], &base, &mut |_| {})?;
+        let mut resumed = pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?;
+        let again = RecoverOptions { resume: Some(ckpt.clone()), checkpoint: None, ..base.clone() };
+        let rest = recover(&mut resumed, &teacher, &train, &[], &again, &mut |_| {})?;
+        assert_eq!(rest.resumed_after, 5);
+        for ((name, a), (_, b)) in whole.named_tensors()?.iter().zip(resumed.named_tensors()?.iter()) {
+            let (va, vb) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+            assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{params:?}: {name} differs after resuming");
+        }
+        let losses = |r: &RecoverReport, from: usize| r.steps[from..].iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
+        assert_eq!(losses(&full, 5), losses(&rest, 0), "{params:?}: the losses after the resume differ");
+        let other = RecoverOptions { lr: 1e-3, ..again.clone() };
+        let e = recover(&mut pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?, &teacher, &train, &[], &other, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("other options"), "{e}");
+    }
     Ok(())
 }

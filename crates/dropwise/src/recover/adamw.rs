@@ -40,6 +40,18 @@ pub struct Param {
 }
 
 impl Param {
+    /// AdamW's first and second moments.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Replaces the moments (from a checkpoint; same lengths) and clears the gradient buffer.
+    pub fn set_moments(&mut self, m: Vec<f32>, v: Vec<f32>) {
+        self.m = m;
+        self.v = v;
+        self.grad.iter_mut().for_each(|g| *g = 0.0);
+    }
+
     /// Entries held at zero by the mask.
     pub fn masked(&self) -> usize {
         self.keep.as_ref().map_or(0, |k| k.iter().filter(|&&x| !x).count())

@@ -25,6 +25,7 @@
 
 pub mod adamw;
 pub mod blocks;
+pub mod checkpoint;
 pub mod kd;
 pub mod plot;
 
@@ -86,6 +87,29 @@ pub struct RecoverOptions {
     pub weight_decay: f64,
     /// Held-out evaluation every this many updates (and before and after training).
     pub eval_every: usize,
+    /// Write a checkpoint here every `checkpoint_every` updates.
+    pub checkpoint: Option<std::path::PathBuf>,
+    pub checkpoint_every: usize,
+    /// Continue from this checkpoint of the same run.
+    pub resume: Option<std::path::PathBuf>,
+}
+
+/// What makes two runs the same run: every option that changes the arithmetic, and a digest of
+/// the training windows (FNV-1a over their token ids).
+fn recipe(opts: &RecoverOptions, train: &[Vec<u32>]) -> Result<String> {
+    let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in train.iter().flatten() {
+        for b in id.to_le_bytes() {
+            digest = (digest ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let mut v = serde_json::to_value(opts)?;
+    for k in ["checkpoint", "checkpoint_every", "resume", "eval_every"] {
+        v.as_object_mut().map(|o| o.remove(k));
+    }
+    v["windows"] = train.len().into();
+    v["windows_digest"] = format!("{digest:016x}").into();
+    Ok(v.to_string())
 }
 
 /// One optimizer update.
@@ -137,6 +161,8 @@ pub struct RecoverReport {
     pub backward_seconds: f64,
     pub optimizer_seconds: f64,
     pub eval_seconds: f64,
+    /// The update a resumed run continued after (0 for a fresh run).
+    pub resumed_after: usize,
 }
 
 /// Block linears (the weights pruning zeroes) by their HF names.
@@ -211,7 +237,21 @@ pub fn recover(
         backward_seconds: 0.0,
         optimizer_seconds: 0.0,
         eval_seconds: 0.0,
+        resumed_after: 0,
     };
+    let recipe = recipe(opts, train)?;
+    if let Some(path) = &opts.resume {
+        let pos = checkpoint::load(path, &mut opt)?;
+        if pos.recipe != recipe {
+            bail!("checkpoint {} comes from a run with other options or training text; resume needs the same ones", path.display());
+        }
+        if pos.update > updates {
+            bail!("checkpoint {} is at update {} of a {updates}-update run", path.display(), pos.update);
+        }
+        report.resumed_after = pos.update;
+        report.tokens = pos.tokens;
+    }
+    let skip = report.resumed_after;
     let evaluate = |student: &Llama, update: usize, tokens: usize, report: &mut RecoverReport| -> Result<()> {
         if eval.is_empty() {
             return Ok(());
@@ -228,11 +268,12 @@ pub fn recover(
         });
         Ok(())
     };
-    evaluate(student, 0, 0, &mut report)?;
+    evaluate(student, skip, report.tokens, &mut report)?;
     // Training time leaves out the evaluations made during training (the first one is before).
     let eval_before = report.eval_seconds;
+    let tokens_at_start = report.tokens;
     let start = Instant::now();
-    for (u, group) in train.chunks(opts.accumulate).enumerate() {
+    for (u, group) in train.chunks(opts.accumulate).enumerate().skip(skip) {
         let mut loss_sum = 0.0;
         for window in group {
             let ids = Tensor::from_vec(window.clone(), (1, window.len()), &Device::Cpu)?;
@@ -286,6 +327,10 @@ pub fn recover(
         let lr = adamw::learning_rate(u as u64, updates as u64, opts.warmup as u64, opts.lr);
         let grad_norm = opt.update(lr, opts.clip)?;
         report.optimizer_seconds += t.elapsed().as_secs_f64();
+        let due = opts.checkpoint_every > 0 && (u + 1) % opts.checkpoint_every.max(1) == 0;
+        if let Some(path) = opts.checkpoint.as_ref().filter(|_| due) {
+            checkpoint::save(path, &opt, &checkpoint::Position { update: u + 1, tokens: report.tokens, recipe: recipe.clone() })?;
+        }
         let seconds = start.elapsed().as_secs_f64() - (report.eval_seconds - eval_before);
         let step = StepRecord {
             update: u + 1,
@@ -295,7 +340,7 @@ pub fn recover(
             lr,
             grad_norm,
             seconds,
-            tokens_per_second: report.tokens as f64 / seconds.max(1e-9),
+            tokens_per_second: (report.tokens - tokens_at_start) as f64 / seconds.max(1e-9),
         };
         progress(&step);
         report.steps.push(step);
@@ -305,7 +350,7 @@ pub fn recover(
         }
     }
     report.train_seconds = start.elapsed().as_secs_f64() - (report.eval_seconds - eval_before);
-    report.tokens_per_second = report.tokens as f64 / report.train_seconds.max(1e-9);
+    report.tokens_per_second = (report.tokens - tokens_at_start) as f64 / report.train_seconds.max(1e-9);
     *student = student.detached()?;
     let tokens = report.tokens;
     evaluate(student, updates, tokens, &mut report)?;
