@@ -63,6 +63,12 @@ pub struct RecoverArgs {
     pub loss: LossArg,
     #[arg(long, value_enum, default_value = "all")]
     pub params: ParamsArg,
+    /// Multi-sample dropout: K dropout masks on the head's input, their losses averaged.
+    #[arg(long, default_value_t = 0)]
+    pub multi_sample_dropout: usize,
+    /// Dropout probability of each mask (with --multi-sample-dropout).
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
     /// With --params selective: train only this many of the changed blocks.
     #[arg(long)]
     pub select_blocks: Option<usize>,
@@ -137,6 +143,15 @@ fn check(a: &RecoverArgs) -> Result<()> {
     }
     if !(a.feature_weight.is_finite() && a.feature_weight >= 0.0 && a.feature_weight <= 1e6) {
         bail!("--feature-weight must be a number in [0, 1e6], not {}", a.feature_weight);
+    }
+    if a.multi_sample_dropout > 64 {
+        bail!("--multi-sample-dropout {} is more than 64 masks (each is one more head product)", a.multi_sample_dropout);
+    }
+    if !(a.dropout.is_finite() && (0.0..1.0).contains(&a.dropout)) {
+        bail!("--dropout must be in [0, 1), not {}", a.dropout);
+    }
+    if a.multi_sample_dropout > 0 && matches!(a.loss, LossArg::Local) {
+        bail!("--multi-sample-dropout acts on the head, which --loss local does not train through");
     }
     if a.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
@@ -247,6 +262,8 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
             ParamsArg::Lora => recover::Params::Lora { rank: a.lora_rank },
         },
         seed: a.seed,
+        dropout_samples: a.multi_sample_dropout,
+        dropout: a.dropout,
         feature_weight: a.feature_weight,
         lr: a.lr,
         warmup: (a.warmup * updates as f64).round() as usize,
@@ -289,6 +306,8 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
     put("temperature", Value::F32(a.temperature as f32));
     put("weight_decay", Value::F32(a.weight_decay as f32));
     put("seed", Value::U64(a.seed));
+    put("multi_sample_dropout", Value::U64(a.multi_sample_dropout as u64));
+    put("dropout", Value::F32(a.dropout as f32));
     put("train_files", Value::Array(a.train.iter().map(|p| Value::String(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())).collect()));
     put("offsets", Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
     dropwise::model::io::save_with_metadata(&student, &student.model, &a.out.output, a.out.dtype.into(), &extra)?;

@@ -40,7 +40,7 @@ fn pruned(model: &Llama) -> Result<Llama> {
 }
 
 fn options(loss: Loss) -> RecoverOptions {
-    RecoverOptions { loss, params: Params::All, seed: 0, checkpoint: None, checkpoint_every: 0, resume: None, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
+    RecoverOptions { loss, params: Params::All, seed: 0, dropout_samples: 0, dropout: 0.0, checkpoint: None, checkpoint_every: 0, resume: None, feature_weight: 1.0, lr: 3e-3, warmup: 2, accumulate: 2, clip: Some(1.0), temperature: 1.0, weight_decay: 0.0, eval_every: 4 }
 }
 
 /// Teacher and student: the student is a pruned model of another seed, so it starts far from the
@@ -227,5 +227,27 @@ fn a_resumed_run_continues_bit_identically() -> Result<()> {
         let e = recover(&mut pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?, &teacher, &train, &[], &other, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("other options"), "{e}");
     }
+    Ok(())
+}
+
+/// Multi-sample dropout trains too, is seeded (two runs agree bit for bit), and differs from
+/// plain training.
+#[test]
+fn multi_sample_dropout_is_seeded_and_heals() -> Result<()> {
+    let teacher = tiny_model(tiny_config(Arch::Llama), 8)?;
+    let train = windows(24, 12, 1);
+    let eval = windows(24, 4, 99);
+    let opts = RecoverOptions { dropout_samples: 4, dropout: 0.1, ..options(Loss::Kd) };
+    let mut a = pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?;
+    let ra = recover(&mut a, &teacher, &train, &eval, &opts, &mut |_| {})?;
+    let mut b = pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?;
+    let rb = recover(&mut b, &teacher, &train, &eval, &opts, &mut |_| {})?;
+    let mut plain = pruned(&tiny_model(tiny_config(Arch::Llama), 7)?)?;
+    let rp = recover(&mut plain, &teacher, &train, &eval, &options(Loss::Kd), &mut |_| {})?;
+    let losses = |r: &RecoverReport| r.steps.iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&ra), losses(&rb), "two seeded dropout runs differ");
+    assert_ne!(losses(&ra), losses(&rp), "dropout changed nothing");
+    let (first, last) = (ra.evals[0].kl_divergence, ra.evals.last().unwrap().kl_divergence);
+    assert!(last < 0.8 * first, "held-out KL {first:.4} -> {last:.4} under multi-sample dropout");
     Ok(())
 }

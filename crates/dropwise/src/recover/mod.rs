@@ -69,8 +69,13 @@ pub enum Params {
 pub struct RecoverOptions {
     pub loss: Loss,
     pub params: Params,
-    /// Seeds what training draws itself (LoRA's initial `A`).
+    /// Seeds what training draws itself (LoRA's initial `A`, dropout masks).
     pub seed: u64,
+    /// Multi-sample dropout: this many dropout masks on the head's input, their distillation
+    /// losses averaged (0: no dropout).
+    pub dropout_samples: usize,
+    /// The dropout probability of each mask.
+    pub dropout: f64,
     /// Weight of the feature term in `kd+features`.
     pub feature_weight: f64,
     /// Peak learning rate (after warm-up).
@@ -273,6 +278,9 @@ pub fn recover(
     let eval_before = report.eval_seconds;
     let tokens_at_start = report.tokens;
     let start = Instant::now();
+    // Windows trained on so far: seeds each window's dropout masks, so a resumed run draws the
+    // masks the uninterrupted one drew.
+    let mut micro = skip * opts.accumulate;
     for (u, group) in train.chunks(opts.accumulate).enumerate().skip(skip) {
         let mut loss_sum = 0.0;
         for window in group {
@@ -288,11 +296,14 @@ pub fn recover(
             let state = |k: usize| &states.states[k][0];
             let logits_target = || target.as_ref().context("no teacher logits for a distillation loss");
             let loss = match opts.loss {
-                Loss::Kd => kd::kd_loss(&student.forward(&ids)?.squeeze(0)?, logits_target()?, opts.temperature)?,
+                Loss::Kd => {
+                    let h = student.forward_hidden(&ids, &mut NoHooks)?;
+                    head_loss(student, &h, logits_target()?, opts, dropout_seed(opts.seed, micro))?
+                }
                 Loss::KdFeatures => {
                     let mut outputs = BlockOutputs(Vec::with_capacity(map.len()));
                     let h = student.forward_hidden(&ids, &mut outputs)?;
-                    let kd = kd::kd_loss(&student.head(&h)?.squeeze(0)?, logits_target()?, opts.temperature)?;
+                    let kd = head_loss(student, &h, logits_target()?, opts, dropout_seed(opts.seed, micro))?;
                     let mut features = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
                     for (out, &(_, to)) in outputs.0.iter().zip(&spans) {
                         features = (features + normalized_sq_error(out, state(to))?)?;
@@ -322,6 +333,7 @@ pub fn recover(
             report.optimizer_seconds += t.elapsed().as_secs_f64();
             loss_sum += loss.to_scalar::<f32>()? as f64;
             report.tokens += window.len();
+            micro += 1;
         }
         let t = Instant::now();
         let lr = adamw::learning_rate(u as u64, updates as u64, opts.warmup as u64, opts.lr);
@@ -414,6 +426,32 @@ fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(S
 
 fn kernel_zeros(w: &Tensor) -> Result<usize> {
     crate::model::kernels::with_f32_slice(w, |s| s.iter().filter(|&&x| x == 0.0).count())
+}
+
+fn dropout_seed(seed: u64, window: usize) -> u64 {
+    seed ^ 0x6d73_6470_0000_0000 ^ (window as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The distillation loss of the student's last hidden states `h` `[1, seq, hidden]`: the head on
+/// `h`, or with multi-sample dropout (Inoue 2019) the mean of the losses of
+/// `opts.dropout_samples` heads, each on the head input under its own dropout mask (inverted
+/// dropout: kept entries scaled by 1/(1−p)); the masks are drawn from `seed`.
+fn head_loss(student: &Llama, h: &Tensor, target: &Tensor, opts: &RecoverOptions, seed: u64) -> Result<Tensor> {
+    if opts.dropout_samples == 0 || opts.dropout <= 0.0 {
+        return kd::kd_loss(&student.head(h)?.squeeze(0)?, target, opts.temperature);
+    }
+    let x = student.head_input(h)?;
+    let w = student.head_weight();
+    let mut rng = crate::data::SplitMix64(seed);
+    let keep = 1.0 - opts.dropout;
+    let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
+    for _ in 0..opts.dropout_samples {
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.dims(), &Device::Cpu)?;
+        let logits = (&x * mask)?.matmul(&w.t()?)?;
+        total = (total + kd::kd_loss(&logits, target, opts.temperature)?)?;
+    }
+    Ok((total / opts.dropout_samples as f64)?)
 }
 
 /// `‖s − t‖² / ‖t‖²`: a student state's squared error to the teacher's, relative to the
