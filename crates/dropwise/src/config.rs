@@ -212,6 +212,9 @@ impl LlamaConfig {
             attention: AttentionLayout::default(),
             per_layer: None,
         };
+        // Before the architecture builds its per-layer lists (Gemma 3's local/global pattern has
+        // one entry per layer): a huge layer count must be an error, not an allocation.
+        check_layer_count(cfg.num_hidden_layers)?;
         arch.read_hf_config(&raw_json, &mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
@@ -371,6 +374,7 @@ impl LlamaConfig {
             attention: AttentionLayout::default(),
             per_layer: uneven.then_some(shapes),
         };
+        check_layer_count(cfg.num_hidden_layers)?;
         arch.read_gguf_config(g, p, &mut cfg)?;
         cfg.validate()?;
         Ok(cfg)
@@ -414,7 +418,7 @@ impl LlamaConfig {
         }
         // Bounded so every shape and parameter count below is far from overflowing usize.
         if c.hidden_size > 1 << 16
-            || c.num_hidden_layers > 1024
+            || c.num_hidden_layers > MAX_LAYERS
             || c.vocab_size > 1 << 22
             || c.intermediate_size > 1 << 20
             || c.num_attention_heads > 1 << 12
@@ -480,3 +484,13 @@ fn gguf_rope_factors(g: &GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> 
     Ok(Some(v))
 }
 
+
+/// Blocks beyond which a config is refused (the largest open models have ~128).
+const MAX_LAYERS: usize = 1024;
+
+fn check_layer_count(n: usize) -> Result<()> {
+    if n > MAX_LAYERS {
+        bail!("model config lists {n} layers, more than {MAX_LAYERS}");
+    }
+    Ok(())
+}
