@@ -250,7 +250,7 @@ const SPECIAL: &[Special] = &[
     ("recover", &[("--params", Some("selective"))], "no block changed"),
     ("recover", &[("--lora-rank", Some("5000"))], "1..=4096"),
     ("recover", &[("--feature-weight", Some("1e30"))], "[0, 1e6]"),
-    ("recover", &[("--loss", Some("local"))], "nothing for local reconstruction"),
+    ("recover", &[("--loss", Some("local"))], "no block changed"),
 ];
 
 /// Output paths that must be refused, for every command that writes one: the input itself, an
