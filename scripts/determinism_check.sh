@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Byte-identical reruns on SmolLM2-135M: prune (Wanda 50 %, SparseGPT 2:4), drop-layers
-# (additive), shrink (activation) and quantize (lim + imatrix) each run twice with 2 threads
+# (additive), shrink (activation), quantize (lim + imatrix) and recover (kd, 4 windows, on the
+# drop-layers output) each run twice with 2 threads
 # and once with 1 thread, same inputs and seed; prints the SHA-256 of each output and whether
 # the reruns and the thread counts agree.
 #   scripts/determinism_check.sh [OUT=/tmp/dropwise-determinism]
@@ -19,9 +20,12 @@ declare -A CMDS=(
     [drop-additive]="drop-layers $M --count 4 --metric additive --calib assets/austen/emma.txt --calib-windows 2 --seed 5"
     [shrink-activation]="shrink $M --neurons 0.25 $C"
     [quantize-lim]="quantize $M --bpw 4.5 --imatrix $C"
+    [recover-kd]="recover $OUT/student.gguf --teacher $M --train assets/austen/emma.txt --tokens 2048 --seed 5"
 )
+# The recover student: 4 blocks dropped by a fixed list (no scoring).
+$BIN drop-layers $M --layers 4,5,12,13 --calib assets/austen/emma.txt -o "$OUT/student.gguf" > /dev/null
 printf "| command | 2 threads, run 1 | 2 threads, run 2 | 1 thread | reruns | 1 vs 2 threads |\n|---|---|---|---|---|---|\n"
-for name in wanda50 sparsegpt24 drop-additive shrink-activation quantize-lim; do
+for name in wanda50 sparsegpt24 drop-additive shrink-activation quantize-lim recover-kd; do
     sums=()
     for run in t2a t2b t1; do
         threads=2

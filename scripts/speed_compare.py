@@ -9,7 +9,7 @@ on it). With --quantized, dropwise `eval --quantized-matmul` and llama.cpp also 
 Every round runs each contender once over the first W austen-512 windows of persuasion.txt
 (the BOS rule where the tokenizer adds BOS): dropwise as a fresh `eval` process (its own
 forward-time tokens/s; loading is excluded), torch and llama.cpp in worker processes that
-keep their model loaded (`.venv-torch`, `.venv-llama`) and time the forward passes only.
+keep their model loaded (`.venv-torch`: torch, transformers, gguf, accelerate; `.venv-llama`) and time the forward passes only.
 All computed logits at every position. Each run's first --warmup windows are computed but not
 timed, for every contender alike: a fresh dropwise process would otherwise pay its first-touch
 page faults and cold caches inside the timing while the workers are warm from earlier rounds.

@@ -4,6 +4,7 @@ PyTorch loop (transformers + torch.optim.AdamW, all parameters, lr 1e-4, one 512
 per step, full-vocabulary KL(teacher || student) at every position), same student, teacher,
 training windows and thread count, interleaved round by round in one run.
 
+  (.venv-torch: pip install torch transformers gguf accelerate)
   .venv-torch/bin/python scripts/train_compare.py STUDENT.gguf TEACHER.gguf [--steps 8] [--rounds 2] [--threads 2]
 
 Both sides read the student and teacher GGUF files (transformers through its GGUF loader, in
