@@ -25,6 +25,8 @@ const WRITERS: &[(&str, &[&str])] = &[
     ("drop-layers bi to HF", &["drop-layers", "MODEL", "--count", "1", "--metric", "bi", "--calib", "CALIB", "--seq-len", "16", "--calib-windows", "3", "-o", "OUT"]),
     ("quantize lim + imatrix", &["quantize", "MODEL", "--bpw", "6.0", "--imatrix", "--calib", "CALIB", "--seq-len", "16", "--calib-windows", "3", "-o", "OUT.gguf"]),
     ("quantize uniform Q4_0", &["quantize", "MODEL", "--uniform", "Q4_0", "-o", "OUT.gguf"]),
+    ("recover kd", &["recover", "MODEL", "--teacher", "MODEL", "--train", "CALIB", "--seq-len", "16", "--tokens", "64", "--accumulate", "2", "-o", "OUT.gguf"]),
+    ("recover lora kd+features", &["recover", "MODEL", "--teacher", "MODEL", "--train", "CALIB", "--seq-len", "16", "--tokens", "64", "--loss", "kd+features", "--params", "lora", "--lora-rank", "2", "--multi-sample-dropout", "2", "-o", "OUT.gguf"]),
 ];
 
 struct Fixture {
