@@ -157,9 +157,7 @@ fn check(a: &RecoverArgs) -> Result<()> {
         bail!("--checkpoint-every must be at least 1");
     }
     if let Some(c) = &a.checkpoint {
-        if c.extension().is_none_or(|e| !e.eq_ignore_ascii_case("safetensors")) {
-            bail!("--checkpoint writes safetensors: the path must end in .safetensors");
-        }
+        require_extension(c, "--checkpoint", "safetensors")?;
         refuse_overwrite(&a.student, c)?;
         refuse_overwrite(&a.teacher, c)?;
         dropwise::util::probe_writable(c)?;
@@ -209,12 +207,18 @@ fn check(a: &RecoverArgs) -> Result<()> {
     refuse_overwrite(&a.student, &a.out.output)?;
     refuse_overwrite(&a.teacher, &a.out.output)?;
     if let Some(c) = &a.curves {
-        if c.extension().is_none_or(|e| !e.eq_ignore_ascii_case("svg")) {
-            bail!("--curves writes SVG: the path must end in .svg");
-        }
+        require_extension(c, "--curves", "svg")?;
         dropwise::util::probe_writable(c)?;
     }
     dropwise::util::probe_writable(&a.out.output)
+}
+
+/// `flag`'s path must end in `.ext`: it names the format written there.
+fn require_extension(path: &Path, flag: &str, ext: &str) -> Result<()> {
+    if path.extension().is_none_or(|e| !e.eq_ignore_ascii_case(ext)) {
+        bail!("{flag} writes {ext}: the path must end in .{ext}");
+    }
+    Ok(())
 }
 
 /// Tells mimalloc never to hand freed memory back to the kernel in this process. A training step
@@ -237,8 +241,8 @@ pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
     check(&a)?;
     keep_freed_memory();
     let t0 = std::time::Instant::now();
-    let mut student = dropwise::load(&a.student).with_context(|| "the student".to_string())?;
-    let teacher = dropwise::model::io::load_decoded(&a.teacher).with_context(|| "the teacher".to_string())?;
+    let mut student = dropwise::load(&a.student).context("the student")?;
+    let teacher = dropwise::model::io::load_decoded(&a.teacher).context("the teacher")?;
     check_seq_len(&student, a.seq_len)?;
     check_seq_len(&teacher, a.seq_len)?;
     if student.tokenizer.vocab_size() != teacher.tokenizer.vocab_size() {

@@ -484,7 +484,6 @@ fn gguf_rope_factors(g: &GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> 
     Ok(Some(v))
 }
 
-
 /// Blocks beyond which a config is refused (the largest open models have ~128).
 const MAX_LAYERS: usize = 1024;
 

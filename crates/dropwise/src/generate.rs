@@ -104,7 +104,7 @@ fn pick(logits: &[f32], temperature: f64, rng: &mut SplitMix64) -> u32 {
     if !(total.is_finite() && total > 0.0) {
         return argmax();
     }
-    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+    let u = rng.unit_f64() * total;
     let mut acc = 0.0;
     for (i, wi) in w.iter().enumerate() {
         acc += wi;

@@ -112,7 +112,7 @@ pub fn tiny_model(config: LlamaConfig, seed: u64) -> Result<Llama> {
         let v: Vec<f32> = (0..n)
             .map(|_| {
                 let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-                let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                let u2 = rng.unit_f64();
                 mean + std * ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
             })
             .collect();

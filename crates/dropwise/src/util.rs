@@ -29,9 +29,10 @@ pub(crate) fn check_parent(path: &Path) -> Result<()> {
 }
 
 /// Removes temporaries that an earlier, killed writer of `path` left behind: siblings named
-/// `.NAME.PID.tmp` (or a GGUF writer's `.NAME.PID.spool`) whose process no longer runs. A SIGKILL cannot be caught, so the dead
-/// writer could not clean up itself; a live one (another dropwise writing the same output now)
-/// is left alone. Only where `/proc` tells which processes run (Linux); elsewhere nothing is removed.
+/// `.NAME.PID.tmp` (or a GGUF writer's `.NAME.PID.spool`) whose process no longer runs. A
+/// SIGKILL cannot be caught, so the dead writer could not clean up itself; a live one (another
+/// dropwise writing the same output now) is left alone. Only where `/proc` tells which
+/// processes run (Linux); elsewhere nothing is removed.
 pub fn sweep_stale_temps(path: &Path) {
     let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else { return };
     if !Path::new("/proc/self").exists() {
@@ -62,9 +63,7 @@ pub fn probe_writable(path: &Path) -> Result<()> {
         anyhow::bail!("output path {:?} names no file", path.display().to_string());
     }
     check_parent(path)?;
-    if path.is_dir() && !path.join("config.json").exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        anyhow::bail!("output {} is a folder that is not a model folder; refusing to replace it", path.display());
-    }
+    refuse_foreign_folder(path)?;
     let probe = temp_sibling(path).with_extension("probe");
     std::fs::File::create(&probe).with_context(|| format!("cannot create {}", path.display()))?;
     let _ = std::fs::remove_file(&probe);
@@ -88,6 +87,19 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Re
     result
 }
 
+/// An existing folder at `path` may be replaced only if it is empty or holds a `config.json`
+/// (a model folder, presumably an earlier output); anything else is refused.
+fn refuse_foreign_folder(path: &Path) -> Result<()> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    let empty = std::fs::read_dir(path)?.next().is_none();
+    if !empty && !path.join("config.json").exists() {
+        anyhow::bail!("output folder {} exists and is not a model folder; refusing to replace it", path.display());
+    }
+    Ok(())
+}
+
 /// Writes a folder: `fill` populates a temporary folder beside `path`, which is renamed into place
 /// when complete. An existing folder at `path` is replaced only if it holds a `config.json`
 /// (i.e. it is a model folder, presumably an earlier output); anything else is refused.
@@ -97,10 +109,7 @@ pub fn write_dir_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>)
         if !path.is_dir() {
             anyhow::bail!("output {} exists and is not a folder", path.display());
         }
-        let empty = std::fs::read_dir(path)?.next().is_none();
-        if !empty && !path.join("config.json").exists() {
-            anyhow::bail!("output folder {} exists and is not a model folder; refusing to replace it", path.display());
-        }
+        refuse_foreign_folder(path)?;
     }
     sweep_stale_temps(path);
     let tmp = temp_sibling(path);

@@ -16,7 +16,7 @@ fn windows(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
 
 fn gaussian(r: &mut SplitMix64) -> f32 {
     let u1 = ((r.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-    let u2 = (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let u2 = r.unit_f64();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 

@@ -16,7 +16,7 @@ use dropwise::testing::{gguf_py_summary, tiny_config, tiny_model, write_tiny_ggu
 /// Gaussian-ish values (sum of uniforms) with a few large outliers, like trained weights.
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut r = dropwise::data::SplitMix64(seed);
-    let mut u = || (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut u = || r.unit_f64();
     (0..n)
         .map(|i| {
             let g = (0..4).map(|_| u()).sum::<f64>() - 2.0;

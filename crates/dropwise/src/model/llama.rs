@@ -688,10 +688,7 @@ impl Llama {
             }
             for (_, l) in b.linears_mut() {
                 // An adapter in training is folded in: the copy computes what the layer does now.
-                if let Some(ad) = l.adapter.take() {
-                    let w = ad.effective(&l.weight_f32()?)?;
-                    l.set_weight(w);
-                }
+                l.merge_adapter()?;
                 d(&mut l.weight);
                 if let Some(bias) = l.bias.as_mut() {
                     d(bias);
@@ -701,7 +698,6 @@ impl Llama {
         m.differentiable = false;
         Ok(m)
     }
-
 
     /// Embeds token ids `[batch, seq]` into hidden states `[batch, seq, hidden]`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {

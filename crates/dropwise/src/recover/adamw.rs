@@ -76,12 +76,14 @@ impl AdamW {
         for (name, var) in vars {
             let n = var.as_tensor().elem_count();
             let keep = if masked(&name) {
-                let keep: Vec<bool> = with_f32_slice(var.as_tensor(), |w| w.iter().map(|&x| x != 0.0).collect())?;
-                let zeros = keep.iter().filter(|&&k| !k).count();
                 // A pruned tensor: at least PRUNED_FRACTION of it is exactly zero. Dense weights
                 // decoded from a block type have a few exact zeros too (0.03 % in SmolLM2's
                 // Q4_1 file); those are values, not a mask, and train freely.
-                is_pruned(zeros, n).then_some(keep)
+                if is_pruned(zeros_in(var.as_tensor())?, n) {
+                    Some(with_f32_slice(var.as_tensor(), |w| w.iter().map(|&x| x != 0.0).collect())?)
+                } else {
+                    None
+                }
             } else {
                 None
             };
@@ -180,6 +182,11 @@ impl AdamW {
 
 /// The fraction of exact zeros from which a prunable tensor is taken to be pruned (and masked).
 pub const PRUNED_FRACTION: f64 = 0.01;
+
+/// Exact zeros in an f32 tensor.
+pub fn zeros_in(t: &Tensor) -> Result<usize> {
+    with_f32_slice(t, |s| s.iter().filter(|&&x| x == 0.0).count())
+}
 
 /// Whether a prunable tensor with `zeros` exact zeros among `n` entries was pruned.
 pub fn is_pruned(zeros: usize, n: usize) -> bool {

@@ -77,8 +77,10 @@ pub fn block_map(student: &Llama, teacher: &Llama) -> Result<Vec<usize>> {
         }
     }
     let (mut j, total) = (ns - 1..nt).map(|j| (j, best[ns - 1][j])).fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
-    if !(total / ns as f64 <= MAX_MEAN_DISTANCE) {
-        bail!("the student's blocks match none of the teacher's (mean norm distance {:.3}): recovery needs a student cut from this teacher", total / ns as f64);
+    let mean = total / ns as f64;
+    // An infinite or NaN mean (no feasible assignment) is refused too.
+    if !mean.is_finite() || mean > MAX_MEAN_DISTANCE {
+        bail!("the student's blocks match none of the teacher's (mean norm distance {mean:.3}): recovery needs a student cut from this teacher");
     }
     let mut map = vec![0; ns];
     for i in (0..ns).rev() {

@@ -11,8 +11,8 @@
 //!   cached state before it into the teacher's state after it; no end-to-end backward pass and
 //!   no vocabulary-sized head, so a step costs a teacher pass and one block per change.
 //!
-//! Teacher logits and states are computed on the fly, one teacher forward pass per window in inference mode (fused
-//! kernels, no graph): cached, a 512-token window's full logits are 100 MB for SmolLM2's 49k
+//! Teacher logits and states are computed on the fly, one teacher forward pass per window in
+//! inference mode (fused kernels, no graph): cached, a 512-token window's full logits are 100 MB for SmolLM2's 49k
 //! vocabulary (6 GB for 64 windows), and a top-k cache would change the loss (the tail of the
 //! teacher's distribution is most of the KL a pruned model has to win back). The teacher pass
 //! costs about a third of a training step.
@@ -56,7 +56,7 @@ pub enum Params {
     /// Every tensor of the student.
     All,
     /// Only changed blocks (those next to a cut, or whose weights the method changed); with
-    /// `blocks`, the that many of them whose output is farthest from the teacher's (their
+    /// `blocks`, that many of them whose output is farthest from the teacher's (their
     /// normalized error on the first training window, given the teacher's input).
     Selective { blocks: Option<usize> },
     /// Rank-`rank` adapters on every block linear, merged into the weights at the end
@@ -149,11 +149,11 @@ pub struct RecoverReport {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalPoint>,
     pub trained_parameters: usize,
-    /// Student blocks trained by `local` (all blocks are trained by the end-to-end losses), and
-    /// for each student block the teacher block it stands for.
+    /// Student blocks that differ from what they stand for ([`blocks::changed`]).
     pub changed_blocks: Vec<usize>,
     /// Student blocks with a trained tensor.
     pub trained_blocks: Vec<usize>,
+    /// For each student block, the teacher block it stands for ([`blocks::block_map`]).
     pub block_map: Vec<usize>,
     /// Weights held at exactly zero by the pruning masks.
     pub masked_weights: usize,
@@ -339,7 +339,7 @@ pub fn recover(
         let lr = adamw::learning_rate(u as u64, updates as u64, opts.warmup as u64, opts.lr);
         let grad_norm = opt.update(lr, opts.clip)?;
         report.optimizer_seconds += t.elapsed().as_secs_f64();
-        let due = opts.checkpoint_every > 0 && (u + 1) % opts.checkpoint_every.max(1) == 0;
+        let due = opts.checkpoint_every > 0 && (u + 1) % opts.checkpoint_every == 0;
         if let Some(path) = opts.checkpoint.as_ref().filter(|_| due) {
             checkpoint::save(path, &opt, &checkpoint::Position { update: u + 1, tokens: report.tokens, recipe: recipe.clone() })?;
         }
@@ -408,10 +408,10 @@ fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(S
                 continue;
             }
             let w = l.weight_f32()?;
-            let zeros = kernel_zeros(&w)?;
+            let zeros = adamw::zeros_in(&w)?;
             let mask = if adamw::is_pruned(zeros, out * inp) { Some(w.ne(0f32)?.to_dtype(candle_core::DType::F32)?) } else { None };
             let bound = 1.0 / (inp as f64).sqrt();
-            let a: Vec<f32> = (0..rank * inp).map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * bound as f32).collect();
+            let a: Vec<f32> = (0..rank * inp).map(|_| ((rng.unit_f64() * 2.0 - 1.0) * bound) as f32).collect();
             let a = Var::from_vec(a, (rank, inp), &Device::Cpu)?;
             let bm = Var::from_tensor(&Tensor::zeros((out, rank), candle_core::DType::F32, &Device::Cpu)?)?;
             let name = format!("model.layers.{i}.{}", role.canonical_name());
@@ -422,10 +422,6 @@ fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(S
     }
     student.differentiable = true;
     Ok(vars)
-}
-
-fn kernel_zeros(w: &Tensor) -> Result<usize> {
-    crate::model::kernels::with_f32_slice(w, |s| s.iter().filter(|&&x| x == 0.0).count())
 }
 
 fn dropout_seed(seed: u64, window: usize) -> u64 {
@@ -446,7 +442,7 @@ fn head_loss(student: &Llama, h: &Tensor, target: &Tensor, opts: &RecoverOptions
     let keep = 1.0 - opts.dropout;
     let mut total = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
     for _ in 0..opts.dropout_samples {
-        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.unit_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, x.dims(), &Device::Cpu)?;
         let logits = (&x * mask)?.matmul(&w.t()?)?;
         total = (total + kd::kd_loss(&logits, target, opts.temperature)?)?;
