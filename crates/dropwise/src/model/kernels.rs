@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the inference path, where candle's composed ops would make several
 //! passes over memory or compute what a causal mask throws away. None carries a gradient; the
-//! differentiable mode uses elementary candle ops instead.
+//! differentiable mode has its own ([`super::grad_kernels`]).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Storage, Tensor};
@@ -257,13 +257,15 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x @ Wᵀ` for f32 `x` `[rows, k]` and `W` `[out, k]`: [`gemv`] for the few rows of a decode
 /// step (bound by reading `W` once), the GEMM otherwise and whenever autograd needs the graph
-/// (a `Var` weight or a tracked input).
+/// (a `Var` weight or a tracked input), then as [`super::grad_kernels::product`].
 pub fn f32_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let plain = !w.is_variable() && !x.track_op() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() && w.device().is_cpu();
     if plain && x.dim(0)? <= GEMV_MAX_ROWS && w.is_contiguous() {
         gemv(x, w)
     } else if plain {
         gemm_x_wt(x, w)
+    } else if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        super::grad_kernels::product(x, w)
     } else {
         Ok(x.matmul(&w.t()?)?)
     }
@@ -287,60 +289,85 @@ pub fn gemm_x_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         bail!("product of a [{m}, {k}] input and a [{n}, {k2}] weight");
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    // lhs is x `[m, k]` row-major; rhs is Wᵀ: element (kk, j) at `w[j·k + kk]`.
+    let out = with_f32_slice(&x, |xs| with_f32_slice(&w, |ws| gemm_strided(m, n, k, Strided { data: xs, rs: k, cs: 1 }, Strided { data: ws, rs: 1, cs: k })))???;
+    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// A matrix read through strides: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strided<'_> {
+    /// Whether an `[rows, cols]` matrix through these strides stays inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `A B` for `A` `[m, k]` and `B` `[k, n]` read through their strides, into a new row-major
+/// `[m, n]`: the gemm crate (candle's own GEMM) called single-threaded on runs of output columns
+/// spread over the threads, into an output that is not zeroed first ([`gemm_x_wt`] says why).
+/// Every output element is one gemm reduction over all of `k`, whatever the split, so the result
+/// does not depend on the thread count.
+pub fn gemm_strided(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Result<Vec<f32>> {
+    if !a.fits(m, k) || !b.fits(k, n) {
+        bail!("product of [{m}, {k}] and [{k}, {n}] reads outside its operands");
+    }
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     if m * n > 0 && k > 0 {
-        with_f32_slice(&x, |xs| {
-            with_f32_slice(&w, |ws| {
-                // Four runs per thread rather than one: when the hypervisor stalls one vCPU (this
-                // VM sees seconds of steal per minute), the other thread takes its remaining runs
-                // instead of waiting; on an idle machine 2 and 8 runs measured the same.
-                let parts = (4 * rayon::current_num_threads()).min(n / SPLIT_MIN_COLUMNS).max(1);
-                // Runs of whole 16-float cache lines, so no two threads write into one line.
-                let width = n.div_ceil(parts).div_ceil(16) * 16;
-                let dst = SendPtr(out.as_mut_ptr());
-                (0..parts).into_par_iter().for_each(|p| {
-                    let (j0, j1) = (p * width, ((p + 1) * width).min(n));
-                    if j0 >= j1 {
-                        return;
-                    }
-                    let dst = &dst;
-                    // SAFETY: dst is `[m, n]` row-major with capacity m·n; this call writes columns
-                    // j0..j1 of every row (row stride n, column stride 1) and nothing else, so the
-                    // threads' writes are disjoint. lhs is `xs` `[m, k]` row-major; rhs is Wᵀ: element
-                    // (kk, j) of W's rows j0..j1 at `ws[(j0 + j)·k + kk]` (row stride 1, column stride
-                    // k). `read_dst = false`: the uninitialized output is only written.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            j1 - j0,
-                            k,
-                            dst.0.add(j0),
-                            1,
-                            n as isize,
-                            false,
-                            xs.as_ptr(),
-                            1,
-                            k as isize,
-                            ws.as_ptr().add(j0 * k),
-                            k as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    };
-                });
-            })
-        })??;
+        // Four runs per thread rather than one: when the hypervisor stalls one vCPU (this VM sees
+        // seconds of steal per minute), the other thread takes its remaining runs instead of
+        // waiting; on an idle machine 2 and 8 runs measured the same.
+        let parts = (4 * rayon::current_num_threads()).min(n / SPLIT_MIN_COLUMNS).max(1);
+        // Runs of whole 16-float cache lines, so no two threads write into one line.
+        let width = n.div_ceil(parts).div_ceil(16) * 16;
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..parts).into_par_iter().for_each(|p| {
+            let (j0, j1) = (p * width, ((p + 1) * width).min(n));
+            if j0 >= j1 {
+                return;
+            }
+            let dst = &dst;
+            // SAFETY: dst is `[m, n]` row-major with capacity m·n; this call writes columns j0..j1
+            // of every row (row stride n, column stride 1) and nothing else, so the threads'
+            // writes are disjoint. `a` and `b` were checked above to hold every element the
+            // strides reach; b's columns j0..j1 start at `j0·b.cs`. `read_dst = false`: the
+            // uninitialized output is only written.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    j1 - j0,
+                    k,
+                    dst.0.add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    a.data.as_ptr(),
+                    a.cs as isize,
+                    a.rs as isize,
+                    b.data.as_ptr().add(j0 * b.cs),
+                    b.cs as isize,
+                    b.rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        });
     } else {
         out.resize(m * n, 0.0);
     }
     // SAFETY: every element was written above (each column run covers all m rows), or zeroed.
     unsafe { out.set_len(m * n) };
-    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+    Ok(out)
 }
 
 /// A raw output pointer the column-run threads of [`gemm_x_wt`] share (each writes its own run).

@@ -5,7 +5,9 @@
 //!
 //! Two execution modes:
 //! * inference: candle's fused kernels (rms_norm, softmax, rope), which carry no gradient;
-//! * differentiable: the same maths from elementary ops, so backprop reaches every weight.
+//! * differentiable: the same maths from fused kernels that carry their backward pass
+//!   ([`super::grad_kernels`], each tested against its elementary-op twin), so backprop reaches
+//!   every weight.
 
 use std::collections::HashMap;
 
@@ -14,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::arch::Activation;
 use super::hooks::{Hooks, LinearId, NoHooks, Role};
-use super::{kernels, qmatmul};
+use super::{grad_kernels, kernels, qmatmul};
 use crate::config::{LayerShape, LlamaConfig};
 
 /// Input rows up to which a block-quantized [`Linear`] multiplies in its quantized form.
@@ -310,7 +312,7 @@ pub struct Llama {
     pub final_norm: Tensor,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Tensor>,
-    /// Use elementary (differentiable) ops instead of fused kernels.
+    /// Run the kernels that carry a gradient ([`super::grad_kernels`]) instead of the inference ones.
     pub differentiable: bool,
     /// The head's stored GGUF type when the model was loaded to run as stored
     /// ([`super::io::load_quantized`]): the head's input is then rounded to that type's 8-bit
@@ -760,35 +762,15 @@ impl Llama {
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         if self.differentiable {
-            let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-            let inv = (ms + eps)?.sqrt()?.recip()?;
-            Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+            grad_kernels::rms_norm(x, w, eps)
         } else {
             Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
         }
     }
 
-    /// Rotary embedding on `[b, heads, seq, head_dim]`, HF's rotate-half layout.
+    /// Rotary embedding on `[b, heads, seq, head_dim]`, HF's rotate-half layout (inference).
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if self.differentiable {
-            let hd = x.dim(D::Minus1)?;
-            let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-            let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-            let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
-            let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-            let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
-        } else {
-            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
-        }
-    }
-
-    /// Softmax from elementary ops (differentiable mode; inference uses the fused causal kernel).
-    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        let max = x.max_keepdim(D::Minus1)?;
-        let e = x.broadcast_sub(&max)?.exp()?;
-        let s = e.sum_keepdim(D::Minus1)?;
-        Ok(e.broadcast_div(&s)?)
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
     }
 
     /// Linear layer `role` of block `layer` on `x`, after letting the hooks see (or replace) `x`.
@@ -922,7 +904,10 @@ impl Llama {
             let qg = q.reshape((b, n_kv, rep * t, hd))?;
             let scores = qg.matmul(&k.t()?)?.reshape((b, n_q, t, t))?;
             let probs = if self.differentiable {
-                self.softmax(&scores.broadcast_add(pos.mask(local)?)?)?
+                if pos.start != 0 {
+                    bail!("the differentiable mode runs whole sequences from position 0");
+                }
+                grad_kernels::causal_softmax(&scores, window)?
             } else {
                 kernels::causal_softmax(&scores, window)?
             };
@@ -971,9 +956,14 @@ impl Llama {
         if let Some(w) = &blk.k_norm {
             k = self.rms_norm(&k, w)?;
         }
+        let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+        if self.differentiable {
+            let q = grad_kernels::rope_heads(&q, cos, sin, self.config.query_scale())?;
+            let k = grad_kernels::rope_heads(&k, cos, sin, 1.0)?;
+            return Ok(Some((q, k, v)));
+        }
         let q = q.transpose(1, 2)?;
         let k = k.transpose(1, 2)?;
-        let v = v.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = (self.rope(&q, cos, sin)? * self.config.query_scale())?;
         let k = self.rope(&k, cos, sin)?.contiguous()?;
         Ok(Some((q, k, v)))
@@ -1027,8 +1017,9 @@ impl Llama {
         let (Some(g), Some(u)) = (gu.next(), gu.next()) else { bail!("block {layer}: no gate/up products") };
         Ok(Some(match (self.config.arch.activation(), self.differentiable) {
             (Activation::Silu, false) => kernels::silu_mul(&g, &u)?,
-            (Activation::Silu, true) => (g.silu()? * u)?,
-            (Activation::GeluTanh, _) => (g.gelu()? * u)?,
+            (Activation::Silu, true) => grad_kernels::gated(&g, &u, grad_kernels::Gate::Silu)?,
+            (Activation::GeluTanh, false) => (g.gelu()? * u)?,
+            (Activation::GeluTanh, true) => grad_kernels::gated(&g, &u, grad_kernels::Gate::GeluTanh)?,
         }))
     }
 

@@ -2,6 +2,7 @@
 pub mod arch;
 pub mod hooks;
 pub mod io;
+pub mod grad_kernels;
 pub mod kernels;
 pub mod llama;
 pub mod qmatmul;

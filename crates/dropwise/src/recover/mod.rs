@@ -444,7 +444,7 @@ fn head_loss(student: &Llama, h: &Tensor, target: &Tensor, opts: &RecoverOptions
     for _ in 0..opts.dropout_samples {
         let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.unit_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, x.dims(), &Device::Cpu)?;
-        let logits = (&x * mask)?.matmul(&w.t()?)?;
+        let logits = crate::model::kernels::f32_product(&(&x * mask)?, w)?;
         total = (total + kd::kd_loss(&logits, target, opts.temperature)?)?;
     }
     Ok((total / opts.dropout_samples as f64)?)
