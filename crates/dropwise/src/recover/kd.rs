@@ -14,6 +14,8 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::model::vexp;
+
 /// KD loss of student logits against teacher logits, both `[rows, vocab]` f32; a scalar with a
 /// gradient to `student` (the teacher is a constant).
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
@@ -54,11 +56,24 @@ struct KdLoss {
     temperature: f64,
 }
 
-/// Per-row log-sum-exp of `x · inv_t`, and the row's maximum of `x · inv_t`.
-fn row_lse(x: &[f32], inv_t: f32) -> f64 {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * inv_t));
-    let sum: f64 = x.iter().map(|&v| ((v * inv_t - max) as f64).exp()).sum();
-    max as f64 + sum.ln()
+/// `x · inv_t` (borrowed as is when `inv_t` is 1, the usual temperature).
+fn scaled<'a>(x: &'a [f32], inv_t: f32, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    if inv_t == 1.0 {
+        return x;
+    }
+    buf.clear();
+    buf.extend(x.iter().map(|&v| v * inv_t));
+    buf
+}
+
+fn row_max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Log-sum-exp of a row (the vectorized `exp` of [`vexp`], sums in f64).
+fn row_lse(x: &[f32]) -> f64 {
+    let max = row_max(x);
+    max as f64 + vexp::sum_exp_shifted(x, max).ln()
 }
 
 /// The two inputs as slices with their row width.
@@ -79,15 +94,22 @@ impl CustomOp2 for KdLoss {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (s, t, vocab) = slices(s1, l1, s2, l2)?;
         let inv_t = self.inv_t;
-        // KL(P‖Q) per row = Σ p (t' − s') − LSE(t') + LSE(s'), with p = exp(t' − LSE(t')).
+        // KL(P‖Q) per row = Σ p (t' − s') − LSE(t') + LSE(s'), with p = exp(t' − LSE(t')); the
+        // teacher's partition sum and the cross term come from one pass.
         let per_row: Vec<f64> = s
             .par_chunks(vocab)
             .zip(t.par_chunks(vocab))
-            .map(|(sr, tr)| {
-                let (ls, lt) = (row_lse(sr, inv_t), row_lse(tr, inv_t));
-                let cross: f64 = sr.iter().zip(tr).map(|(&a, &b)| ((b * inv_t) as f64 - lt).exp() * ((b - a) * inv_t) as f64).sum();
-                (cross - lt + ls).max(0.0)
-            })
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(bs, bt), (sr, tr)| {
+                    let (sr, tr) = (scaled(sr, inv_t, bs), scaled(tr, inv_t, bt));
+                    let ls = row_lse(sr);
+                    let mt = row_max(tr);
+                    let (sum, cross) = vexp::sum_exp_and_cross(tr, sr, mt);
+                    let lt = mt as f64 + sum.ln();
+                    (cross / sum - lt + ls).max(0.0)
+                },
+            )
             .collect();
         // Rows are added in order: the loss does not depend on the thread count.
         let rows = per_row.len().max(1) as f64;
@@ -118,14 +140,18 @@ impl CustomOp2 for KdGrad {
         let rows = s.len() / vocab;
         let scale = (self.temperature / rows.max(1) as f64) as f32;
         let mut out = vec![0f32; s.len()];
-        out.par_chunks_mut(vocab).zip(s.par_chunks(vocab).zip(t.par_chunks(vocab))).for_each(|(o, (sr, tr))| {
-            let (ls, lt) = (row_lse(sr, inv_t), row_lse(tr, inv_t));
-            for ((o, &a), &b) in o.iter_mut().zip(sr).zip(tr) {
-                let q = ((a * inv_t) as f64 - ls).exp();
-                let p = ((b * inv_t) as f64 - lt).exp();
-                *o = scale * (q - p) as f32;
-            }
-        });
+        out.par_chunks_mut(vocab).zip(s.par_chunks(vocab).zip(t.par_chunks(vocab))).for_each_init(
+            || (Vec::new(), Vec::new(), vec![0f32; vocab]),
+            |(bs, bt, p), (o, (sr, tr))| {
+                let (sr, tr) = (scaled(sr, inv_t, bs), scaled(tr, inv_t, bt));
+                let (ls, lt) = (row_lse(sr), row_lse(tr));
+                vexp::exp_shifted(sr, o, ls as f32);
+                vexp::exp_shifted(tr, p, lt as f32);
+                for (o, &p) in o.iter_mut().zip(p.iter()) {
+                    *o = scale * (*o - p);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
