@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Recovery on SmolLM2-135M: five one-shot cuts — 9 blocks dropped, 12 attention sub-blocks
+# dropped (additive), 40 % of MLP neurons removed, Wanda 50 %, SparseGPT 2:4 — each healed by
+# `recover` with kd, kd+features and local at stated token budgets, then perplexity, KL and top-1
+# agreement to the dense model on the first W persuasion windows (austen-512, default 64), one
+# `dropwise eval` call per cut, with each recover run's wall time. Training text: emma,
+# mansfieldpark, prideprejudice, sensesensibility (never persuasion or northangerabbey).
+# With LONG=1 also the 9-block cut healed by local then kd at larger budgets (the 3× goal).
+#   scripts/recover_table.sh [W=64] [KD_TOKENS=16384] [LOCAL_TOKENS=32768] [OUT=/tmp/dropwise-recover-table]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-64}
+KD=${2:-16384}
+LOCAL=${3:-32768}
+OUT=${4:-/tmp/dropwise-recover-table}
+LONG=${LONG:-0}
+mkdir -p "$OUT"
+python3 scripts/fetch_assets.py > /dev/null
+M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+D=assets/austen/persuasion.txt
+C=assets/austen/emma.txt
+TRAIN="assets/austen/emma.txt assets/austen/mansfieldpark.txt assets/austen/prideprejudice.txt assets/austen/sensesensibility.txt"
+cargo build --release --quiet
+BIN="$OUT/dropwise"
+cp ./target/release/dropwise "$BIN"
+T="--threads 2"
+
+cut() { # name, command... (writes OUT/name.gguf)
+    local name=$1; shift
+    [ -s "$OUT/$name.gguf" ] || { echo "cut $name" >&2; $BIN $T "$@" -o "$OUT/$name.gguf" --json > "$OUT/$name.cut.json"; }
+}
+heal() { # name, student name, recover args... (writes OUT/name.gguf and OUT/name.json with wall_seconds)
+    local name=$1 student=$2; shift 2
+    [ -s "$OUT/$name.json" ] && return 0
+    echo "recover $name" >&2
+    local t0; t0=$(date +%s.%N)
+    $BIN $T recover "$OUT/$student.gguf" --teacher $M --train $TRAIN "$@" -o "$OUT/$name.gguf" --json > "$OUT/$name.tmp"
+    python3 - "$OUT/$name.tmp" "$t0" "$(date +%s.%N)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["wall_seconds"] = float(sys.argv[3]) - float(sys.argv[2])
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+PY
+    mv "$OUT/$name.tmp" "$OUT/$name.json"
+}
+evaluate() { # group name, model names...: one eval call with the dense model as reference
+    local group=$1; shift
+    [ -s "$OUT/$group.eval.json" ] && return 0
+    local files=()
+    for n in "$@"; do files+=("$OUT/$n.gguf"); done
+    echo "eval $group" >&2
+    $BIN $T eval "${files[@]}" --data $D --windows "$W" --reference $M --json > "$OUT/$group.eval.tmp"
+    mv "$OUT/$group.eval.tmp" "$OUT/$group.eval.json"
+}
+
+cut drop9 drop-layers $M --layers 4,5,12,13,14,15,16,17,18 --calib $C
+cut attn12 drop-layers $M --count 12 --metric additive --part attn --calib $C --calib-windows 4
+cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
+cut wanda50 prune $M --method wanda --sparsity 0.5 --calib $C --calib-windows 32
+cut sparsegpt24 prune $M --method sparsegpt --pattern 2:4 --calib $C --calib-windows 32
+
+CUTS="drop9 attn12 neurons40 wanda50 sparsegpt24"
+for c in $CUTS; do
+    heal $c-kd $c --loss kd --tokens $KD --lr 2e-4
+    heal $c-kdf $c --loss kd+features --tokens $KD --lr 2e-4
+    heal $c-local $c --loss local --tokens $LOCAL --lr 2e-3
+    evaluate $c $c $c-kd $c-kdf $c-local
+done
+if [ "$LONG" = 1 ]; then
+    heal drop9-long-local drop9 --loss local --tokens 131072 --lr 2e-3
+    heal drop9-long-kd drop9-long-local --loss kd --tokens 131072 --lr 2e-4 --seed 2
+    evaluate drop9-long drop9-long-local drop9-long-kd
+fi
+
+python3 - "$OUT" "$KD" "$LOCAL" "$LONG" $CUTS <<'PY'
+import json, os, sys
+out, kd, local, long_, cuts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5:]
+label = {"drop9": "9 blocks dropped", "attn12": "12 attention sub-blocks dropped", "neurons40": "40 % of MLP neurons removed",
+         "wanda50": "Wanda 50 %", "sparsegpt24": "SparseGPT 2:4"}
+legs = [("", "one-shot", None), ("-kd", "kd, %d tokens" % kd, None), ("-kdf", "kd+features, %d tokens" % kd, None), ("-local", "local, %d tokens" % local, None)]
+print("| cut | model | wall (2 threads) | perplexity | KL | top-1 | KL cut |")
+print("|---|---|---|---|---|---|---|")
+def rows(group, names, what):
+    ev = json.load(open(os.path.join(out, group + ".eval.json")))
+    base = None
+    for n, e, w in zip(names, ev, what):
+        kl = e["kl_divergence"]
+        base = base or kl
+        j = os.path.join(out, n + ".json")
+        wall = "%.1f min" % (json.load(open(j))["wall_seconds"] / 60) if os.path.exists(j) else "—"
+        print("| %s | %s | %s | %.2f | %.4f | %.3f | %.2f× |" % (label.get(group, group), w, wall, e["perplexity"], kl, e["top1_agreement"], base / kl))
+for c in cuts:
+    rows(c, [c + s for s, _, _ in legs], [w for _, w, _ in legs])
+if long_:
+    ev0 = json.load(open(os.path.join(out, "drop9.eval.json")))[0]
+    ev = json.load(open(os.path.join(out, "drop9-long.eval.json")))
+    walls = [json.load(open(os.path.join(out, n + ".json")))["wall_seconds"] / 60 for n in ("drop9-long-local", "drop9-long-kd")]
+    for e, w, name in zip(ev, [walls[0], walls[0] + walls[1]], ["local 131072 tokens", "local 131072, then kd 131072 tokens"]):
+        print("| 9 blocks dropped | %s | %.1f min | %.2f | %.4f | %.3f | %.2f× |" % (name, w, e["perplexity"], e["kl_divergence"], e["top1_agreement"], ev0["kl_divergence"] / e["kl_divergence"]))
+PY
