@@ -5,7 +5,9 @@
 # agreement to the dense model on the first W persuasion windows (austen-512, default 64), one
 # `dropwise eval` call per cut, with each recover run's wall time. Training text: emma,
 # mansfieldpark, prideprejudice, sensesensibility (never persuasion or northangerabbey).
-# With LONG=1 also the 9-block cut healed by local then kd at larger budgets (the 3× goal).
+# With LONG=1 also the 9-block cut healed by local then kd at larger budgets (the 3× goal); with
+# DEPTH=1 the 9 blocks chosen by bi and by learned depth (TinyFusion) beside additive's (which
+# ppl also chooses on SmolLM2), each healed by the same kd budget.
 #   scripts/recover_table.sh [W=64] [KD_TOKENS=16384] [LOCAL_TOKENS=32768] [OUT=/tmp/dropwise-recover-table]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ KD=${2:-16384}
 LOCAL=${3:-32768}
 OUT=${4:-/tmp/dropwise-recover-table}
 LONG=${LONG:-0}
+DEPTH=${DEPTH:-0}
 mkdir -p "$OUT"
 python3 scripts/fetch_assets.py > /dev/null
 M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -71,10 +74,17 @@ if [ "$LONG" = 1 ]; then
     heal drop9-long-kd drop9-long-local --loss kd --tokens 131072 --lr 2e-4 --seed 2
     evaluate drop9-long drop9-long-local drop9-long-kd
 fi
+if [ "$DEPTH" = 1 ]; then
+    cut drop9-bi drop-layers $M --count 9 --metric bi --calib $C --calib-windows 8
+    cut drop9-learned drop-layers $M --count 9 --metric learned --calib $C --calib-windows 8 --learn-tokens 16384
+    heal drop9-bi-kd drop9-bi --loss kd --tokens $KD --lr 2e-4
+    heal drop9-learned-kd drop9-learned --loss kd --tokens $KD --lr 2e-4
+    evaluate depth drop9-bi drop9-bi-kd drop9-learned drop9-learned-kd
+fi
 
-python3 - "$OUT" "$KD" "$LOCAL" "$LONG" $CUTS <<'PY'
+python3 - "$OUT" "$KD" "$LOCAL" "$LONG" "$DEPTH" $CUTS <<'PY'
 import json, os, sys
-out, kd, local, long_, cuts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5:]
+out, kd, local, long_, depth, cuts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6:]
 label = {"drop9": "9 blocks dropped", "attn12": "12 attention sub-blocks dropped", "neurons40": "40 % of MLP neurons removed",
          "wanda50": "Wanda 50 %", "sparsegpt24": "SparseGPT 2:4"}
 legs = [("", "one-shot", None), ("-kd", "kd, %d tokens" % kd, None), ("-kdf", "kd+features, %d tokens" % kd, None), ("-local", "local, %d tokens" % local, None)]
@@ -97,4 +107,15 @@ if long_:
     walls = [json.load(open(os.path.join(out, n + ".json")))["wall_seconds"] / 60 for n in ("drop9-long-local", "drop9-long-kd")]
     for e, w, name in zip(ev, [walls[0], walls[0] + walls[1]], ["local 131072 tokens", "local 131072, then kd 131072 tokens"]):
         print("| 9 blocks dropped | %s | %.1f min | %.2f | %.4f | %.3f | %.2f× |" % (name, w, e["perplexity"], e["kl_divergence"], e["top1_agreement"], ev0["kl_divergence"] / e["kl_divergence"]))
+if depth:
+    print()
+    print("| 9 blocks chosen by | blocks | one-shot KL | after kd, %d tokens: perplexity | KL | top-1 |" % kd)
+    print("|---|---|---|---|---|---|")
+    main = json.load(open(os.path.join(out, "drop9.eval.json")))
+    dep = json.load(open(os.path.join(out, "depth.eval.json")))
+    def blocks(n):
+        j = os.path.join(out, n + ".cut.json")
+        return str(sorted(json.load(open(j))["layers"])) if os.path.exists(j) else "4,5,12-18 (given)"
+    for name, n, pair in (("additive (= ppl)", "drop9", (main[0], main[1])), ("bi", "drop9-bi", (dep[0], dep[1])), ("learned (TinyFusion)", "drop9-learned", (dep[2], dep[3]))):
+        print("| %s | %s | %.4f | %.2f | %.4f | %.3f |" % (name, blocks(n), pair[0]["kl_divergence"], pair[1]["perplexity"], pair[1]["kl_divergence"], pair[1]["top1_agreement"]))
 PY

@@ -194,7 +194,8 @@ enum Cmd {
         json: bool,
     },
     /// Drop whole blocks, or their attention or MLP sub-blocks, chosen by Block Influence (bi),
-    /// the additive one-shot KL criterion (additive) or greedy calibration perplexity (ppl).
+    /// the additive one-shot KL criterion (additive), greedy calibration perplexity (ppl) or
+    /// TinyFusion's trained keep-patterns (learned).
     DropLayers {
         model: PathBuf,
         /// How many blocks to drop.
@@ -206,12 +207,28 @@ enum Cmd {
         /// Exactly these blocks (comma-separated, from 0), no scoring.
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
-        /// bi, additive or ppl.
+        /// bi, additive, ppl or learned.
         #[arg(long, default_value = "additive")]
         metric: String,
         /// What to remove from each chosen block: block, attn or mlp.
         #[arg(long, default_value = "block")]
         part: String,
+        /// learned: blocks per group (default: the smallest size ≥ 4 that splits the blocks and
+        /// the count evenly, else 10).
+        #[arg(long)]
+        group_size: Option<usize>,
+        /// learned: training tokens (the calibration windows, cycled).
+        #[arg(long, default_value_t = 16384)]
+        learn_tokens: usize,
+        /// learned: rank of the LoRA adapters trained beside the choice.
+        #[arg(long, default_value_t = 8)]
+        learn_lora_rank: usize,
+        /// learned: the adapters' learning rate (the choice trains at ten times it).
+        #[arg(long, default_value_t = 5e-4)]
+        learn_lr: f64,
+        /// learned: where the pattern logits start: additive (the single-removal KLs) or uniform.
+        #[arg(long, default_value = "additive")]
+        learn_init: String,
         #[command(flatten)]
         calib: CalibArgs,
         #[command(flatten)]
@@ -427,8 +444,27 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             println!("{}", serde_json::to_string(&data::tokenize_files(&m.tokenizer, &data)?)?);
             Ok(())
         }
-        Cmd::DropLayers { model, count, fraction, layers, metric, part, calib, out } => {
-            cmd_drop_layers(model, count, fraction, layers, metric, part, calib, out)
+        Cmd::DropLayers { model, count, fraction, layers, metric, part, group_size, learn_tokens, learn_lora_rank, learn_lr, learn_init, calib, out } => {
+            use dropwise::structural::learned::Init;
+            let init = match learn_init.as_str() {
+                "additive" => Init::Additive,
+                "uniform" => Init::Uniform,
+                o => bail!("unknown --learn-init '{o}' (supported: additive, uniform)"),
+            };
+            if learn_tokens == 0 || learn_tokens > MAX_CALIB_TOKENS {
+                bail!("--learn-tokens must be in 1..={MAX_CALIB_TOKENS}, not {learn_tokens}");
+            }
+            if learn_lora_rank == 0 || learn_lora_rank > 4096 {
+                bail!("--learn-lora-rank must be in 1..=4096, not {learn_lora_rank}");
+            }
+            if !(learn_lr.is_finite() && learn_lr > 0.0 && learn_lr <= 1.0) {
+                bail!("--learn-lr must be a number in (0, 1], not {learn_lr}");
+            }
+            if group_size == Some(0) {
+                bail!("--group-size must be at least 1");
+            }
+            let learned = dropwise::structural::LearnedOptions { group_size, tokens: learn_tokens, lora_rank: learn_lora_rank, lr: learn_lr, seed: calib.seed, init };
+            cmd_drop_layers(model, count, fraction, layers, metric, part, learned, calib, out)
         }
         Cmd::Shrink { model, heads, neurons, importance, allocation, head_unit, neuron_multiple, calib, out } => {
             use dropwise::structural::width::{HeadUnit, Importance, ShrinkOptions, WidthAllocation};
@@ -878,6 +914,7 @@ fn cmd_drop_layers(
     layers: Option<Vec<usize>>,
     metric: String,
     part: String,
+    learned: dropwise::structural::LearnedOptions,
     calib: CalibArgs,
     out: OutputArgs,
 ) -> Result<()> {
@@ -885,6 +922,10 @@ fn cmd_drop_layers(
     use dropwise::structural::{self, surgery, LayerMetric, Part};
     let metric = LayerMetric::parse(&metric)?;
     let part = Part::parse(&part)?;
+    if metric == LayerMetric::Learned {
+        // It trains: the same reuse of freed activations as recover's.
+        recover_cmd::keep_freed_memory();
+    }
     if let Some(f) = fraction {
         if !(f > 0.0 && f < 1.0) {
             bail!("--fraction must be in (0, 1), got {f}");
@@ -912,7 +953,7 @@ fn cmd_drop_layers(
             let pb = ProgressBar::new(1);
             pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} candidates, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
             pb.set_message(format!("drop-layers {metric:?}"));
-            let plan = structural::plan_layers(&m.model, &windows, metric, part, count, &mut |i, total| {
+            let plan = structural::plan_layers_with(&m.model, &windows, metric, part, count, &learned, &mut |i, total| {
                 pb.set_length(total as u64);
                 pb.set_position(i as u64);
             })?;

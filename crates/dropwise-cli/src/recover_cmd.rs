@@ -226,7 +226,7 @@ fn require_extension(path: &Path, flag: &str, ext: &str) -> Result<()> {
 /// kernel after mimalloc's default 10 ms, each comes back as fresh pages the kernel zeroes,
 /// which took 35 % of `recover`'s time (perf) and 70 → 104 training tokens/s when turned off on
 /// SmolLM2. Peak memory is the same: the memory is reused, not added to.
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     extern "C" {
         fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
     }

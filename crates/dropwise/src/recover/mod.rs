@@ -394,7 +394,7 @@ fn select_blocks(student: &Llama, teacher: &Llama, window: &[u32], changed: &[us
 /// Rank-`rank` LoRA adapters on every non-empty block linear: `A` uniform in ±1/√in (seeded),
 /// `B` zero, so training starts from the student as it is; scale 1 (α = rank). The weights
 /// themselves stay constants. Returns the adapters' variables.
-fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(String, candle_core::Var)>> {
+pub(crate) fn attach_adapters(student: &mut Llama, rank: usize, seed: u64) -> Result<Vec<(String, candle_core::Var)>> {
     use candle_core::Var;
     if rank == 0 {
         bail!("a LoRA rank must be at least 1");

@@ -8,6 +8,8 @@
 //!   the chosen set is reported beside the predicted sum.
 //! * `ppl` — greedy: remove one part at a time, each time the one whose removal gives the lowest
 //!   calibration perplexity of the model as it now is.
+//! * `learned` — TinyFusion: a keep-pattern per group of blocks trained jointly with LoRA
+//!   adapters that stand for the recovery to come ([`super::learned`]); whole blocks only.
 //!
 //! Every candidate is evaluated from cached hidden states: removing part of block l only changes
 //! what happens from block l on, so only blocks l.. and the head are run again.
@@ -16,6 +18,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
+use super::learned::LearnedOptions;
 use super::surgery::{self, Part};
 use crate::eval::{score_window, Acc};
 use crate::model::kernels::with_f32_slice;
@@ -29,6 +32,7 @@ pub enum LayerMetric {
     Bi,
     Additive,
     Ppl,
+    Learned,
 }
 
 impl LayerMetric {
@@ -37,7 +41,8 @@ impl LayerMetric {
             "bi" => LayerMetric::Bi,
             "additive" => LayerMetric::Additive,
             "ppl" => LayerMetric::Ppl,
-            o => bail!("unknown layer metric '{o}' (supported: bi, additive, ppl)"),
+            "learned" => LayerMetric::Learned,
+            o => bail!("unknown layer metric '{o}' (supported: bi, additive, ppl, learned)"),
         })
     }
 }
@@ -49,7 +54,8 @@ pub struct LayerPlan {
     /// Original indices of the blocks whose part is removed, in the order chosen.
     pub layers: Vec<usize>,
     /// Per original block: its score (BI, single-removal KL, or for `ppl` the calibration
-    /// perplexity when it was removed at its greedy step; `None` where not measured).
+    /// perplexity when it was removed at its greedy step, for `learned` its final keep
+    /// probability; `None` where not measured).
     pub scores: Vec<Option<f64>>,
     /// `additive`: the sum of the chosen parts' single-removal KLs.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,6 +65,9 @@ pub struct LayerPlan {
     /// Calibration perplexity of the dense model and of the model with the set removed.
     pub dense_calib_ppl: f64,
     pub calib_ppl: f64,
+    /// `learned`: the groups, patterns and training of the choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned: Option<super::learned::LearnedReport>,
 }
 
 /// The calibration windows every candidate is scored on.
@@ -163,9 +172,28 @@ fn has_part(model: &Llama, l: usize, part: Part) -> bool {
     }
 }
 
+/// The calibration KL to the dense model of removing `part` from each candidate block alone
+/// (`None` for the others).
+fn single_removal_kls(ctx: &Ctx, model: &Llama, candidates: &[usize], part: Part, dense_inputs: &BlockInputs, dense_out: &[Tensor], progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Option<f64>>> {
+    let mut scores = vec![None; model.blocks.len()];
+    for (i, &l) in candidates.iter().enumerate() {
+        let mut m = model.clone();
+        surgery::remove(&mut m, &[l], part)?;
+        let acc = ctx.score_from(&m, l, dense_inputs, Some((model, dense_out)))?;
+        scores[l] = Some(acc.kl / acc.n as f64);
+        progress(i + 1, candidates.len());
+    }
+    Ok(scores)
+}
+
 /// Plans the removal of `part` from `count` blocks by `metric`, measured on `windows`.
 /// `progress` is told after each candidate evaluation.
 pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part, count: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<LayerPlan> {
+    plan_with(model, windows, metric, part, count, &LearnedOptions::default(), progress)
+}
+
+/// As [`plan`], with the training options of `learned`.
+pub fn plan_with(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part, count: usize, learned: &LearnedOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LayerPlan> {
     let n = model.blocks.len();
     let candidates: Vec<usize> = (0..n).filter(|&l| has_part(model, l, part)).collect();
     if count == 0 {
@@ -183,6 +211,10 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
     let dense = ctx.score_from(model, n, &dense_inputs, None)?;
     let mut scores: Vec<Option<f64>> = vec![None; n];
     let mut predicted_kl = None;
+    let mut learned_report = None;
+    if metric == LayerMetric::Learned && part != Part::Block {
+        bail!("--metric learned chooses whole blocks (--part block), not {} sub-blocks", part.name());
+    }
     let chosen: Vec<usize> = match metric {
         LayerMetric::Bi => {
             let bi = block_influence(model, windows, part)?;
@@ -196,13 +228,7 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
             c
         }
         LayerMetric::Additive => {
-            for (i, &l) in candidates.iter().enumerate() {
-                let mut m = model.clone();
-                surgery::remove(&mut m, &[l], part)?;
-                let acc = ctx.score_from(&m, l, &dense_inputs, Some((model, dense_out)))?;
-                scores[l] = Some(acc.kl / acc.n as f64);
-                progress(i + 1, candidates.len());
-            }
+            scores = single_removal_kls(&ctx, model, &candidates, part, &dense_inputs, dense_out, progress)?;
             let mut c = candidates.clone();
             c.sort_by(|&a, &b| scores[a].unwrap_or(f64::INFINITY).total_cmp(&scores[b].unwrap_or(f64::INFINITY)));
             c.truncate(count);
@@ -247,6 +273,18 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
             }
             chosen
         }
+        LayerMetric::Learned => {
+            let prior = match learned.init {
+                super::learned::Init::Uniform => None,
+                super::learned::Init::Additive => Some(single_removal_kls(&ctx, model, &candidates, part, &dense_inputs, dense_out, &mut |_, _| {})?.into_iter().map(|s| s.unwrap_or(0.0)).collect::<Vec<_>>()),
+            };
+            let (dropped, keep, report) = super::learned::choose(model, windows, count, prior.as_deref(), learned, progress)?;
+            for (l, p) in keep.into_iter().enumerate() {
+                scores[l] = Some(p);
+            }
+            learned_report = Some(report);
+            dropped
+        }
     };
     let mut pruned = model.clone();
     surgery::remove(&mut pruned, &chosen, part)?;
@@ -260,5 +298,6 @@ pub fn plan(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part: Part
         measured_kl: acc.kl / acc.n as f64,
         dense_calib_ppl: (dense.nll / dense.n as f64).exp(),
         calib_ppl: (acc.nll / acc.n as f64).exp(),
+        learned: learned_report,
     })
 }
