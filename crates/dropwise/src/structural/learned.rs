@@ -343,4 +343,40 @@ mod tests {
         // The softmax's gradient sums to zero over the patterns.
         assert!(gl.iter().sum::<f32>().abs() < 1e-3);
     }
+
+    #[test]
+    fn learning_drops_the_count_one_group_share_each_and_repeats_bit_for_bit() {
+        use crate::testing::{tiny_config, tiny_model, TINY_VOCAB};
+        for arch in [crate::config::Arch::Llama, crate::config::Arch::Qwen3] {
+            let mut c = tiny_config(arch);
+            c.num_hidden_layers = 8;
+            let model = tiny_model(c, 5).unwrap();
+            let mut rng = SplitMix64(9);
+            let windows: Vec<Vec<u32>> = (0..3).map(|_| (0..16).map(|_| rng.below(TINY_VOCAB as u64) as u32).collect()).collect();
+            let opts = LearnedOptions { group_size: Some(4), tokens: 16 * 6, lora_rank: 2, lr: 1e-2, seed: 1, init: Init::Uniform };
+            let mut seen = 0;
+            let (dropped, keep, report) = choose(&model, &windows, 2, None, &opts, &mut |i, n| {
+                assert!(i <= n);
+                seen = i;
+            })
+            .unwrap();
+            assert_eq!((seen, report.steps, report.tokens), (6, 6, 96));
+            assert_eq!(dropped.len(), 2);
+            assert_eq!(dropped.iter().filter(|&&l| l < 4).count(), 1, "one drop in each group of 4: {dropped:?}");
+            for g in [0..4, 4..8] {
+                let expected: f64 = keep[g].iter().sum();
+                assert!((expected - 3.0).abs() < 1e-6, "a group keeps 3 blocks in expectation, not {expected}");
+            }
+            assert!(report.confidence.iter().all(|&c| c > 0.25 + 1e-6), "the logits moved from uniform: {:?}", report.confidence);
+            let (again, keep_again, _) = choose(&model, &windows, 2, None, &opts, &mut |_, _| {}).unwrap();
+            assert_eq!(dropped, again);
+            assert!(keep.iter().zip(&keep_again).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // A prior that makes one block very costly to drop keeps it.
+            let mut prior = vec![0.1; 8];
+            prior[dropped[0]] = 100.0;
+            let (with_prior, _, report) = choose(&model, &windows, 2, Some(&prior), &LearnedOptions { init: Init::Additive, ..opts.clone() }, &mut |_, _| {}).unwrap();
+            assert!(!with_prior.contains(&dropped[0]), "{with_prior:?} drops the block the prior protects");
+            assert_eq!(report.init, Init::Additive);
+        }
+    }
 }
