@@ -76,7 +76,7 @@ if [ "$LONG" = 1 ]; then
 fi
 if [ "$DEPTH" = 1 ]; then
     cut drop9-bi drop-layers $M --count 9 --metric bi --calib $C --calib-windows 8
-    cut drop9-learned drop-layers $M --count 9 --metric learned --calib $C --calib-windows 8 --learn-tokens 16384
+    cut drop9-learned drop-layers $M --count 9 --metric learned --calib $C --calib-windows 8 --learn-tokens 8192
     heal drop9-bi-kd drop9-bi --loss kd --tokens $KD --lr 2e-4
     heal drop9-learned-kd drop9-learned --loss kd --tokens $KD --lr 2e-4
     evaluate depth drop9-bi drop9-bi-kd drop9-learned drop9-learned-kd
