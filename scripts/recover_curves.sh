@@ -22,14 +22,14 @@ run() { # name, recover args...
     local name=$1; shift
     [ -s "$OUT/curve-$name.json" ] && return 0
     echo "curve $name" >&2
-    $BIN --threads 2 recover "$OUT/drop9.gguf" --teacher $M --train $TRAIN --tokens "$TOKENS" --loss kd --lr 2e-4 $EV "$@" \
+    $BIN --threads 2 recover "$OUT/drop9.gguf" --teacher $M --train $TRAIN --tokens "$TOKENS" --loss kd $EV "$@" \
         -o "$OUT/curve-$name.gguf" --json > "$OUT/curve-$name.tmp"
     mv "$OUT/curve-$name.tmp" "$OUT/curve-$name.json"
 }
-run all --params all
-run selective --params selective
+run all --params all --lr 2e-4
+run selective --params selective --lr 2e-4
 run lora --params lora --lora-rank 16 --lr 2e-3
-run all-msd --params all --multi-sample-dropout 4 --dropout 0.1
+run all-msd --params all --lr 2e-4 --multi-sample-dropout 4 --dropout 0.1
 
 python3 - "$OUT" <<'PY'
 import json, os, sys
