@@ -51,7 +51,7 @@ pub enum Init {
     Uniform,
     /// From the additive criterion's single-removal KLs: a pattern starts with probability
     /// ∝ exp(−Σ KL of its drops / T), T a quarter of the median block's KL. Measured on SmolLM2
-    /// with a uniform start and 4-16 steps (tens are what this CPU affords), the straight-through
+    /// with a uniform start and 4-12 steps (tens are what this CPU affords), the straight-through
     /// gradient favoured dropping blocks 0 and 29 (one-shot KL 10.9): its first-order view of
     /// a block underrates the ones whose outputs are largest, and a few dozen samples of
     /// 120³ pattern triples cannot correct it. The start makes the training decide among the
