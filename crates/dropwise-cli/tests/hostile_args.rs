@@ -199,6 +199,7 @@ const SPECIAL: &[Special] = &[
     ("prune", &[("--seq-len", Some("1"))], "at least 2"),
     ("prune", &[("--calib", Some("MISSING"))], "missing"),
     ("drop-layers", &[("--count", Some("3"))], "at least one must remain"),
+    ("drop-layers", &[("--metric", Some("learned")), ("--part", Some("attn"))], "whole blocks"),
     ("drop-layers", &[("--count", Some("4"))], ""),
     ("drop-layers", &[("--count", None), ("--fraction", Some("0"))], ""),
     ("drop-layers", &[("--count", None), ("--fraction", Some("-0.5"))], ""),

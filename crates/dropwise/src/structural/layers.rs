@@ -205,6 +205,9 @@ pub fn plan_with(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part:
     if count > candidates.len() {
         bail!("cannot drop {count} {} sub-blocks: only {} blocks have one", part.name(), candidates.len());
     }
+    if metric == LayerMetric::Learned && part != Part::Block {
+        bail!("--metric learned chooses whole blocks (--part block), not {} sub-blocks", part.name());
+    }
     let ctx = make_ctx(windows)?;
     let dense_inputs = ctx.inputs(model)?;
     let dense_out = dense_inputs.finals();
@@ -212,9 +215,6 @@ pub fn plan_with(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part:
     let mut scores: Vec<Option<f64>> = vec![None; n];
     let mut predicted_kl = None;
     let mut learned_report = None;
-    if metric == LayerMetric::Learned && part != Part::Block {
-        bail!("--metric learned chooses whole blocks (--part block), not {} sub-blocks", part.name());
-    }
     let chosen: Vec<usize> = match metric {
         LayerMetric::Bi => {
             let bi = block_influence(model, windows, part)?;
@@ -276,7 +276,7 @@ pub fn plan_with(model: &Llama, windows: &[Vec<u32>], metric: LayerMetric, part:
         LayerMetric::Learned => {
             let prior = match learned.init {
                 super::learned::Init::Uniform => None,
-                super::learned::Init::Additive => Some(single_removal_kls(&ctx, model, &candidates, part, &dense_inputs, dense_out, &mut |_, _| {})?.into_iter().map(|s| s.unwrap_or(0.0)).collect::<Vec<_>>()),
+                super::learned::Init::Additive => Some(single_removal_kls(&ctx, model, &candidates, part, &dense_inputs, dense_out, progress)?.into_iter().map(|s| s.unwrap_or(0.0)).collect::<Vec<_>>()),
             };
             let (dropped, keep, report) = super::learned::choose(model, windows, count, prior.as_deref(), learned, progress)?;
             for (l, p) in keep.into_iter().enumerate() {

@@ -166,26 +166,39 @@ fn keep_patterns(m: usize, drop: usize) -> Vec<Vec<f32>> {
 /// One group's learnable choice.
 struct Gate {
     logits: Var,
-    /// `[patterns, group size]` keep values.
+    /// Each pattern's keep values over the group's blocks (1 kept, 0 dropped).
+    rows: Vec<Vec<f32>>,
+    /// `rows` as a `[patterns, group size]` tensor.
     keep: Tensor,
-    patterns: usize,
+}
+
+impl Gate {
+    fn new(rows: Vec<Vec<f32>>, start: Vec<f32>) -> Result<Self> {
+        let (patterns, m) = (rows.len(), rows.first().map_or(0, |r| r.len()));
+        let keep = Tensor::from_vec(rows.concat(), (patterns, m), &Device::Cpu)?;
+        Ok(Gate { logits: Var::from_vec(start, patterns, &Device::Cpu)?, rows, keep })
+    }
+
+    fn patterns(&self) -> usize {
+        self.rows.len()
+    }
 }
 
 impl Gate {
     /// The straight-through Gumbel-softmax sample: its value is the one-hot of the sampled
     /// pattern, its gradient the soft sample's. Returns the group's keep values `[1, m]`.
     fn sample(&self, tau: f64, rng: &mut SplitMix64) -> Result<(Tensor, usize)> {
-        let noise: Vec<f32> = (0..self.patterns).map(|_| -(-rng.unit_f64().clamp(1e-12, 1.0 - 1e-12).ln()).ln() as f32).collect();
-        let noise = Tensor::from_vec(noise, (1, self.patterns), &Device::Cpu)?;
+        let noise: Vec<f32> = (0..self.patterns()).map(|_| -(-rng.unit_f64().clamp(1e-12, 1.0 - 1e-12).ln()).ln() as f32).collect();
+        let noise = Tensor::from_vec(noise, (1, self.patterns()), &Device::Cpu)?;
         let z = (((self.logits.as_tensor().unsqueeze(0)? * SCALING)? + noise)? / tau)?;
         // Softmax from elementary ops (the fused one carries no gradient).
         let max = z.max_keepdim(1)?.detach();
         let e = z.broadcast_sub(&max)?.exp()?;
         let soft = e.broadcast_div(&e.sum_keepdim(1)?)?;
         let best = soft.argmax(1)?.to_vec1::<u32>()?[0] as usize;
-        let mut hard = vec![0f32; self.patterns];
+        let mut hard = vec![0f32; self.patterns()];
         hard[best] = 1.0;
-        let hard = Tensor::from_vec(hard, (1, self.patterns), &Device::Cpu)?;
+        let hard = Tensor::from_vec(hard, (1, self.patterns()), &Device::Cpu)?;
         // hard + (soft − soft): exactly the one-hot in value.
         let y = (hard + (&soft - soft.detach())?)?;
         Ok((y.matmul(&self.keep)?, best))
@@ -218,13 +231,11 @@ pub fn choose(model: &Llama, windows: &[Vec<u32>], count: usize, prior: Option<&
         .zip(&drops)
         .map(|(g, &d)| {
             let rows = keep_patterns(g.len(), d);
-            let patterns = rows.len();
             let start: Vec<f32> = match prior {
                 Some(kl) => rows.iter().map(|r| -(start_logit(kl, g, r) / SCALING) as f32).collect(),
-                None => vec![0.0; patterns],
+                None => vec![0.0; rows.len()],
             };
-            let keep = Tensor::from_vec(rows.concat(), (patterns, g.len()), &Device::Cpu)?;
-            Ok(Gate { logits: Var::from_vec(start, patterns, &Device::Cpu)?, keep, patterns })
+            Gate::new(rows, start)
         })
         .collect::<Result<_>>()?;
     let mut student = model.clone();
@@ -266,11 +277,11 @@ pub fn choose(model: &Llama, windows: &[Vec<u32>], count: usize, prior: Option<&
     let mut dropped = Vec::with_capacity(count);
     let mut keep_probability = vec![0.0; n];
     let mut confidence = Vec::with_capacity(gates.len());
-    for ((gate, blocks), &d) in gates.iter().zip(&groups).zip(&drops) {
+    for (gate, blocks) in gates.iter().zip(&groups) {
         let p = gate.probabilities()?;
         let best = (0..p.len()).fold(0, |b, i| if p[i] > p[b] { i } else { b });
         confidence.push(p[best]);
-        let rows = keep_patterns(blocks.len(), d);
+        let rows = &gate.rows;
         for (j, &l) in blocks.iter().enumerate() {
             keep_probability[l] = rows.iter().zip(&p).map(|(r, &q)| r[j] as f64 * q).sum();
             if rows[best][j] == 0.0 {
@@ -281,7 +292,7 @@ pub fn choose(model: &Llama, windows: &[Vec<u32>], count: usize, prior: Option<&
     let tenth = (steps / 10).max(1);
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
     let report = LearnedReport {
-        patterns_per_group: gates.iter().map(|g| g.patterns).collect(),
+        patterns_per_group: gates.iter().map(Gate::patterns).collect(),
         groups,
         drops_per_group: drops,
         confidence,
@@ -328,10 +339,8 @@ mod tests {
 
     #[test]
     fn the_straight_through_sample_is_one_hot_in_value_and_soft_in_gradient() {
-        let rows = keep_patterns(4, 2);
-        let keep = Tensor::from_vec(rows.concat(), (6, 4), &Device::Cpu).unwrap();
-        let logits = Var::from_vec(vec![0.0f32, 0.01, -0.01, 0.0, 0.02, 0.0], 6, &Device::Cpu).unwrap();
-        let gate = Gate { logits: logits.clone(), keep, patterns: 6 };
+        let gate = Gate::new(keep_patterns(4, 2), vec![0.0f32, 0.01, -0.01, 0.0, 0.02, 0.0]).unwrap();
+        let logits = gate.logits.clone();
         let (m, _) = gate.sample(1.0, &mut SplitMix64(3)).unwrap();
         let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v.iter().filter(|&&x| x == 0.0).count(), 2);
