@@ -97,7 +97,7 @@ fn groups(n: usize, count: usize, size: Option<usize>) -> Result<(Vec<Vec<usize>
     let size = match size {
         Some(0) => bail!("a group must hold at least one block"),
         Some(s) => s.min(n),
-        None => (4..=n).find(|&m| n % m == 0 && count % (n / m) == 0 && binomial(m, count / (n / m)) <= MAX_PATTERNS).unwrap_or(10.min(n)),
+        None => (4..=n).find(|&m| n.is_multiple_of(m) && count.is_multiple_of(n / m) && binomial(m, count / (n / m)) <= MAX_PATTERNS).unwrap_or(10.min(n)),
     };
     let groups: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(size).map(|c| c.to_vec()).collect();
     // Drops in proportion to group size, the remainders to the largest fractions (earlier
