@@ -563,6 +563,10 @@ impl GgufWriter {
     /// A writer whose spool lives in `path`'s folder (the output's file system).
     pub fn beside(path: &Path) -> Result<Self> {
         crate::util::check_parent(path)?;
+        // Before this writer makes a name of its own: a dead writer's `.tmp` is removed now,
+        // not only when this one reaches its rename, so a kill during the spool's brief named
+        // moment cannot leave a second leftover beside the first.
+        crate::util::sweep_stale_temps(path);
         let spool_path = crate::util::temp_sibling(path).with_extension("spool");
         let spool = crate::util::unlinked_scratch_file(&spool_path).with_context(|| format!("cannot create {}", spool_path.display()))?;
         Ok(Self { spool: std::io::BufWriter::with_capacity(1 << 20, spool), infos: Vec::new(), offset: 0 })
