@@ -15,6 +15,7 @@ use dropwise::formats::gguf::WriteDType;
 use dropwise::inspect;
 use dropwise::util::human;
 
+mod pipeline_cmd;
 mod recover_cmd;
 
 #[derive(Parser)]
@@ -61,29 +62,22 @@ struct CalibArgs {
 }
 
 impl CalibArgs {
+    /// The calibration a step draws from, `default_windows` windows unless --calib-windows says.
+    fn spec(&self, default_windows: usize) -> dropwise::pipeline::CalibSpec {
+        dropwise::pipeline::CalibSpec { files: self.calib.clone(), windows: self.calib_windows.unwrap_or(default_windows), seq_len: self.seq_len, seed: self.seed }
+    }
+
     /// The offsets and windows, or an error naming `who` needs them.
     fn windows(&self, m: &dropwise::LoadedModel, who: &str, default_windows: usize) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
-        if self.calib.is_empty() {
-            bail!("{who} needs calibration text: pass --calib FILE");
-        }
-        let n = self.calib_windows.unwrap_or(default_windows);
-        if n == 0 {
-            bail!("--calib-windows must be at least 1");
-        }
-        // The windows are held as token ids and their statistics summed per window: a count
-        // past this is a typo, not a calibration set, and must not become a huge allocation.
-        if n.saturating_mul(self.seq_len) > MAX_CALIB_TOKENS {
-            bail!("--calib-windows {n} of {} tokens is more than {MAX_CALIB_TOKENS} calibration tokens", self.seq_len);
-        }
+        let spec = self.spec(default_windows);
+        dropwise::pipeline::check_calibration(&spec, who)?;
         check_seq_len(m, self.seq_len)?;
         let ids = data::tokenize_files(&m.tokenizer, &self.calib)?;
-        data::calibration_windows(&ids, self.seq_len, n, self.seed, m.window_bos())
+        data::calibration_windows(&ids, self.seq_len, spec.windows, self.seed, m.window_bos())
     }
 }
 
-/// Calibration windows × sequence length beyond which a calibration set is refused (64× the
-/// largest protocol in use, 512 windows of 512 tokens).
-const MAX_CALIB_TOKENS: usize = 1 << 24;
+use dropwise::pipeline::Step;
 
 /// Worker threads beyond which `--threads` is refused: each is an OS thread with its own stack.
 const MAX_THREADS: usize = 256;
@@ -98,15 +92,18 @@ struct OutputArgs {
     dtype: DTypeArg,
     #[arg(long)]
     json: bool,
+    /// Print the command as a recipe (for `dropwise run`) instead of running it.
+    #[arg(long)]
+    print_recipe: bool,
 }
 
-/// dropwise never writes over the file or folder it read.
-fn refuse_overwrite(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
-    if output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(input).ok() {
-        bail!("output {} is the input; dropwise never overwrites its input", output.display());
+impl OutputArgs {
+    fn target(&self) -> pipeline_cmd::Output<'_> {
+        pipeline_cmd::Output { path: &self.output, dtype: self.dtype.into(), json: self.json, print_recipe: self.print_recipe }
     }
-    Ok(())
 }
+
+use dropwise::pipeline::run::refuse_overwrite;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -292,6 +289,9 @@ enum Cmd {
         output: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Print the command as a recipe (for `dropwise run`) instead of running it.
+        #[arg(long)]
+        print_recipe: bool,
     },
     /// Token ids of text files as the model's tokenizer makes them (no BOS), as a JSON array.
     Tokenize {
@@ -324,6 +324,24 @@ enum Cmd {
     /// Heal a dropped or pruned model: train it (the student) to reproduce the model it was cut
     /// from (the teacher) by distillation; pruned weights stay zero.
     Recover(recover_cmd::RecoverArgs),
+    /// Run a recipe: a model, its calibration and evaluation text and the steps that change it
+    /// (prune, drop-layers, shrink, recover, quantize), chained in memory; one file written.
+    Run {
+        /// The recipe (TOML; every step command prints its own with --print-recipe).
+        recipe: PathBuf,
+        /// Output (instead of the recipe's `output`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print the recipe as dropwise reads it (every option explicit) instead of running it.
+        #[arg(long)]
+        print_recipe: bool,
+        /// Write an HTML page of the run (a table per step, choices across depth, quality
+        /// against size and speed) into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -436,8 +454,9 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {
             let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot, gemm_peak };
-            cmd_prune(model, opts, out.output, out.dtype.into(), out.json)
+            cmd_prune(model, opts, out)
         }
+        Cmd::Run { recipe, output, print_recipe, report, json } => pipeline_cmd::cmd_run(&recipe, output, json, print_recipe, report),
         Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
         Cmd::Tokenize { model, data } => {
             let m = dropwise::load(&model)?;
@@ -445,29 +464,27 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             Ok(())
         }
         Cmd::DropLayers { model, count, fraction, layers, metric, part, group_size, learn_tokens, learn_lora_rank, learn_lr, learn_init, calib, out } => {
-            use dropwise::structural::learned::Init;
-            let init = match learn_init.as_str() {
-                "additive" => Init::Additive,
-                "uniform" => Init::Uniform,
-                o => bail!("unknown --learn-init '{o}' (supported: additive, uniform)"),
-            };
-            if learn_tokens == 0 || learn_tokens > MAX_CALIB_TOKENS {
-                bail!("--learn-tokens must be in 1..={MAX_CALIB_TOKENS}, not {learn_tokens}");
-            }
-            if learn_lora_rank == 0 || learn_lora_rank > 4096 {
-                bail!("--learn-lora-rank must be in 1..=4096, not {learn_lora_rank}");
-            }
-            if !(learn_lr.is_finite() && learn_lr > 0.0 && learn_lr <= 1.0) {
-                bail!("--learn-lr must be a number in (0, 1], not {learn_lr}");
-            }
-            if group_size == Some(0) {
-                bail!("--group-size must be at least 1");
-            }
+            use dropwise::pipeline::steps::drop_layers::{parse_init, DropLayersStep, Which, DEFAULT_WINDOWS};
+            let init = parse_init(&learn_init)?;
             let learned = dropwise::structural::LearnedOptions { group_size, tokens: learn_tokens, lora_rank: learn_lora_rank, lr: learn_lr, seed: calib.seed, init };
-            cmd_drop_layers(model, count, fraction, layers, metric, part, learned, calib, out)
+            let which = match (count, fraction, layers) {
+                (_, _, Some(l)) => Which::Layers(l),
+                (Some(c), _, _) => Which::Count(c),
+                (None, Some(f), None) => Which::Fraction(f),
+                _ => Which::Count(0),
+            };
+            let metric = dropwise::structural::LayerMetric::parse(&metric)?;
+            let part = dropwise::structural::Part::parse(&part)?;
+            let step = DropLayersStep::new(which, metric, part, learned, calib.spec(DEFAULT_WINDOWS))?;
+            if step.trains() && !out.print_recipe {
+                // It trains: the same reuse of freed activations as recover's.
+                recover_cmd::keep_freed_memory();
+            }
+            pipeline_cmd::one_step(&model, Box::new(step), out.target(), calib.seq_len, &mut |_, _| {})
         }
         Cmd::Shrink { model, heads, neurons, importance, allocation, head_unit, neuron_multiple, calib, out } => {
-            use dropwise::structural::width::{HeadUnit, Importance, ShrinkOptions, WidthAllocation};
+            use dropwise::pipeline::steps::shrink::{ShrinkStep, DEFAULT_WINDOWS};
+            use dropwise::structural::width::{check_options, HeadUnit, Importance, ShrinkOptions, WidthAllocation};
             let opts = ShrinkOptions {
                 heads,
                 neurons,
@@ -476,10 +493,15 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
                 head_unit: HeadUnit::parse(&head_unit)?,
                 neuron_multiple,
             };
-            cmd_shrink(model, opts, calib, out)
+            check_options(&opts)?;
+            let step = ShrinkStep { opts, calib: calib.spec(DEFAULT_WINDOWS) };
+            pipeline_cmd::one_step(&model, Box::new(step), out.target(), calib.seq_len, &mut |_, _| {})
         }
-        Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, reuse_scores, calib, output, json } => {
-            cmd_quantize(model, bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib, output, json)
+        Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, reuse_scores, calib, output, json, print_recipe } => {
+            use dropwise::pipeline::steps::quantize::{QuantizeStep, DEFAULT_WINDOWS};
+            let step = QuantizeStep::new(bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib.spec(DEFAULT_WINDOWS))?;
+            let out = pipeline_cmd::Output { path: &output, dtype: WriteDType::F32, json, print_recipe };
+            pipeline_cmd::one_step(&model, Box::new(step), out, calib.seq_len, &mut pipeline_cmd::written_json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {
@@ -595,15 +617,7 @@ fn cmd_generate(model: PathBuf, a: GenerateArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
-/// A window longer than the model's context is positions it was never trained on, and its
-/// attention scores grow with the square of the length.
-fn check_seq_len(m: &dropwise::LoadedModel, seq_len: usize) -> Result<()> {
-    let ctx = m.model.config.max_position_embeddings;
-    if seq_len > ctx {
-        bail!("--seq-len {seq_len} is longer than the model's context of {ctx} tokens");
-    }
-    Ok(())
-}
+use dropwise::pipeline::check_seq_len;
 
 fn load_windows(m: &dropwise::LoadedModel, data: &[PathBuf], seq_len: usize, windows: usize) -> Result<Vec<Vec<u32>>> {
     check_seq_len(m, seq_len)?;
@@ -740,83 +754,27 @@ struct PruneArgs {
     gemm_peak: bool,
 }
 
-fn cmd_prune(model: PathBuf, a: PruneArgs, output: PathBuf, dtype: WriteDType, json: bool) -> Result<()> {
-    use dropwise::formats::gguf::Value;
-    use dropwise::prune::{self, Allocation, Method, Pattern, PruneOptions};
-    let method = Method::parse(&a.method)?;
-    let pattern = match (a.sparsity, &a.pattern) {
-        (Some(s), None) => Pattern::unstructured(s)?,
-        (None, Some(p)) => Pattern::parse_nm(p)?,
-        _ => bail!("give either --sparsity S or --pattern N:M"),
-    };
-    let mut opts = PruneOptions::new(method, pattern);
-    opts.allocation = Allocation::parse(&a.allocation)?;
-    opts.one_shot = a.one_shot;
-    refuse_overwrite(&model, &output)?;
-    // Measured before the clock starts, so the prune times stay what they are without it.
-    let peak = if a.gemm_peak { Some(bench::gemm_peak(3)?.0) } else { None };
-    let t_start = std::time::Instant::now();
-    let mut m = dropwise::model::io::load_decoded(&model)?;
-    let t_load = t_start.elapsed().as_secs_f64();
-    // Calibration is one pass of the decoder blocks (no output head) over every window.
-    let head_flops = 2.0 * m.model.head_weight().elem_count() as f64;
-    let block_flops_per_token = m.model.flops_per_token(a.calib.seq_len) - head_flops;
-    let needs_calib = method != Method::Magnitude || opts.allocation != Allocation::Uniform;
-    let (offsets, windows) = if needs_calib { a.calib.windows(&m, method.name(), 64)? } else { (Vec::new(), Vec::new()) };
-    let pb = ProgressBar::new(m.model.blocks.len() as u64);
-    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} blocks, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
-    pb.set_message(format!("prune {}", method.name()));
-    let report = prune::prune(&mut m.model, &windows, &opts, &mut |i| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
-    let t_write = std::time::Instant::now();
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("dropwise.prune.method".to_string(), Value::String(method.name().into()));
-    extra.insert("dropwise.prune.pattern".to_string(), Value::String(report.pattern.clone()));
-    extra.insert("dropwise.prune.allocation".to_string(), Value::String(a.allocation.clone()));
-    extra.insert("dropwise.prune.one_shot".to_string(), Value::Bool(a.one_shot));
-    extra.insert(
-        "dropwise.prune.layer_sparsity".to_string(),
-        Value::Array(report.layer_sparsity.iter().map(|&s| Value::F32(s as f32)).collect()),
-    );
-    extra.insert("dropwise.prune.achieved_sparsity".to_string(), Value::F32(report.achieved_sparsity as f32));
-    extra.insert("dropwise.calib.seed".to_string(), Value::U64(a.calib.seed));
-    extra.insert("dropwise.calib.seq_len".to_string(), Value::U32(a.calib.seq_len as u32));
-    extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
-    dropwise::model::io::save_with_metadata(&m, &m.model, &output, dtype, &extra)?;
-    let write_s = t_write.elapsed().as_secs_f64();
-    let total = t_start.elapsed().as_secs_f64();
-    if json {
-        let mut v = serde_json::to_value(&report)?;
-        v["model"] = model.display().to_string().into();
-        v["output"] = output.display().to_string().into();
-        v["calibration"] = serde_json::json!({"files": a.calib.calib, "windows": windows.len(), "seq_len": a.calib.seq_len, "seed": a.calib.seed, "offsets": offsets});
-        v["load_seconds"] = t_load.into();
-        v["write_seconds"] = write_s.into();
-        v["total_seconds"] = total.into();
-        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
-        if let Some(p) = peak {
-            let flops = block_flops_per_token * (windows.len() * a.calib.seq_len) as f64;
-            v["gemm_peak_gflops"] = p.into();
-            v["calibration_gflop"] = (flops / 1e9).into();
-            // The time the calibration pass would take at the GEMM peak, and how close we are.
-            v["calibration_floor_seconds"] = (flops / (p * 1e9)).into();
-            v["calibration_vs_peak"] = (flops / report.calibrate_seconds.max(1e-9) / (p * 1e9)).into();
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{:<22} {} {} ({} allocation{})", "pruned", method.name(), report.pattern, a.allocation, if a.one_shot { ", one-shot" } else { "" });
-        println!("{:<22} {:.4} over {} matrices", "achieved sparsity", report.achieved_sparsity, report.matrices.len());
-        let ls: Vec<String> = report.layer_sparsity.iter().map(|s| format!("{s:.3}")).collect();
-        println!("{:<22} {}", "layer sparsity", ls.join(" "));
-        println!("{:<22} {} windows × {} tokens, seed {}", "calibration", windows.len(), a.calib.seq_len, a.calib.seed);
-        println!(
-            "{:<22} load {:.1}s, allocation {:.1}s, calibrate {:.1}s, prune {:.1}s, write {:.1}s, total {:.1}s",
-            "time", t_load, report.allocation_seconds, report.calibrate_seconds, report.prune_seconds, write_s, total
-        );
-        print_peak_memory();
-        println!("{:<22} {}", "wrote", output.display());
-    }
-    Ok(())
+fn cmd_prune(model: PathBuf, a: PruneArgs, out: OutputArgs) -> Result<()> {
+    use dropwise::pipeline::steps::prune::{PruneStep, DEFAULT_WINDOWS};
+    let step = PruneStep::new(&a.method, a.sparsity, a.pattern.clone(), &a.allocation, a.one_shot, a.calib.spec(DEFAULT_WINDOWS))?;
+    refuse_overwrite(&model, &out.output)?;
+    // Measured before the model loads, so the prune times stay what they are without it.
+    let peak = if a.gemm_peak && !out.print_recipe { Some(bench::gemm_peak(3)?.0) } else { None };
+    let seq_len = a.calib.seq_len;
+    pipeline_cmd::one_step(&model, Box::new(step), out.target(), seq_len, &mut |r, v| {
+        let Some(p) = peak else { return };
+        // Calibration is one pass of the decoder blocks (no output head) over every window.
+        let dense = &r.session.dense;
+        let block_flops_per_token = dense.flops_per_token(seq_len) - 2.0 * dense.head_weight().elem_count() as f64;
+        let windows = v["calibration"]["windows"].as_u64().unwrap_or(0) as usize;
+        let flops = block_flops_per_token * (windows * seq_len) as f64;
+        let calibrate = v["calibrate_seconds"].as_f64().unwrap_or(0.0);
+        v["gemm_peak_gflops"] = p.into();
+        v["calibration_gflop"] = (flops / 1e9).into();
+        // The time the calibration pass would take at the GEMM peak, and how close we are.
+        v["calibration_floor_seconds"] = (flops / (p * 1e9)).into();
+        v["calibration_vs_peak"] = (flops / calibrate.max(1e-9) / (p * 1e9)).into();
+    })
 }
 
 fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: bool) -> Result<()> {
@@ -872,350 +830,4 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
     Ok(())
 }
 
-/// The process's peak resident memory so far, as a report line (nothing where it is unknown).
-fn print_peak_memory() {
-    if let Some(p) = dropwise::util::peak_rss_bytes() {
-        println!("{:<22} {}B", "peak memory", human(p as f64));
-    }
-}
-
-/// Parameters and FLOPs per token (at the calibration length) before and after a structural cut.
-fn cost_json(before: &dropwise::model::Llama, after: &dropwise::model::Llama, seq_len: usize) -> serde_json::Value {
-    serde_json::json!({
-        "params_before": before.param_count(),
-        "params_after": after.param_count(),
-        "flops_per_token_before": before.flops_per_token(seq_len),
-        "flops_per_token_after": after.flops_per_token(seq_len),
-    })
-}
-
-fn print_cost(before: &dropwise::model::Llama, after: &dropwise::model::Llama, seq_len: usize) {
-    let (pb, pa) = (before.param_count() as f64, after.param_count() as f64);
-    let (fb, fa) = (before.flops_per_token(seq_len), after.flops_per_token(seq_len));
-    println!("{:<22} {} -> {} ({:+.1} %)", "parameters", human(pb), human(pa), 100.0 * (pa / pb - 1.0));
-    println!("{:<22} {} -> {} ({:+.1} %, seq {seq_len})", "FLOPs/token", human(fb), human(fa), 100.0 * (fa / fb - 1.0));
-}
-
-fn layer_shapes_text(m: &dropwise::model::Llama) -> String {
-    (0..m.blocks.len())
-        .map(|i| {
-            let s = m.layer_shape(i);
-            format!("{}/{}/{}", s.heads, s.kv_heads, s.ffn)
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cmd_drop_layers(
-    model: PathBuf,
-    count: Option<usize>,
-    fraction: Option<f64>,
-    layers: Option<Vec<usize>>,
-    metric: String,
-    part: String,
-    learned: dropwise::structural::LearnedOptions,
-    calib: CalibArgs,
-    out: OutputArgs,
-) -> Result<()> {
-    use dropwise::formats::gguf::Value;
-    use dropwise::structural::{self, surgery, LayerMetric, Part};
-    let metric = LayerMetric::parse(&metric)?;
-    let part = Part::parse(&part)?;
-    if metric == LayerMetric::Learned {
-        // It trains: the same reuse of freed activations as recover's.
-        recover_cmd::keep_freed_memory();
-    }
-    if let Some(f) = fraction {
-        if !(f > 0.0 && f < 1.0) {
-            bail!("--fraction must be in (0, 1), got {f}");
-        }
-    }
-    refuse_overwrite(&model, &out.output)?;
-    let t0 = std::time::Instant::now();
-    let mut m = dropwise::model::io::load_decoded(&model)?;
-    let dense = m.model.clone();
-    let n = dense.blocks.len();
-    let count = match (count, fraction) {
-        (Some(c), _) => c,
-        (None, Some(f)) => (f * n as f64).round() as usize,
-        _ => 0,
-    };
-    let mut extra = std::collections::BTreeMap::new();
-    let mut report = serde_json::json!({});
-    let chosen = match &layers {
-        Some(list) => {
-            surgery::remove(&mut m.model, list, part)?;
-            list.clone()
-        }
-        None => {
-            let (offsets, windows) = calib.windows(&m, "drop-layers", 8)?;
-            let pb = ProgressBar::new(1);
-            pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} candidates, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
-            pb.set_message(format!("drop-layers {metric:?}"));
-            let plan = structural::plan_layers_with(&m.model, &windows, metric, part, count, &learned, &mut |i, total| {
-                pb.set_length(total as u64);
-                pb.set_position(i as u64);
-            })?;
-            pb.finish_and_clear();
-            surgery::remove(&mut m.model, &plan.layers, part)?;
-            extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
-            extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
-            report = serde_json::to_value(&plan)?;
-            report["calibration"] = serde_json::json!({"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets});
-            plan.layers
-        }
-    };
-    let plan_s = t0.elapsed().as_secs_f64();
-    extra.insert("dropwise.drop.part".to_string(), Value::String(part.name().into()));
-    extra.insert("dropwise.drop.metric".to_string(), Value::String(if layers.is_some() { "list".into() } else { format!("{metric:?}").to_lowercase() }));
-    extra.insert("dropwise.drop.layers".to_string(), Value::Array(chosen.iter().map(|&l| Value::U32(l as u32)).collect()));
-    dropwise::model::io::save_with_metadata(&m, &m.model, &out.output, out.dtype.into(), &extra)?;
-    let total = t0.elapsed().as_secs_f64();
-    if out.json {
-        report["model"] = model.display().to_string().into();
-        report["output"] = out.output.display().to_string().into();
-        report["part"] = part.name().into();
-        report["layers"] = serde_json::json!(chosen);
-        report["cost"] = cost_json(&dense, &m.model, calib.seq_len);
-        report["plan_seconds"] = plan_s.into();
-        report["total_seconds"] = total.into();
-        report["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        let what = match part {
-            Part::Block => "blocks",
-            Part::Attn => "attention sub-blocks of blocks",
-            Part::Mlp => "MLP sub-blocks of blocks",
-        };
-        let mut sorted = chosen.clone();
-        sorted.sort_unstable();
-        println!("{:<22} {} {what} {:?}", "dropped", sorted.len(), sorted);
-        if layers.is_none() {
-            println!("{:<22} {metric:?}", "metric");
-            if let Some(scores) = report["scores"].as_array() {
-                let txt: Vec<String> = scores.iter().map(|s| s.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())).collect();
-                println!("{:<22} {}", "score per block", txt.join(" "));
-            }
-            if let Some(p) = report["predicted_kl"].as_f64() {
-                println!("{:<22} {:.4} (sum of single removals)", "predicted KL", p);
-            }
-            println!("{:<22} {:.4} (calibration windows)", "measured KL", report["measured_kl"].as_f64().unwrap_or(f64::NAN));
-            println!("{:<22} {:.3} -> {:.3}", "calibration ppl", report["dense_calib_ppl"].as_f64().unwrap_or(f64::NAN), report["calib_ppl"].as_f64().unwrap_or(f64::NAN));
-        }
-        print_cost(&dense, &m.model, calib.seq_len);
-        println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
-        print_peak_memory();
-        println!("{:<22} {}", "wrote", out.output.display());
-    }
-    Ok(())
-}
-
-fn cmd_shrink(model: PathBuf, opts: dropwise::structural::width::ShrinkOptions, calib: CalibArgs, out: OutputArgs) -> Result<()> {
-    use dropwise::formats::gguf::Value;
-    use dropwise::structural::width::{self, Importance};
-    refuse_overwrite(&model, &out.output)?;
-    let t0 = std::time::Instant::now();
-    let mut m = dropwise::model::io::load_decoded(&model)?;
-    let dense = m.model.clone();
-    let (offsets, windows) =
-        if opts.importance == Importance::Magnitude { (Vec::new(), Vec::new()) } else { calib.windows(&m, "shrink", 8)? };
-    let report = width::shrink(&mut m.model, &windows, &opts)?;
-    let plan_s = t0.elapsed().as_secs_f64();
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("dropwise.shrink.importance".to_string(), Value::String(format!("{:?}", opts.importance).to_lowercase()));
-    extra.insert("dropwise.shrink.allocation".to_string(), Value::String(format!("{:?}", opts.allocation).to_lowercase()));
-    extra.insert("dropwise.shrink.heads".to_string(), Value::F32(opts.heads as f32));
-    extra.insert("dropwise.shrink.neurons".to_string(), Value::F32(opts.neurons as f32));
-    extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
-    extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
-    dropwise::model::io::save_with_metadata(&m, &m.model, &out.output, out.dtype.into(), &extra)?;
-    let total = t0.elapsed().as_secs_f64();
-    if out.json {
-        let mut v = serde_json::to_value(&report)?;
-        v["model"] = model.display().to_string().into();
-        v["output"] = out.output.display().to_string().into();
-        v["cost"] = cost_json(&dense, &m.model, calib.seq_len);
-        v["calibration"] = serde_json::json!({"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets});
-        v["plan_seconds"] = plan_s.into();
-        v["total_seconds"] = total.into();
-        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{:<22} heads {:.1} %, neurons {:.1} % ({:?} importance, {:?} allocation, {:?} head units)",
-            "removed", 100.0 * report.heads_removed, 100.0 * report.neurons_removed, opts.importance, opts.allocation, opts.head_unit);
-        println!("{:<22} {}", "heads/kv/ffn by layer", layer_shapes_text(&m.model));
-        print_cost(&dense, &m.model, calib.seq_len);
-        let kind = if m.model.config.per_layer.is_some() { "uneven widths: GGUF deci" } else { "even widths" };
-        println!("{:<22} plan {:.1}s, total {:.1}s", "time", plan_s, total);
-        print_peak_memory();
-        println!("{:<22} {} ({kind})", "wrote", out.output.display());
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cmd_quantize(
-    model: PathBuf,
-    bpw: Option<f64>,
-    importance: &str,
-    use_imatrix: bool,
-    uniform: Option<&str>,
-    embed_type: &str,
-    reuse_scores: Option<PathBuf>,
-    calib: CalibArgs,
-    output: PathBuf,
-    json: bool,
-) -> Result<()> {
-    use dropwise::formats::gguf::Value;
-    use dropwise::quant::{plan, QType};
-    if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        bail!("quantize writes GGUF: the output must end in .gguf");
-    }
-    refuse_overwrite(&model, &output)?;
-    let embed = QType::parse(embed_type)?;
-    let importance = plan::Importance::parse(importance)?;
-    let uniform = uniform.map(QType::parse).transpose()?;
-    match (bpw, uniform) {
-        (Some(_), Some(_)) => bail!("--bpw and --uniform are alternatives; give one"),
-        (None, None) => bail!("give a budget (--bpw B) or one type (--uniform TYPE)"),
-        _ => {}
-    }
-    let t0 = std::time::Instant::now();
-    let mut m = dropwise::model::io::load_decoded(&model)?;
-    let mut units = plan::units(&m.model)?;
-    let (lo, hi) = plan::feasible_range(&units);
-    if let Some(b) = bpw {
-        // Refuse an impossible budget before any calibration work.
-        plan::check_budget(&units, b)?;
-    }
-    let needs_windows = use_imatrix || (bpw.is_some() && importance != plan::Importance::Outliers);
-    let (offsets, windows) = if needs_windows { calib.windows(&m, "quantize (imatrix, lim and kld)", 8)? } else { (Vec::new(), Vec::new()) };
-    let imatrix = if use_imatrix {
-        let pb = progress(windows.len(), "imatrix");
-        let im = plan::Imatrix::collect(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;
-        pb.finish_and_clear();
-        Some(im)
-    } else {
-        None
-    };
-    let calib_s = t0.elapsed().as_secs_f64();
-    let scores = match (bpw, uniform) {
-        (Some(b), None) => {
-            let pb = progress(m.model.blocks.len(), "importance");
-            pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
-            let sc = match &reuse_scores {
-                Some(p) => reused_scores(p, &model, importance, use_imatrix, m.model.blocks.len())?,
-                None => plan::score_layers(&mut m.model, &windows, importance, imatrix.as_ref(), &mut |i, _| pb.set_position(i as u64))?,
-            };
-            pb.finish_and_clear();
-            plan::allocate(&mut units, &sc.rank_key, b)?;
-            Some(sc)
-        }
-        (None, Some(t)) => {
-            plan::uniform(&mut units, t)?;
-            None
-        }
-        _ => unreachable!(),
-    };
-    let plan_s = t0.elapsed().as_secs_f64() - calib_s;
-    let planned = plan::bits_per_weight(&units);
-    let layer_types: Vec<String> = (0..m.model.blocks.len())
-        .map(|l| {
-            let mut ts: Vec<&str> = units.iter().filter(|u| u.layer == l).map(|u| u.ty.name()).collect();
-            ts.dedup();
-            ts.join("/")
-        })
-        .collect();
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("dropwise.quantize.bpw".to_string(), Value::F32(planned as f32));
-    extra.insert("dropwise.quantize.imatrix".to_string(), Value::Bool(use_imatrix));
-    extra.insert(
-        "dropwise.quantize.allocation".to_string(),
-        Value::String(match (&scores, uniform) {
-            (Some(s), _) => format!("{:?}", s.importance).to_lowercase(),
-            (None, Some(t)) => format!("uniform {}", t.name()),
-            _ => unreachable!(),
-        }),
-    );
-    extra.insert("dropwise.quantize.layer_types".to_string(), Value::Array(layer_types.iter().map(|t| Value::String(t.clone())).collect()));
-    if !offsets.is_empty() {
-        extra.insert("dropwise.calib.seed".to_string(), Value::U64(calib.seed));
-        extra.insert("dropwise.calib.offsets".to_string(), Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
-    }
-    let tw = std::time::Instant::now();
-    let written = plan::write(&m, &m.model, &units, imatrix.as_ref(), embed, &output, &extra)?;
-    let write_s = tw.elapsed().as_secs_f64();
-    if (written.bpw_in_file - planned).abs() > 1e-9 {
-        bail!("the file holds {:.4} bits per weight in its block linears, the plan {:.4}", written.bpw_in_file, planned);
-    }
-    let total = t0.elapsed().as_secs_f64();
-    if json {
-        let v = serde_json::json!({
-            "model": model.display().to_string(),
-            "output": output.display().to_string(),
-            "target_bpw": bpw,
-            "uniform": uniform.map(|t| t.name()),
-            "importance": scores.as_ref().map(|s| s.importance),
-            "layer_scores": scores.as_ref().map(|s| &s.raw),
-            "imatrix": use_imatrix,
-            "embed_type": embed.name(),
-            "feasible_bpw": [lo, hi],
-            "planned_bpw": planned,
-            "file_bpw": written.bpw_in_file,
-            "file_bytes": written.file_bytes,
-            "bytes_by_type": written.bytes_by_type,
-            "layer_types": layer_types,
-            "tensors": units,
-            "calibration": {"files": calib.calib, "windows": windows.len(), "seq_len": calib.seq_len, "seed": calib.seed, "offsets": offsets},
-            "calibrate_seconds": calib_s,
-            "plan_seconds": plan_s,
-            "write_seconds": write_s,
-            "total_seconds": total,
-            "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        if let Some(s) = &scores {
-            println!("{:<6} {:>12} {:>5}  types", "layer", format!("{:?}", s.importance).to_lowercase(), "rank");
-            let mut order: Vec<usize> = (0..s.raw.len()).collect();
-            order.sort_by(|&a, &b| s.rank_key[b].total_cmp(&s.rank_key[a]).then(a.cmp(&b)));
-            let mut rank = vec![0; s.raw.len()];
-            for (r, &l) in order.iter().enumerate() {
-                rank[l] = r + 1;
-            }
-            for (l, t) in layer_types.iter().enumerate() {
-                println!("{:<6} {:>12.5} {:>5}  {}", l, s.raw[l], rank[l], t);
-            }
-        }
-        let by_type: Vec<String> = written.bytes_by_type.iter().map(|(t, b)| format!("{t} {}B", human(*b as f64))).collect();
-        println!("{:<22} {:.4} planned, {:.4} in the file (budget {}; feasible {lo:.3}-{hi:.3})", "bits per weight", planned, written.bpw_in_file,
-            bpw.map(|b| format!("{b}")).unwrap_or_else(|| "uniform".into()));
-        println!("{:<22} {}B ({})", "file size", human(written.file_bytes as f64), by_type.join(", "));
-        println!("{:<22} {} (token embedding), imatrix {}", "embedding", embed.name(), if use_imatrix { "yes" } else { "no" });
-        println!("{:<22} calibrate {:.1}s, plan {:.1}s, write {:.1}s, total {:.1}s", "time", calib_s, plan_s, write_s, total);
-        print_peak_memory();
-        println!("{:<22} {}", "wrote", output.display());
-    }
-    Ok(())
-}
-
-/// Layer scores from an earlier `quantize --json` run, checked to describe the same model,
-/// importance and imatrix setting.
-fn reused_scores(path: &std::path::Path, model: &std::path::Path, importance: dropwise::quant::plan::Importance, imatrix: bool, layers: usize) -> Result<dropwise::quant::plan::LayerScores> {
-    use dropwise::quant::plan::LayerScores;
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not a quantize --json output", path.display()))?;
-    let want = serde_json::to_value(importance)?;
-    if v["importance"] != want || v["imatrix"] != serde_json::Value::Bool(imatrix) {
-        bail!("{} holds {} scores (imatrix {}), not {} (imatrix {imatrix})", path.display(), v["importance"], v["imatrix"], want);
-    }
-    if v["model"].as_str().map(std::path::Path::new) != Some(model) {
-        bail!("{} was scored on {}, not {}", path.display(), v["model"], model.display());
-    }
-    let raw: Vec<f64> = serde_json::from_value(v["layer_scores"].clone()).with_context(|| format!("{} has no layer_scores", path.display()))?;
-    if raw.len() != layers {
-        bail!("{} scores {} layers; the model has {layers}", path.display(), raw.len());
-    }
-    Ok(LayerScores::from_raw(importance, raw))
-}
+use pipeline_cmd::print_peak_memory;

@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
 
-use dropwise::data;
-use dropwise::recover::{self, RecoverOptions};
+use dropwise::pipeline::steps::recover::{ParamsKind, RecoverStep};
+use dropwise::recover;
 
-use super::{check_seq_len, print_peak_memory, refuse_overwrite, OutputArgs, MAX_CALIB_TOKENS};
+use super::pipeline_cmd::one_step;
+use super::{refuse_overwrite, OutputArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LossArg {
@@ -122,40 +122,43 @@ pub struct RecoverArgs {
     pub out: OutputArgs,
 }
 
-/// Texts the austen-512 protocol evaluates on: training on them would measure memorization.
-const EVALUATION_TEXTS: [&str; 2] = ["persuasion.txt", "northangerabbey.txt"];
+/// The step the arguments describe, its option values checked.
+fn step(a: &RecoverArgs) -> Result<RecoverStep> {
+    let mut s = RecoverStep::defaults(a.train.clone());
+    s.teacher = Some(a.teacher.clone());
+    s.tokens = a.tokens;
+    s.seq_len = a.seq_len;
+    s.loss = a.loss.into();
+    s.params = match a.params {
+        ParamsArg::All => ParamsKind::All,
+        ParamsArg::Selective => ParamsKind::Selective,
+        ParamsArg::Lora => ParamsKind::Lora,
+    };
+    s.multi_sample_dropout = a.multi_sample_dropout;
+    s.dropout = a.dropout;
+    s.select_blocks = a.select_blocks;
+    s.lora_rank = a.lora_rank;
+    s.feature_weight = a.feature_weight;
+    s.lr = a.lr;
+    s.warmup = a.warmup;
+    s.accumulate = a.accumulate;
+    s.clip = a.clip;
+    s.temperature = a.temperature;
+    s.weight_decay = a.weight_decay;
+    s.seed = a.seed;
+    s.eval = a.eval.clone();
+    s.eval_windows = a.eval_windows;
+    s.eval_every = a.eval_every;
+    s.checkpoint = a.checkpoint.clone();
+    s.checkpoint_every = a.checkpoint_every;
+    s.resume = a.resume.clone();
+    s.curves = a.curves.clone();
+    s.check()?;
+    Ok(s)
+}
 
-fn check(a: &RecoverArgs) -> Result<()> {
-    if a.seq_len < 2 {
-        bail!("--seq-len must be at least 2 tokens");
-    }
-    if a.tokens < a.seq_len {
-        bail!("--tokens {} is less than one window of --seq-len {}", a.tokens, a.seq_len);
-    }
-    if a.tokens > MAX_CALIB_TOKENS {
-        bail!("--tokens {} is more than {MAX_CALIB_TOKENS} training tokens", a.tokens);
-    }
-    if !(a.lr.is_finite() && a.lr > 0.0 && a.lr <= 1.0) {
-        bail!("--lr must be a number in (0, 1], not {}", a.lr);
-    }
-    if !(a.warmup.is_finite() && (0.0..1.0).contains(&a.warmup)) {
-        bail!("--warmup is a fraction of the updates in [0, 1), not {}", a.warmup);
-    }
-    if !(a.feature_weight.is_finite() && a.feature_weight >= 0.0 && a.feature_weight <= 1e6) {
-        bail!("--feature-weight must be a number in [0, 1e6], not {}", a.feature_weight);
-    }
-    if a.multi_sample_dropout > 64 {
-        bail!("--multi-sample-dropout {} is more than 64 masks (each is one more head product)", a.multi_sample_dropout);
-    }
-    if !(a.dropout.is_finite() && (0.0..1.0).contains(&a.dropout)) {
-        bail!("--dropout must be in [0, 1), not {}", a.dropout);
-    }
-    if a.multi_sample_dropout > 0 && matches!(a.loss, LossArg::Local) {
-        bail!("--multi-sample-dropout acts on the head, which --loss local does not train through");
-    }
-    if a.checkpoint_every == 0 {
-        bail!("--checkpoint-every must be at least 1");
-    }
+/// The checks of the paths: what is written must be writable and never an input.
+fn check_paths(a: &RecoverArgs) -> Result<()> {
     if let Some(c) = &a.checkpoint {
         require_extension(c, "--checkpoint", "safetensors")?;
         refuse_overwrite(&a.student, c)?;
@@ -165,43 +168,6 @@ fn check(a: &RecoverArgs) -> Result<()> {
     if let Some(r) = &a.resume {
         if !r.is_file() {
             bail!("--resume {}: no such checkpoint file", r.display());
-        }
-    }
-    if a.select_blocks == Some(0) {
-        bail!("--select-blocks must be at least 1");
-    }
-    if a.lora_rank == 0 || a.lora_rank > 4096 {
-        bail!("--lora-rank must be in 1..=4096, not {}", a.lora_rank);
-    }
-    if a.select_blocks.is_some() && !matches!(a.params, ParamsArg::Selective) {
-        bail!("--select-blocks goes with --params selective");
-    }
-    if a.accumulate == 0 {
-        bail!("--accumulate must be at least 1");
-    }
-    if !(a.clip.is_finite() && a.clip >= 0.0) {
-        bail!("--clip must be a finite number ≥ 0 (0 turns clipping off), not {}", a.clip);
-    }
-    if !(a.temperature.is_finite() && a.temperature > 0.0 && a.temperature <= 100.0) {
-        bail!("--temperature must be a number in (0, 100], not {}", a.temperature);
-    }
-    if !(a.weight_decay.is_finite() && (0.0..1.0).contains(&a.weight_decay)) {
-        bail!("--weight-decay must be in [0, 1), not {}", a.weight_decay);
-    }
-    if a.eval_windows == 0 {
-        bail!("--eval-windows must be at least 1");
-    }
-    if a.eval_every > 0 && a.eval.is_empty() {
-        bail!("--eval-every needs held-out text: pass --eval FILE");
-    }
-    for t in &a.train {
-        let name = t.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if EVALUATION_TEXTS.contains(&name.as_str()) {
-            bail!("{} is evaluation text of dropwise's protocol (austen-512); train on other text", t.display());
-        }
-        let canonical = std::fs::canonicalize(t).ok();
-        if canonical.is_some() && a.eval.iter().any(|e| std::fs::canonicalize(e).ok() == canonical) {
-            bail!("{} is both training and evaluation text", t.display());
         }
     }
     refuse_overwrite(&a.student, &a.out.output)?;
@@ -237,121 +203,14 @@ pub(crate) fn keep_freed_memory() {
 }
 
 pub fn cmd_recover(a: RecoverArgs) -> Result<()> {
-    use dropwise::formats::gguf::Value;
-    check(&a)?;
+    let step = step(&a)?;
+    if a.out.print_recipe {
+        return one_step(&a.student, Box::new(step), a.out.target(), a.seq_len, &mut |_, _| {});
+    }
+    check_paths(&a)?;
     keep_freed_memory();
-    let t0 = std::time::Instant::now();
-    let mut student = dropwise::load(&a.student).context("the student")?;
-    let teacher = dropwise::model::io::load_decoded(&a.teacher).context("the teacher")?;
-    check_seq_len(&student, a.seq_len)?;
-    check_seq_len(&teacher, a.seq_len)?;
-    if student.tokenizer.vocab_size() != teacher.tokenizer.vocab_size() {
-        bail!("student and teacher tokenizers differ ({} and {} tokens): the student must be cut from the teacher", student.tokenizer.vocab_size(), teacher.tokenizer.vocab_size());
-    }
-    let ids = data::tokenize_files(&student.tokenizer, &a.train)?;
-    let count = a.tokens / a.seq_len;
-    let (offsets, train) = data::calibration_windows(&ids, a.seq_len, count, a.seed, student.window_bos())?;
-    let eval = if a.eval.is_empty() {
-        Vec::new()
-    } else {
-        let ids = data::tokenize_files(&student.tokenizer, &a.eval)?;
-        data::eval_windows(&ids, a.seq_len, a.eval_windows, student.window_bos())?
-    };
-    let updates = count.div_ceil(a.accumulate);
-    let opts = RecoverOptions {
-        loss: a.loss.into(),
-        params: match a.params {
-            ParamsArg::All => recover::Params::All,
-            ParamsArg::Selective => recover::Params::Selective { blocks: a.select_blocks },
-            ParamsArg::Lora => recover::Params::Lora { rank: a.lora_rank },
-        },
-        seed: a.seed,
-        dropout_samples: a.multi_sample_dropout,
-        dropout: a.dropout,
-        feature_weight: a.feature_weight,
-        lr: a.lr,
-        warmup: (a.warmup * updates as f64).round() as usize,
-        accumulate: a.accumulate,
-        clip: (a.clip > 0.0).then_some(a.clip),
-        temperature: a.temperature,
-        weight_decay: a.weight_decay,
-        eval_every: a.eval_every,
-        checkpoint: a.checkpoint.clone(),
-        checkpoint_every: a.checkpoint_every,
-        resume: a.resume.clone(),
-    };
-    let pb = ProgressBar::new(updates as u64);
-    pb.set_style(ProgressStyle::with_template("recover [{bar:30}] {pos}/{len} updates, {msg}, {elapsed} elapsed, eta {eta}").unwrap().progress_chars("=> "));
-    let report = recover::recover(&mut student.model, &teacher.model, &train, &eval, &opts, &mut |s| {
-        pb.set_position(s.update as u64);
-        pb.set_message(format!("loss {:.4}, {:.0} tokens/s", s.loss, s.tokens_per_second));
-    })?;
-    pb.finish_and_clear();
-    let mut extra = std::collections::BTreeMap::new();
-    let mut put = |k: &str, v: Value| {
-        extra.insert(format!("dropwise.recover.{k}"), v);
-    };
-    put("teacher", Value::String(a.teacher.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    put("loss", Value::String(serde_json::to_value(opts.loss)?.as_str().unwrap_or_default().to_string()));
-    put("feature_weight", Value::F32(a.feature_weight as f32));
-    put("params", Value::String(format!("{:?}", a.params).to_lowercase()));
-    if let recover::Params::Lora { rank } = opts.params {
-        put("lora_rank", Value::U64(rank as u64));
-    }
-    if let recover::Params::Selective { .. } = opts.params {
-        put("trained_blocks", Value::Array(report.trained_blocks.iter().map(|&b| Value::U64(b as u64)).collect()));
-    }
-    put("tokens", Value::U64(report.tokens as u64));
-    put("seq_len", Value::U64(a.seq_len as u64));
-    put("lr", Value::F32(a.lr as f32));
-    put("warmup_updates", Value::U64(opts.warmup as u64));
-    put("accumulate", Value::U64(a.accumulate as u64));
-    put("clip", Value::F32(a.clip as f32));
-    put("temperature", Value::F32(a.temperature as f32));
-    put("weight_decay", Value::F32(a.weight_decay as f32));
-    put("seed", Value::U64(a.seed));
-    put("multi_sample_dropout", Value::U64(a.multi_sample_dropout as u64));
-    put("dropout", Value::F32(a.dropout as f32));
-    put("train_files", Value::Array(a.train.iter().map(|p| Value::String(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())).collect()));
-    put("offsets", Value::Array(offsets.iter().map(|&o| Value::U64(o as u64)).collect()));
-    dropwise::model::io::save_with_metadata(&student, &student.model, &a.out.output, a.out.dtype.into(), &extra)?;
-    if let Some(path) = &a.curves {
-        let title = format!("recover {} from {}", name_of(&a.student), name_of(&a.teacher));
-        dropwise::util::write_atomically(path, |f| Ok(std::io::Write::write_all(f, recover::plot::curves_svg(&report, &title).as_bytes())?))?;
-    }
-    let total = t0.elapsed().as_secs_f64();
-    if a.out.json {
-        let mut v = serde_json::to_value(&report)?;
-        v["student"] = a.student.display().to_string().into();
-        v["teacher"] = a.teacher.display().to_string().into();
-        v["output"] = a.out.output.display().to_string().into();
-        v["options"] = serde_json::to_value(&opts)?;
-        v["training"] = serde_json::json!({"files": a.train, "windows": train.len(), "seq_len": a.seq_len, "seed": a.seed, "offsets": offsets});
-        v["total_seconds"] = total.into();
-        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{:<22} {} tokens in {} updates, {:.0} tokens/s ({:.1}s)", "trained", report.tokens, updates, report.tokens_per_second, report.train_seconds);
-        println!(
-            "{:<22} teacher {:.1}s, forward {:.1}s, backward {:.1}s, optimizer {:.1}s",
-            "time", report.teacher_seconds, report.forward_seconds, report.backward_seconds, report.optimizer_seconds
-        );
-        println!("{:<22} {} ({} pruned weights held at zero)", "parameters", dropwise::util::human(report.trained_parameters as f64), report.masked_weights);
-        if let (Some(first), Some(last)) = (report.steps.first(), report.steps.last()) {
-            println!("{:<22} {:.4} -> {:.4}", "training loss", first.loss, last.loss);
-        }
-        if let (Some(first), Some(last)) = (report.evals.first(), report.evals.last()) {
-            println!(
-                "{:<22} KL {:.4} -> {:.4}, perplexity {:.3} -> {:.3} ({} windows)",
-                "held-out", first.kl_divergence, last.kl_divergence, first.perplexity, last.perplexity, eval.len()
-            );
-        }
-        print_peak_memory();
-        println!("{:<22} {}", "wrote", a.out.output.display());
-    }
-    Ok(())
-}
-
-fn name_of(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    let student = a.student.display().to_string();
+    one_step(&a.student, Box::new(step), a.out.target(), a.seq_len, &mut |_, v| {
+        v["student"] = student.clone().into();
+    })
 }

@@ -165,3 +165,28 @@ fn generate_greedy_is_repeatable_and_reports_speed() {
     let q = dropwise(&["generate", m, "--prompt", "The capital of France is", "--max-tokens", "8", "--quantized-matmul", "--json"]);
     assert!(q["text"].as_str().unwrap().contains("Paris"), "{}", q["text"]);
 }
+
+/// On the real model: drop two blocks, prune with Wanda, quantize to a budget, as three runs with
+/// files between them and as the recipe the last file records, run in memory: the same bytes.
+#[test]
+fn a_recipe_reproduces_the_chained_runs_on_the_real_model() {
+    let a = assets();
+    let model = a.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let calib = a.join("austen/emma.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let (m, c) = (model.to_str().unwrap(), calib.to_str().unwrap());
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let cal = ["--calib", c, "--calib-windows", "1", "--seq-len", "64", "--threads", "2"];
+    dropwise(&[&["drop-layers", m, "--layers", "3,7", "-o", &p("a.gguf"), "--json"][..], &cal].concat());
+    dropwise(&[&["prune", &p("a.gguf"), "--method", "wanda", "--sparsity", "0.5", "-o", &p("b.gguf"), "--json"][..], &cal].concat());
+    let q = dropwise(&["quantize", &p("b.gguf"), "--bpw", "4.5", "--importance", "outliers", "-o", &p("chained.gguf"), "--json"]);
+    let recipe = q["recipe"].as_str().unwrap().to_string();
+    for kind in ["drop-layers", "prune", "quantize"] {
+        assert!(recipe.contains(&format!("kind = \"{kind}\"")), "{recipe}");
+    }
+    std::fs::write(p("recipe.toml"), &recipe).unwrap();
+    let r = dropwise(&["run", &p("recipe.toml"), "-o", &p("direct.gguf"), "--json", "--threads", "2"]);
+    assert_eq!(r["steps"].as_array().unwrap().len(), 3);
+    let (x, y) = (std::fs::read(p("chained.gguf")).unwrap(), std::fs::read(p("direct.gguf")).unwrap());
+    assert!(x == y, "the recipe's file differs from the chain's ({} and {} bytes)", x.len(), y.len());
+}

@@ -107,7 +107,7 @@ pub fn analyze(model: &Llama, windows: &[Vec<u32>], progress: &mut dyn FnMut(usi
 }
 
 /// One line chart of `values` across depth, as an SVG fragment.
-fn svg_chart(title: &str, values: &[f64]) -> String {
+pub(crate) fn svg_chart(title: &str, values: &[f64]) -> String {
     let (w, h, pad) = (520.0, 200.0, 40.0);
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     let lo = finite.iter().copied().fold(f64::INFINITY, f64::min).min(0.0);

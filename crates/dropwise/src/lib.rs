@@ -5,7 +5,8 @@
 //! * [`formats`]: GGUF and safetensors, read defensively and written atomically;
 //! * [`config`], [`tokenizer`], [`model`]: the llama family with hooks and a differentiable mode;
 //! * [`data`]: texts and protocol windows; [`eval`]: perplexity, KL, top-1 agreement, speed;
-//! * [`inspect`] and [`bench`]: what a model is and how fast this machine runs it.
+//! * [`inspect`] and [`bench`]: what a model is and how fast this machine runs it;
+//! * [`pipeline`]: the methods as steps, chained by recipes.
 
 pub mod analyze;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod fuzzing;
 pub mod generate;
 pub mod inspect;
 pub mod model;
+pub mod pipeline;
 pub mod prune;
 pub mod quant;
 pub mod recover;

@@ -47,6 +47,9 @@ pub struct LoadedModel {
     pub adds_bos: bool,
     /// The chat template the files carry.
     pub chat_template: Option<String>,
+    /// What dropwise recorded in the file when it wrote it (`dropwise.*` keys: the recipe that
+    /// made it and each step's choices), carried on by a step run on it.
+    pub provenance: BTreeMap<String, Value>,
 }
 
 impl LoadedModel {
@@ -294,7 +297,9 @@ fn load_gguf_with(path: &Path, mode: Option<StoredProduct>) -> Result<LoadedMode
     let name = g.get("general.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let adds_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
     let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+    let provenance = g.metadata.iter().filter(|(k, _)| k.starts_with("dropwise.")).map(|(k, v)| (k.clone(), v.clone())).collect();
     Ok(LoadedModel {
+        provenance,
         adds_bos,
         chat_template,
         model,
@@ -356,7 +361,8 @@ pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
     let tok_cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     let adds_bos = tok_cfg["add_bos_token"].as_bool().unwrap_or(false);
     let chat_template = tok_cfg["chat_template"].as_str().map(str::to_string);
-    Ok(LoadedModel { model, tokenizer, tokenizer_meta: TokenizerMeta::HfJson(tok_json), path: dir.to_path_buf(), format: "hf", stored, name, adds_bos, chat_template })
+    let provenance = provenance_from_hf(&cfg_text);
+    Ok(LoadedModel { model, tokenizer, tokenizer_meta: TokenizerMeta::HfJson(tok_json), path: dir.to_path_buf(), format: "hf", stored, name, adds_bos, chat_template, provenance })
 }
 
 /// GGUF `tokenizer.*` keys for a tokenizer that came from an HF `tokenizer.json`.
@@ -675,6 +681,31 @@ pub fn save_with_metadata(loaded: &LoadedModel, model: &Llama, path: &Path, dtyp
         let extra_json: serde_json::Map<String, serde_json::Value> = extra.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect();
         save_hf_with(model, &loaded.tokenizer, &loaded.tokenizer_meta, loaded.adds_bos, path, dtype, extra_json)
     }
+}
+
+/// The `"dropwise"` entries of an HF config.json as metadata values (what [`save_with_metadata`]
+/// wrote there; numbers come back as the JSON holds them).
+fn provenance_from_hf(cfg_text: &str) -> BTreeMap<String, Value> {
+    fn to_value(j: &serde_json::Value) -> Option<Value> {
+        Some(match j {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => Value::U64(u),
+                (None, Some(i)) => Value::I64(i),
+                _ => Value::F64(n.as_f64()?),
+            },
+            // GGUF arrays hold one type: numbers that are not all whole become F64.
+            serde_json::Value::Array(a) if a.iter().any(|x| x.is_f64()) && a.iter().all(|x| x.is_number()) => {
+                Value::Array(a.iter().map(|x| Value::F64(x.as_f64().unwrap_or(0.0))).collect())
+            }
+            serde_json::Value::Array(a) => Value::Array(a.iter().map(to_value).collect::<Option<_>>()?),
+            _ => return None,
+        })
+    }
+    let Ok(cfg) = serde_json::from_str::<serde_json::Value>(cfg_text) else { return BTreeMap::new() };
+    let Some(d) = cfg.get("dropwise").and_then(|d| d.as_object()) else { return BTreeMap::new() };
+    d.iter().filter(|(k, _)| k.starts_with("dropwise.")).filter_map(|(k, v)| Some((k.clone(), to_value(v)?))).collect()
 }
 
 fn value_to_json(v: &Value) -> serde_json::Value {

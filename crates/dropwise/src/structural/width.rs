@@ -394,8 +394,8 @@ fn allocate(units: &[Units], total: usize, allocation: WidthAllocation) -> Resul
     Ok(take)
 }
 
-/// Plans and applies width pruning in place; returns the report.
-pub fn shrink(model: &mut Llama, windows: &[Vec<u32>], opts: &ShrinkOptions) -> Result<ShrinkReport> {
+/// The checks options pass before any model is read.
+pub fn check_options(opts: &ShrinkOptions) -> Result<()> {
     if !(0.0..1.0).contains(&opts.heads) || !(0.0..1.0).contains(&opts.neurons) {
         bail!("--heads and --neurons are fractions in [0, 1)");
     }
@@ -405,6 +405,12 @@ pub fn shrink(model: &mut Llama, windows: &[Vec<u32>], opts: &ShrinkOptions) -> 
     if opts.neuron_multiple == 0 {
         bail!("--neuron-multiple must be at least 1");
     }
+    Ok(())
+}
+
+/// Plans and applies width pruning in place; returns the report.
+pub fn shrink(model: &mut Llama, windows: &[Vec<u32>], opts: &ShrinkOptions) -> Result<ShrinkReport> {
+    check_options(opts)?;
     let n = model.blocks.len();
     let before: Vec<LayerShape> = (0..n).map(|l| model.layer_shape(l)).collect();
     let params_before = model.param_count();

@@ -1,0 +1,147 @@
+//! Recipes (`dropwise run`): a chain of CLI runs and the recipe its last file records write the
+//! same bytes; `--print-recipe` round-trips; bad recipes get one error line naming the line.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::*;
+
+fn text(dir: &Path) -> PathBuf {
+    let p = dir.join("calib.txt");
+    // The tiny tokenizer's words, repeated: enough tokens for a few windows of 16.
+    std::fs::write(&p, "the cat sat on the mat. the dog ran. ".repeat(40)).unwrap();
+    p
+}
+
+fn ok(args: &[&str]) -> Outcome {
+    let o = dropwise(args);
+    assert_eq!(o.code, Some(0), "dropwise {args:?} failed: {}", o.stderr);
+    o
+}
+
+fn recipe_of(path: &Path) -> String {
+    let g = dropwise::formats::gguf::GgufFile::open(path).unwrap();
+    g.get("dropwise.recipe").and_then(|v| v.as_str()).expect("no dropwise.recipe in the output").to_string()
+}
+
+/// drop-layers → shrink → prune as three runs with files between them, then the recipe the
+/// last file records run in memory: the same bytes, and the recipe names all three steps.
+#[test]
+fn a_chain_of_runs_and_its_recipe_write_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let (m, c) = (model.to_str().unwrap(), calib.to_str().unwrap());
+    let a = d.join("a.gguf");
+    let b = d.join("b.gguf");
+    let chained = d.join("chained.gguf");
+    let cal = ["--calib", c, "--calib-windows", "2", "--seq-len", "16"];
+    ok(&[&["drop-layers", m, "--count", "1", "--metric", "additive", "-o", a.to_str().unwrap()][..], &cal].concat());
+    ok(&[&["shrink", a.to_str().unwrap(), "--neurons", "0.25", "--neuron-multiple", "4", "-o", b.to_str().unwrap()][..], &cal].concat());
+    ok(&[&["prune", b.to_str().unwrap(), "--method", "sparsegpt", "--pattern", "2:4", "-o", chained.to_str().unwrap()][..], &cal].concat());
+    let recipe = recipe_of(&chained);
+    for kind in ["drop-layers", "shrink", "prune"] {
+        assert!(recipe.contains(&format!("kind = \"{kind}\"")), "recipe lacks {kind}:\n{recipe}");
+    }
+    assert!(recipe.starts_with(&format!("model = \"{m}\"")), "the recipe starts from the first input:\n{recipe}");
+    let rfile = d.join("recipe.toml");
+    std::fs::write(&rfile, &recipe).unwrap();
+    let direct = d.join("direct.gguf");
+    let o = ok(&["run", rfile.to_str().unwrap(), "-o", direct.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["steps"].as_array().unwrap().len(), 3);
+    let (x, y) = (std::fs::read(&chained).unwrap(), std::fs::read(&direct).unwrap());
+    assert!(x == y, "the recipe's output differs from the chain's ({} and {} bytes)", x.len(), y.len());
+    assert_eq!(recipe_of(&direct), recipe);
+}
+
+/// `--print-recipe` prints what the command would do; `run` of it writes the command's bytes.
+#[test]
+fn print_recipe_runs_as_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let (m, c) = (model.to_str().unwrap(), calib.to_str().unwrap());
+    let cmd_out = d.join("cmd.gguf");
+    let args = ["prune", m, "--method", "wanda", "--sparsity", "0.5", "--calib", c, "--calib-windows", "2", "--seq-len", "16", "-o", cmd_out.to_str().unwrap()];
+    let printed = ok(&[&args[..], &["--print-recipe"]].concat()).stdout;
+    assert!(!cmd_out.exists(), "--print-recipe wrote a model");
+    assert!(printed.contains("method = \"wanda\"") && printed.contains("sparsity = 0.5") && printed.contains("calib_windows = 2"), "{printed}");
+    ok(&args);
+    let rfile = d.join("prune.toml");
+    std::fs::write(&rfile, &printed).unwrap();
+    let run_out = d.join("run.gguf");
+    ok(&["run", rfile.to_str().unwrap(), "-o", run_out.to_str().unwrap()]);
+    assert!(std::fs::read(&cmd_out).unwrap() == std::fs::read(&run_out).unwrap(), "run of the printed recipe differs from the command");
+    // `run --print-recipe` prints the same recipe back (every option was explicit already).
+    let again = ok(&["run", rfile.to_str().unwrap(), "--print-recipe"]).stdout;
+    assert_eq!(again, printed);
+}
+
+/// A recipe with evaluation reports the written model against the one it started from.
+#[test]
+fn run_evaluates_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let out = d.join("out.gguf");
+    let recipe = format!(
+        "model = {m:?}\noutput = {o:?}\n\n[calibration]\nfiles = [{c:?}]\nseq_len = 16\n\n[evaluation]\nfiles = [{c:?}]\nwindows = 2\nseq_len = 16\n\n\
+         [[step]]\nkind = \"drop-layers\"\nlayers = [0]\n\n[[step]]\nkind = \"prune\"\nmethod = \"magnitude\"\nsparsity = 0.25\n",
+        m = model.to_str().unwrap(),
+        o = out.to_str().unwrap(),
+        c = calib.to_str().unwrap()
+    );
+    let rfile = d.join("r.toml");
+    std::fs::write(&rfile, recipe).unwrap();
+    let o = ok(&["run", rfile.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let e = &v["evaluation"];
+    assert_eq!(e["dense"]["kl_divergence"].as_f64(), Some(0.0));
+    let kl = e["model"]["kl_divergence"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl.is_finite(), "KL of the dropped and pruned model {kl}");
+    assert!(out.exists());
+    assert!(v["cost"]["params_after"].as_u64() < v["cost"]["params_before"].as_u64());
+}
+
+/// Bad recipes: one `error:` line that names the recipe's line, nothing written.
+#[test]
+fn bad_recipes_name_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let head = format!("model = {:?}\noutput = {:?}\n[calibration]\nfiles = [{:?}]\n", model.to_str().unwrap(), d.join("o.gguf").to_str().unwrap(), calib.to_str().unwrap());
+    // (case, recipe after the 4 head lines, the line the error must name, words it must hold)
+    let cases: &[(&str, &str, usize, &[&str])] = &[
+        ("unknown step", "[[step]]\nkind = \"distill\"\n", 6, &["unknown step 'distill'", "prune"]),
+        ("unknown option", "[[step]]\nkind = \"prune\"\nsparsity = 0.5\nsparsty = 0.5\n", 8, &["unknown option 'sparsty'"]),
+        ("wrong type", "[[step]]\nkind = \"prune\"\nsparsity = \"half\"\n", 7, &["sparsity", "expected a number"]),
+        ("impossible value", "[[step]]\nkind = \"prune\"\nsparsity = 1.5\n", 7, &["sparsity 1.5 is impossible"]),
+        ("bad choice", "[[step]]\nkind = \"prune\"\nsparsity = 0.5\nmethod = \"best\"\n", 8, &["unknown pruning method 'best'"]),
+        ("impossible order", "[[step]]\nkind = \"quantize\"\nuniform = \"Q8_0\"\n[[step]]\nkind = \"prune\"\nsparsity = 0.5\n", 8, &["quantize must be the last step"]),
+        ("both budgets", "[[step]]\nkind = \"prune\"\nsparsity = 0.5\npattern = \"2:4\"\n", 5, &["either sparsity"]),
+        ("not toml", "[[step]\nkind = \"prune\"\n", 5, &["not TOML"]),
+        ("no kind", "[[step]]\nsparsity = 0.5\n", 5, &["kind"]),
+        ("negative count", "[[step]]\nkind = \"drop-layers\"\ncount = -2\n", 7, &["count", "whole number"]),
+        ("unknown top key", "[[step]]\nkind = \"prune\"\nsparsity = 0.5\n[evaluaton]\nfiles = []\n", 8, &["unknown option 'evaluaton'"]),
+    ];
+    for (case, body, line, needles) in cases {
+        let rfile = d.join("bad.toml");
+        std::fs::write(&rfile, format!("{head}{body}")).unwrap();
+        let o = dropwise(["run", rfile.to_str().unwrap()]);
+        let mut want = vec![format!("line {line}:")];
+        want.extend(needles.iter().map(|s| s.to_string()));
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert_clean_error(case, &o, &want);
+        assert!(!d.join("o.gguf").exists(), "case {case}: wrote a model");
+    }
+    let o = dropwise(["run", d.join("missing.toml").to_str().unwrap()]);
+    assert_clean_error("missing recipe", &o, &["cannot read recipe"]);
+    let rfile = d.join("noout.toml");
+    std::fs::write(&rfile, format!("model = {:?}\n[[step]]\nkind = \"drop-layers\"\nlayers = [0]\n", model.to_str().unwrap())).unwrap();
+    assert_clean_error("no output", &dropwise(["run", rfile.to_str().unwrap()]), &["names no output"]);
+}
