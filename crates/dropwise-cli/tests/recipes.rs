@@ -97,8 +97,17 @@ fn run_evaluates_what_it_wrote() {
     );
     let rfile = d.join("r.toml");
     std::fs::write(&rfile, recipe).unwrap();
-    let o = ok(&["run", rfile.to_str().unwrap(), "--json"]);
+    let report = d.join("report");
+    let o = ok(&["run", rfile.to_str().unwrap(), "--json", "--report", report.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let page = std::fs::read_to_string(report.join("index.html")).unwrap();
+    for needle in ["<svg", "quality against size", "quality against measured speed", "Step 1 — drop-layers", "Step 2 — prune", "kind = &quot;prune&quot;"] {
+        assert!(page.contains(needle), "the report lacks {needle}");
+    }
+    // Nothing is fetched at view time: no scripts, stylesheets or images by address.
+    for fetch in ["src=", "<link", "<script", "@import"] {
+        assert!(!page.contains(fetch), "the report fetches something ({fetch})");
+    }
     let e = &v["evaluation"];
     assert_eq!(e["dense"]["kl_divergence"].as_f64(), Some(0.0));
     let kl = e["model"]["kl_divergence"].as_f64().unwrap();

@@ -84,7 +84,12 @@ fn lines_html(lines: &[String]) -> String {
     let mut rows = String::new();
     let mut pre = String::new();
     for l in lines {
-        match l.get(..22).filter(|label| l.len() > 23 && label.ends_with(' ') && !label.starts_with(' ') && l.as_bytes()[22] == b' ') {
+        // A label: a word or words (no figures) padded to 22 columns.
+        let label = l.get(..22).filter(|label| {
+            let t = label.trim_end();
+            l.len() > 23 && t.len() <= 20 && t.starts_with(|c: char| c.is_alphabetic()) && !t.contains(|c: char| c.is_ascii_digit()) && l.as_bytes()[22] == b' '
+        });
+        match label {
             Some(label) => {
                 let _ = write!(rows, "<tr><th>{}</th><td>{}</td></tr>", escape(label.trim()), escape(l[23..].trim()));
             }
