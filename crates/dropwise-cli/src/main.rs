@@ -342,6 +342,43 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The best model for a budget: searches depth (blocks dropped), width (MLP neurons) and bits
+    /// per weight, predicts each combination's KL from single-step costs measured alone, builds
+    /// and measures the best few, and writes the best measured one (GGUF) with its recipe.
+    Fit {
+        model: PathBuf,
+        /// The written file at most this many MB (10^6 bytes).
+        #[arg(long, conflicts_with_all = ["target_speedup", "target_kl"], required_unless_present_any = ["target_speedup", "target_kl"])]
+        target_size: Option<f64>,
+        /// At least this many times the start model's tokens/s (measured, weights as stored).
+        #[arg(long, conflicts_with = "target_kl")]
+        target_speedup: Option<f64>,
+        /// KL to the start model on the calibration windows at most this.
+        #[arg(long)]
+        target_kl: Option<f64>,
+        /// The most blocks dropped, as a fraction of them.
+        #[arg(long, default_value_t = 0.25)]
+        max_depth: f64,
+        /// Fractions of MLP neurons to try removing (comma-separated; 0 is always tried).
+        #[arg(long, value_delimiter = ',', default_value = "0.125,0.25")]
+        neurons: Vec<f64>,
+        /// Bits-per-weight budgets to try (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "3.5,4,4.5,5,5.5,6,7,8.5")]
+        bpw: Vec<f64>,
+        /// How many of the best predicted candidates to build and measure.
+        #[arg(long, default_value_t = 3)]
+        check: usize,
+        /// Predict and print the plan and the front only: build and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        calib: CalibArgs,
+        /// Output GGUF file.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The machine's f32 GEMM peak and the model's eval throughput as a fraction of it.
     Bench {
         model: PathBuf,
@@ -502,6 +539,32 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let step = QuantizeStep::new(bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib.spec(DEFAULT_WINDOWS))?;
             let out = pipeline_cmd::Output { path: &output, dtype: WriteDType::F32, json, print_recipe };
             pipeline_cmd::one_step(&model, Box::new(step), out, calib.seq_len, &mut pipeline_cmd::written_json)
+        }
+        Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, check, dry_run, calib, output, json } => {
+            use dropwise::pipeline::fit::{FitOptions, Target};
+            let target = match (target_size, target_speedup, target_kl) {
+                (Some(mb), _, _) if mb.is_finite() && mb > 0.0 && mb < 1e9 => Target::Bytes((mb * 1e6) as u64),
+                (Some(mb), _, _) => bail!("--target-size must be a positive number of MB, not {mb}"),
+                (_, Some(x), _) if x.is_finite() && x > 0.0 && x <= 1000.0 => Target::Speedup(x),
+                (_, Some(x), _) => bail!("--target-speedup must be a number in (0, 1000], not {x}"),
+                (_, _, Some(k)) if k.is_finite() && k >= 0.0 => Target::Kl(k),
+                (_, _, Some(k)) => bail!("--target-kl must be a number ≥ 0, not {k}"),
+                _ => bail!("give a budget: --target-size MB, --target-speedup X or --target-kl K"),
+            };
+            if !(max_depth.is_finite() && (0.0..1.0).contains(&max_depth)) {
+                bail!("--max-depth is a fraction of the blocks in [0, 1), not {max_depth}");
+            }
+            if let Some(f) = neurons.iter().find(|f| !(f.is_finite() && (0.0..1.0).contains(*f))) {
+                bail!("--neurons are fractions in [0, 1), not {f}");
+            }
+            if let Some(b) = bpw.iter().find(|b| !(b.is_finite() && **b > 0.0 && **b <= 32.0)) {
+                bail!("--bpw levels are bits per weight in (0, 32], not {b}");
+            }
+            if check == 0 || check > 64 {
+                bail!("--check must be in 1..=64, not {check}");
+            }
+            let opts = FitOptions { target, calib: calib.spec(4), max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, check, dry_run };
+            pipeline_cmd::cmd_fit(&model, &opts, &output, json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {

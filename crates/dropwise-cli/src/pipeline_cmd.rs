@@ -231,3 +231,53 @@ pub fn cmd_run(recipe: &Path, output: Option<PathBuf>, json: bool, print_recipe:
     }
     Ok(())
 }
+
+/// `dropwise fit`.
+pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output: &Path, json: bool) -> Result<()> {
+    let r = dropwise::pipeline::fit::fit(model, opts, output, &mut Bars::default())?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = model.display().to_string().into();
+        v["output"] = if opts.dry_run { serde_json::Value::Null } else { output.display().to_string().into() };
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!("{:<22} {:?}; start {:.1} MB, perplexity {:.3}, {:.1} tokens/s", "target", r.target, mb(r.start_bytes), r.start_perplexity, r.start_tokens_per_second);
+    let bits: Vec<String> = r.bpw_kl.iter().map(|(b, kl, bytes)| format!("{b}: KL {kl:.4} {:.1} MB", mb(*bytes))).collect();
+    println!("{:<22} {}", "bits alone", bits.join(", "));
+    let neurons: Vec<String> = r.neuron_kl.iter().skip(1).map(|(f, kl)| format!("{:.1} %: KL {kl:.4}", 100.0 * f)).collect();
+    if !neurons.is_empty() {
+        println!("{:<22} {}", "neurons alone", neurons.join(", "));
+    }
+    println!("{:<22} {} candidates; predicted front (size against KL):", "searched", r.candidates);
+    let row = |c: &dropwise::pipeline::fit::Candidate| {
+        let m = c.measured.as_ref();
+        format!(
+            "{:>7.1} MB  KL {:>7.4}  ×{:>4.2}  drop {:<12} neurons {:>5.1} %  bpw {:<4}{}",
+            mb(c.predicted_bytes),
+            c.predicted_kl,
+            c.predicted_speedup,
+            format!("{:?}", c.blocks),
+            100.0 * c.neurons,
+            c.bpw,
+            m.map(|m| format!("  measured: {:.1} MB, KL {:.4}, ppl {:.3}, ×{:.2} ({:.0} tokens/s)", mb(m.bytes), m.kl, m.perplexity, m.speedup, m.tokens_per_second)).unwrap_or_default()
+        )
+    };
+    for c in &r.front {
+        println!("  {}", row(c));
+    }
+    if !r.checked.is_empty() {
+        println!("checked (predicted, then measured):");
+        for (i, c) in r.checked.iter().enumerate() {
+            println!("{} {}", if r.chosen == Some(i) { "*" } else { " " }, row(c));
+        }
+    }
+    println!("{:<22} {:.1}s", "time", r.seconds);
+    print_peak_memory();
+    if !opts.dry_run {
+        println!("{:<22} {}", "wrote", output.display());
+    }
+    Ok(())
+}

@@ -171,6 +171,21 @@ const COMMANDS: &[Command] = &[
         ],
         writes: true,
     },
+    Command {
+        name: "fit",
+        positional: &["MODEL"],
+        valid: &[("--target-size", "1"), ("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2"), ("--bpw", "6,8.5"), ("--neurons", "0.25"), ("--check", "1"), ("-o", "OUT")],
+        flags: &[
+            ("--target-size", Kind::Positive),
+            ("--max-depth", Kind::Fraction),
+            ("--check", Kind::Count),
+            ("--seq-len", Kind::Count),
+            ("--calib-windows", Kind::Count),
+            ("--seed", Kind::Natural),
+            ("--threads", Kind::Count),
+        ],
+        writes: true,
+    },
     Command { name: "tokenize", positional: &["MODEL"], valid: &[("--data", "DATA")], flags: &[("--threads", Kind::Count)], writes: false },
 ];
 

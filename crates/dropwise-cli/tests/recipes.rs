@@ -154,3 +154,49 @@ fn bad_recipes_name_their_line() {
     std::fs::write(&rfile, format!("model = {:?}\n[[step]]\nkind = \"drop-layers\"\nlayers = [0]\n", model.to_str().unwrap())).unwrap();
     assert_clean_error("no output", &dropwise(["run", rfile.to_str().unwrap()]), &["names no output"]);
 }
+
+/// `fit` on the tiny model: a size budget between the smallest and the largest file the bit
+/// levels make alone; the written file meets it when measured, records the recipe of the chosen
+/// combination, and `run` of that recipe writes the same bytes.
+#[test]
+fn fit_meets_a_size_budget_and_records_a_runnable_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let (m, c) = (model.to_str().unwrap(), calib.to_str().unwrap());
+    let out = d.join("fit.gguf");
+    let common = ["--calib", c, "--calib-windows", "2", "--seq-len", "16", "--bpw", "4.5,6,8.5", "--neurons", "0.25", "--max-depth", "0.34", "--check", "2"];
+    let dry = ok(&[&["fit", m, "--target-size", "1000", "--dry-run", "--json", "-o", out.to_str().unwrap()][..], &common].concat());
+    assert!(!out.exists(), "--dry-run wrote a model");
+    let v: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
+    let sizes: Vec<u64> = v["bpw_kl"].as_array().unwrap().iter().map(|e| e[2].as_u64().unwrap()).collect();
+    assert_eq!(sizes.len(), 3);
+    assert!(sizes[0] < sizes[2], "{sizes:?}");
+    assert!(v["front"].as_array().unwrap().len() >= 2);
+    assert!(v["checked"].as_array().unwrap().is_empty());
+    // Just under the 6-bit file: 6 bits alone does not fit, so something smaller must be found.
+    let budget_mb = (sizes[1] - 1) as f64 / 1e6;
+    let budget = format!("{budget_mb}");
+    let r = ok(&[&["fit", m, "--target-size", &budget, "--json", "-o", out.to_str().unwrap()][..], &common].concat());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let chosen = v["chosen"].as_u64().expect("nothing chosen") as usize;
+    let c = &v["checked"][chosen];
+    let bytes = std::fs::metadata(&out).unwrap().len();
+    assert_eq!(c["measured"]["bytes"].as_u64(), Some(bytes));
+    assert!(bytes as f64 <= budget_mb * 1e6, "{bytes} bytes over the budget {budget_mb} MB");
+    for checked in v["checked"].as_array().unwrap() {
+        let (p, m) = (checked["predicted_kl"].as_f64().unwrap(), checked["measured"]["kl"].as_f64().unwrap());
+        assert!(p.is_finite() && m.is_finite() && m >= 0.0, "{checked}");
+    }
+    // Nothing left beside the output.
+    let left: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(left.is_empty(), "fit left {left:?}");
+    let recipe = recipe_of(&out);
+    assert!(recipe.contains("kind = \"quantize\""), "{recipe}");
+    let rfile = d.join("fit.toml");
+    std::fs::write(&rfile, &recipe).unwrap();
+    let again = d.join("again.gguf");
+    ok(&["run", rfile.to_str().unwrap(), "-o", again.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "run of fit's recipe writes other bytes");
+}

@@ -8,6 +8,7 @@
 //! from); a step run on a file that carries one extends it, so a chain of CLI runs and the
 //! recipe of all its steps write the same bytes.
 
+pub mod fit;
 pub mod options;
 pub mod recipe;
 pub mod report;
