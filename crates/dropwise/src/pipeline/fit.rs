@@ -70,6 +70,7 @@ pub struct Measured {
     pub perplexity: f64,
     pub bytes: u64,
     pub tokens_per_second: f64,
+    /// Its tokens/s over the start model's, timed in turn with it.
     pub speedup: f64,
     pub seconds: f64,
 }
@@ -117,12 +118,19 @@ fn shrink_options(neurons: f64) -> ShrinkOptions {
     ShrinkOptions { heads: 0.0, neurons, importance: Importance::Activation, allocation: WidthAllocation::Uniform, head_unit: HeadUnit::Query, neuron_multiple: 32 }
 }
 
-/// Windows of the start model's own text, timed with weights as stored (quantized matmuls, as a
-/// deployed file runs): tokens per second over `windows`, best of `rounds`.
-fn speed(path: &Path, windows: &[Vec<u32>]) -> Result<f64> {
-    let m = crate::model::io::load_quantized(path)?;
-    let r = crate::eval::evaluate(&m.model, None, windows, 1, &mut |_| {})?;
-    Ok(r.tokens_per_second)
+/// Tokens per second of the files at `a` and `b` on `windows`, weights as stored (quantized
+/// matmuls, as a deployed file runs): timed in turn, `ROUNDS` rounds each, the best of each, so
+/// both see the same machine (absolute times drift on a shared one).
+fn speeds(a: &Path, b: &Path, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
+    const ROUNDS: usize = 3;
+    let ma = crate::model::io::load_quantized(a)?;
+    let mb = crate::model::io::load_quantized(b)?;
+    let (mut ta, mut tb) = (0.0f64, 0.0f64);
+    for _ in 0..ROUNDS {
+        ta = ta.max(crate::eval::evaluate(&ma.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
+        tb = tb.max(crate::eval::evaluate(&mb.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
+    }
+    Ok((ta, tb))
 }
 
 /// KL and perplexity of the file at `path` against `dense` on `windows`.
@@ -204,7 +212,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         std::fs::remove_file(&path).ok();
     }
     let start_bytes = file_bytes(input);
-    let start_tps = speed(input, &windows)?;
+    let start_tps = speeds(input, input, &windows[..1])?.0;
     let start_ppl = crate::eval::evaluate(&dense, None, &windows, 1, &mut |_| {})?.perplexity;
 
     // Every combination, predicted.
@@ -264,9 +272,9 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         super::run::execute(input, steps_for(c, &opts.calib)?, crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
         progress.begin(&format!("fit: check {}/{checks}", i + 1), "windows", windows.len());
         let (kl, perplexity) = quality(&path, &dense, &windows)?;
-        let tps = speed(&path, &windows)?;
+        let (start, tps) = speeds(input, &path, &windows[..1])?;
         progress.end();
-        c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start_tps, seconds: t.elapsed().as_secs_f64() });
+        c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start, seconds: t.elapsed().as_secs_f64() });
     }
     // The best measured candidate that meets the budget when measured.
     let chosen = checked
