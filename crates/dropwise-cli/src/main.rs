@@ -66,15 +66,6 @@ impl CalibArgs {
     fn spec(&self, default_windows: usize) -> dropwise::pipeline::CalibSpec {
         dropwise::pipeline::CalibSpec { files: self.calib.clone(), windows: self.calib_windows.unwrap_or(default_windows), seq_len: self.seq_len, seed: self.seed }
     }
-
-    /// The offsets and windows, or an error naming `who` needs them.
-    fn windows(&self, m: &dropwise::LoadedModel, who: &str, default_windows: usize) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
-        let spec = self.spec(default_windows);
-        dropwise::pipeline::check_calibration(&spec, who)?;
-        check_seq_len(m, self.seq_len)?;
-        let ids = data::tokenize_files(&m.tokenizer, &self.calib)?;
-        data::calibration_windows(&ids, self.seq_len, spec.windows, self.seed, m.window_bos())
-    }
 }
 
 use dropwise::pipeline::Step;
@@ -847,7 +838,7 @@ fn cmd_analyze(model: PathBuf, calib: CalibArgs, report: Option<PathBuf>, json: 
         }
     }
     let m = dropwise::model::io::load_decoded(&model)?;
-    let (offsets, windows) = calib.windows(&m, "analyze", 64)?;
+    let (offsets, windows) = dropwise::pipeline::calibration_windows(&m, &calib.spec(64), "analyze")?;
     let (seq_len, seed) = (calib.seq_len, calib.seed);
     let pb = progress(windows.len(), "analyze");
     let rows = dropwise::analyze::analyze(&m.model, &windows, &mut |i| pb.set_position(i as u64))?;

@@ -118,15 +118,26 @@ fn shrink_options(neurons: f64) -> ShrinkOptions {
     ShrinkOptions { heads: 0.0, neurons, importance: Importance::Activation, allocation: WidthAllocation::Uniform, head_unit: HeadUnit::Query, neuron_multiple: 32 }
 }
 
+/// Rounds each model is timed in: the best round counts.
+const SPEED_ROUNDS: usize = 3;
+
+/// Tokens per second of `m` on `windows`, the best of `SPEED_ROUNDS`.
+fn tokens_per_second(m: &crate::model::Llama, windows: &[Vec<u32>]) -> Result<f64> {
+    let mut best = 0.0f64;
+    for _ in 0..SPEED_ROUNDS {
+        best = best.max(crate::eval::evaluate(m, None, windows, 1, &mut |_| {})?.tokens_per_second);
+    }
+    Ok(best)
+}
+
 /// Tokens per second of the files at `a` and `b` on `windows`, weights as stored (quantized
-/// matmuls, as a deployed file runs): timed in turn, `ROUNDS` rounds each, the best of each, so
-/// both see the same machine (absolute times drift on a shared one).
+/// matmuls, as a deployed file runs): timed in turn, round by round, the best of each, so both
+/// see the same machine (absolute times drift on a shared one).
 fn speeds(a: &Path, b: &Path, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
-    const ROUNDS: usize = 3;
     let ma = crate::model::io::load_quantized(a)?;
     let mb = crate::model::io::load_quantized(b)?;
     let (mut ta, mut tb) = (0.0f64, 0.0f64);
-    for _ in 0..ROUNDS {
+    for _ in 0..SPEED_ROUNDS {
         ta = ta.max(crate::eval::evaluate(&ma.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
         tb = tb.max(crate::eval::evaluate(&mb.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
     }
@@ -212,7 +223,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         std::fs::remove_file(&path).ok();
     }
     let start_bytes = file_bytes(input);
-    let start_tps = speeds(input, input, &windows[..1])?.0;
+    let start_tps = tokens_per_second(&crate::model::io::load_quantized(input)?.model, &windows[..1])?;
     let start_ppl = crate::eval::evaluate(&dense, None, &windows, 1, &mut |_| {})?.perplexity;
 
     // Every combination, predicted.

@@ -103,21 +103,37 @@ impl Session {
 
     /// The token ids of `files`, tokenized the first time they are asked for.
     pub fn text(&mut self, files: &[PathBuf]) -> Result<std::sync::Arc<Vec<u32>>> {
-        if let Some(t) = self.texts.get(files) {
-            return Ok(t.clone());
-        }
-        let ids = std::sync::Arc::new(crate::data::tokenize_files(&self.loaded.tokenizer, files)?);
-        self.texts.insert(files.to_vec(), ids.clone());
-        Ok(ids)
+        cached_text(&mut self.texts, &self.loaded, files)
     }
 
     /// `spec`'s windows (under the BOS rule) and their offsets, or an error naming `who` needs them.
     pub fn calibration(&mut self, spec: &CalibSpec, who: &str) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
-        check_calibration(spec, who)?;
-        check_seq_len(&self.loaded, spec.seq_len)?;
-        let ids = self.text(&spec.files)?;
-        crate::data::calibration_windows(&ids, spec.seq_len, spec.windows, spec.seed, self.loaded.window_bos())
+        let (loaded, texts) = (&self.loaded, &mut self.texts);
+        draw_windows(loaded, spec, who, || cached_text(texts, loaded, &spec.files))
     }
+}
+
+fn cached_text(texts: &mut BTreeMap<Vec<PathBuf>, std::sync::Arc<Vec<u32>>>, m: &LoadedModel, files: &[PathBuf]) -> Result<std::sync::Arc<Vec<u32>>> {
+    if let Some(t) = texts.get(files) {
+        return Ok(t.clone());
+    }
+    let ids = std::sync::Arc::new(crate::data::tokenize_files(&m.tokenizer, files)?);
+    texts.insert(files.to_vec(), ids.clone());
+    Ok(ids)
+}
+
+/// `spec`'s windows of `m`'s tokens (under the BOS rule) and their offsets, for a command that
+/// runs outside a session (analyze).
+pub fn calibration_windows(m: &LoadedModel, spec: &CalibSpec, who: &str) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    draw_windows(m, spec, who, || Ok(std::sync::Arc::new(crate::data::tokenize_files(&m.tokenizer, &spec.files)?)))
+}
+
+/// The checks, then the text (from `ids`: read only when the checks pass), then the windows.
+fn draw_windows(m: &LoadedModel, spec: &CalibSpec, who: &str, ids: impl FnOnce() -> Result<std::sync::Arc<Vec<u32>>>) -> Result<(Vec<usize>, Vec<Vec<u32>>)> {
+    check_calibration(spec, who)?;
+    check_seq_len(m, spec.seq_len)?;
+    let ids = ids()?;
+    crate::data::calibration_windows(&ids, spec.seq_len, spec.windows, spec.seed, m.window_bos())
 }
 
 /// The checks a calibration set passes before any text is read.
