@@ -153,6 +153,18 @@ fn bad_recipes_name_their_line() {
     let rfile = d.join("noout.toml");
     std::fs::write(&rfile, format!("model = {:?}\n[[step]]\nkind = \"drop-layers\"\nlayers = [0]\n", model.to_str().unwrap())).unwrap();
     assert_clean_error("no output", &dropwise(["run", rfile.to_str().unwrap()]), &["names no output"]);
+    let o = dropwise(["run", rfile.to_str().unwrap(), "-o", d.join("o.gguf").to_str().unwrap(), "--report", calib.to_str().unwrap()]);
+    assert_clean_error("report is a file", &o, &["exists and is not a folder"]);
+    assert!(!d.join("o.gguf").exists(), "a refused --report still wrote a model");
+    // A budget no combination can meet, refused by prediction, nothing written.
+    let o = dropwise([
+        "fit", model.to_str().unwrap(), "--target-size", "0.000001", "--calib", calib.to_str().unwrap(), "--calib-windows", "1", "--seq-len", "16",
+        "--bpw", "8.5", "--neurons", "0", "--max-depth", "0", "-o", d.join("o.gguf").to_str().unwrap(),
+    ]);
+    assert_clean_error("fit budget impossible", &o, &["no candidate meets"]);
+    assert!(!d.join("o.gguf").exists(), "an impossible fit wrote a model");
+    let o = dropwise(["fit", model.to_str().unwrap(), "--target-size", "1", "--bpw", "8.5", "-o", d.join("o.gguf").to_str().unwrap()]);
+    assert_clean_error("fit without calibration", &o, &["needs calibration text"]);
 }
 
 /// `fit` on the tiny model: a size budget between the smallest and the largest file the bit
