@@ -344,7 +344,7 @@ enum Cmd {
         /// At least this many times the start model's tokens/s (measured, weights as stored).
         #[arg(long, conflicts_with = "target_kl")]
         target_speedup: Option<f64>,
-        /// KL to the start model on the calibration windows at most this.
+        /// KL to the start model on the check windows at most this.
         #[arg(long)]
         target_kl: Option<f64>,
         /// The most blocks dropped, as a fraction of them.
@@ -356,12 +356,35 @@ enum Cmd {
         /// Bits-per-weight budgets to try (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "3.5,4,4.5,5,5.5,6,7,8.5")]
         bpw: Vec<f64>,
-        /// How many of the best predicted candidates to build and measure.
+        /// Token-embedding types to try (comma-separated; a k-quant falls back as llama.cpp's
+        /// does on rows that are not a multiple of 256).
+        #[arg(long, value_delimiter = ',', default_value = "Q8_0,Q5_0,Q4_0")]
+        embed_types: Vec<String>,
+        /// How many of the best predicted candidates to build and measure (the best of each
+        /// single family is checked besides).
         #[arg(long, default_value_t = 3)]
         check: usize,
+        /// Text the checked candidates are measured on (default: the calibration files, other
+        /// windows).
+        #[arg(long, num_args = 1..)]
+        check_data: Vec<PathBuf>,
+        /// Windows the checked candidates are measured on.
+        #[arg(long, default_value_t = 4)]
+        check_windows: usize,
+        /// Single-step costs: read from this file when it holds this model's and options', else
+        /// measured and written to it (a second budget then costs only its checks).
+        #[arg(long)]
+        costs: Option<PathBuf>,
+        /// Keep every checked candidate's file in this folder (candidate-N-FAMILY.gguf).
+        #[arg(long)]
+        keep_checked: Option<PathBuf>,
         /// Predict and print the plan and the front only: build and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Write an HTML report (the checked candidates, predicted against measured KL, the
+        /// front) into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
         #[command(flatten)]
         calib: CalibArgs,
         /// Output GGUF file.
@@ -531,7 +554,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let out = pipeline_cmd::Output { path: &output, dtype: WriteDType::F32, json, print_recipe };
             pipeline_cmd::one_step(&model, Box::new(step), out, calib.seq_len, &mut pipeline_cmd::written_json)
         }
-        Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, check, dry_run, calib, output, json } => {
+        Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, embed_types, check, check_data, check_windows, costs, keep_checked, dry_run, report, calib, output, json } => {
             use dropwise::pipeline::fit::{FitOptions, Target};
             let target = match (target_size, target_speedup, target_kl) {
                 (Some(mb), _, _) if mb.is_finite() && mb > 0.0 && mb < 1e9 => Target::Bytes((mb * 1e6) as u64),
@@ -554,8 +577,17 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             if check == 0 || check > 64 {
                 bail!("--check must be in 1..=64, not {check}");
             }
-            let opts = FitOptions { target, calib: calib.spec(4), max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, check, dry_run };
-            pipeline_cmd::cmd_fit(&model, &opts, &output, json)
+            let embed_levels = embed_types.iter().map(|t| dropwise::quant::QType::parse(t).map_err(|e| anyhow::anyhow!("--embed-types: {e}"))).collect::<Result<Vec<_>>>()?;
+            let spec = calib.spec(4);
+            if check_windows == 0 || check_windows.saturating_mul(spec.seq_len) > dropwise::pipeline::MAX_CALIB_TOKENS {
+                bail!("--check-windows must be at least 1 and at most {} tokens in all, not {check_windows}", dropwise::pipeline::MAX_CALIB_TOKENS);
+            }
+            let mut check_spec = FitOptions::default_check(&spec, check_windows);
+            if !check_data.is_empty() {
+                check_spec.files = check_data;
+            }
+            let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
+            pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {

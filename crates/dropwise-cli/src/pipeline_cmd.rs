@@ -233,21 +233,36 @@ pub fn cmd_run(recipe: &Path, output: Option<PathBuf>, json: bool, print_recipe:
 }
 
 /// `dropwise fit`.
-pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output: &Path, json: bool) -> Result<()> {
+pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output: &Path, report: Option<&Path>, json: bool) -> Result<()> {
+    if let Some(dir) = report {
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!("--report {} exists and is not a folder", dir.display());
+        }
+    }
     let r = dropwise::pipeline::fit::fit(model, opts, output, &mut Bars::default())?;
+    let written = (!opts.dry_run).then(|| output.display().to_string());
+    if let Some(dir) = report {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let page = dropwise::pipeline::report::fit_html(&r, &model.display().to_string(), written.as_deref());
+        dropwise::util::write_atomically(&dir.join("index.html"), |f| Ok(std::io::Write::write_all(f, page.as_bytes())?))?;
+    }
     if json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = model.display().to_string().into();
-        v["output"] = if opts.dry_run { serde_json::Value::Null } else { output.display().to_string().into() };
+        v["output"] = written.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null);
         v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let mb = |b: u64| b as f64 / 1e6;
-    println!("{:<22} {:?}; start {:.1} MB, perplexity {:.3}, {:.1} tokens/s", "target", r.target, mb(r.start_bytes), r.start_perplexity, r.start_tokens_per_second);
-    let bits: Vec<String> = r.bpw_kl.iter().map(|(b, kl, bytes)| format!("{b}: KL {kl:.4} {:.1} MB", mb(*bytes))).collect();
+    let c = &r.costs;
+    println!("{:<22} {:?}; start {:.1} MB, {:.1} tokens/s as stored, perplexity {:.3} on {} check windows", "target", r.target, mb(c.start_bytes), c.start_tokens_per_second, r.start_perplexity, r.check_windows);
+    println!("{:<22} {} ({:.1}s)", "single-step costs", if r.costs_reused { "read from the costs file" } else { "measured" }, c.seconds);
+    let bits: Vec<String> = c.bits.iter().map(|b| format!("{}: KL {:.4} {:.1} MB ×{:.2}", b.bpw, b.kl, mb(b.bytes), b.speedup)).collect();
     println!("{:<22} {}", "bits alone", bits.join(", "));
-    let neurons: Vec<String> = r.neuron_kl.iter().skip(1).map(|(f, kl)| format!("{:.1} %: KL {kl:.4}", 100.0 * f)).collect();
+    let embed: Vec<String> = c.embed.iter().map(|e| format!("{}{}: KL {:.4} {:.1} MB", e.asked, if e.asked != e.written { format!(" (as {})", e.written) } else { String::new() }, e.kl, mb(e.bytes))).collect();
+    println!("{:<22} {}", "embedding alone", embed.join(", "));
+    let neurons: Vec<String> = c.neuron_kl.iter().skip(1).map(|(f, kl)| format!("{:.1} %: KL {kl:.4}", 100.0 * f)).collect();
     if !neurons.is_empty() {
         println!("{:<22} {}", "neurons alone", neurons.join(", "));
     }
@@ -255,13 +270,15 @@ pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output:
     let row = |c: &dropwise::pipeline::fit::Candidate| {
         let m = c.measured.as_ref();
         format!(
-            "{:>7.1} MB  KL {:>7.4}  ×{:>4.2}  drop {:<12} neurons {:>5.1} %  bpw {:<4}{}",
+            "{:>7.1} MB  KL {:>7.4}  ×{:>4.2}  {:<16} drop {:<12} neurons {:>5.1} %  bpw {:<4} embed {:<5}{}",
             mb(c.predicted_bytes),
             c.predicted_kl,
             c.predicted_speedup,
+            c.family.name(),
             format!("{:?}", c.blocks),
             100.0 * c.neurons,
-            c.bpw,
+            c.bpw.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+            c.embed.as_deref().unwrap_or("-"),
             m.map(|m| format!("  measured: {:.1} MB, KL {:.4}, ppl {:.3}, ×{:.2} ({:.0} tokens/s)", mb(m.bytes), m.kl, m.perplexity, m.speedup, m.tokens_per_second)).unwrap_or_default()
         )
     };
@@ -269,15 +286,18 @@ pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output:
         println!("  {}", row(c));
     }
     if !r.checked.is_empty() {
-        println!("checked (predicted, then measured):");
+        println!("checked (predicted, then measured on the check windows):");
         for (i, c) in r.checked.iter().enumerate() {
             println!("{} {}", if r.chosen == Some(i) { "*" } else { " " }, row(c));
         }
     }
     println!("{:<22} {:.1}s", "time", r.seconds);
     print_peak_memory();
-    if !opts.dry_run {
-        println!("{:<22} {}", "wrote", output.display());
+    if let Some(w) = &written {
+        println!("{:<22} {}", "wrote", w);
+    }
+    if let Some(dir) = report {
+        println!("{:<22} {}", "report", dir.join("index.html").display());
     }
     Ok(())
 }

@@ -179,6 +179,8 @@ const COMMANDS: &[Command] = &[
             ("--target-size", Kind::Positive),
             ("--max-depth", Kind::Fraction),
             ("--check", Kind::Count),
+            ("--check-windows", Kind::Count),
+            ("--embed-types", Kind::Choice),
             ("--seq-len", Kind::Count),
             ("--calib-windows", Kind::Count),
             ("--seed", Kind::Natural),

@@ -182,7 +182,7 @@ fn fit_meets_a_size_budget_and_records_a_runnable_recipe() {
     let dry = ok(&[&["fit", m, "--target-size", "1000", "--dry-run", "--json", "-o", out.to_str().unwrap()][..], &common].concat());
     assert!(!out.exists(), "--dry-run wrote a model");
     let v: serde_json::Value = serde_json::from_str(&dry.stdout).unwrap();
-    let sizes: Vec<u64> = v["bpw_kl"].as_array().unwrap().iter().map(|e| e[2].as_u64().unwrap()).collect();
+    let sizes: Vec<u64> = v["costs"]["bits"].as_array().unwrap().iter().map(|e| e["bytes"].as_u64().unwrap()).collect();
     assert_eq!(sizes.len(), 3);
     assert!(sizes[0] < sizes[2], "{sizes:?}");
     assert!(v["front"].as_array().unwrap().len() >= 2);
@@ -190,8 +190,14 @@ fn fit_meets_a_size_budget_and_records_a_runnable_recipe() {
     // Just under the 6-bit file: 6 bits alone does not fit, so something smaller must be found.
     let budget_mb = (sizes[1] - 1) as f64 / 1e6;
     let budget = format!("{budget_mb}");
-    let r = ok(&[&["fit", m, "--target-size", &budget, "--json", "-o", out.to_str().unwrap()][..], &common].concat());
+    let costs = d.join("costs.json");
+    let with_costs = [&common[..], &["--costs", costs.to_str().unwrap()]].concat();
+    let r = ok(&[&["fit", m, "--target-size", &budget, "--json", "-o", out.to_str().unwrap()][..], &with_costs].concat());
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["costs_reused"], false);
+    // Every single family under the budget is checked beside the best predicted.
+    let families: Vec<&str> = v["checked"].as_array().unwrap().iter().map(|c| c["family"].as_str().unwrap()).collect();
+    assert!(families.contains(&"bits") && families.contains(&"depth+bits") && families.contains(&"width+bits"), "{families:?}");
     let chosen = v["chosen"].as_u64().expect("nothing chosen") as usize;
     let c = &v["checked"][chosen];
     let bytes = std::fs::metadata(&out).unwrap().len();
@@ -211,4 +217,22 @@ fn fit_meets_a_size_budget_and_records_a_runnable_recipe() {
     let again = d.join("again.gguf");
     ok(&["run", rfile.to_str().unwrap(), "-o", again.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "run of fit's recipe writes other bytes");
+    // The costs file serves a second run with the same options: the same choice, the same bytes.
+    let out2 = d.join("fit2.gguf");
+    let r = ok(&[&["fit", m, "--target-size", &budget, "--json", "-o", out2.to_str().unwrap()][..], &with_costs].concat());
+    let v2: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v2["costs_reused"], true);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&out2).unwrap(), "a rerun from the costs file chose differently");
+    // Other options than the costs file's: refused, nothing written.
+    let other = [&with_costs[..], &["--bpw", "6,8.5"]].concat();
+    let o = dropwise([&["fit", m, "--target-size", &budget, "-o", d.join("o3.gguf").to_str().unwrap()][..], &other].concat());
+    assert_clean_error("costs of other options", &o, &["holds the costs of another model or other fit options"]);
+    assert!(!d.join("o3.gguf").exists());
+    // A budget the start file meets: it is the best (KL 0) and is written unchanged.
+    let big = format!("{}", std::fs::metadata(&model).unwrap().len() as f64 / 1e6 + 1.0);
+    let same = d.join("same.gguf");
+    let r = ok(&[&["fit", m, "--target-size", &big, "--json", "-o", same.to_str().unwrap()][..], &common].concat());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["checked"][v["chosen"].as_u64().unwrap() as usize]["family"], "start");
+    assert!(std::fs::read(&model).unwrap() == std::fs::read(&same).unwrap(), "the start file chosen but not written as it is");
 }

@@ -1,26 +1,34 @@
 //! `fit`: the best model for a size, speed or quality budget, searched over combinations of depth
 //! (blocks dropped), width (MLP neurons removed) and bits (a bits-per-weight budget spread over
-//! the layers by importance).
+//! the block linears by importance, and a type for the token embedding).
 //!
-//! Each method's cost is measured once, alone, on the start model: the single-removal KL of every
-//! block (the additive criterion), the KL of each neuron cut, the KL and the file size of each
-//! bit budget. A candidate's KL is predicted as the sum of its parts' costs, its size from the
-//! measured file sizes less the bytes of what it removes, its speed from its FLOPs. The best few
-//! candidates under the budget are then built (as recipes, through the same steps as the
-//! commands), and their KL, size and speed measured; the best measured one is written.
+//! Each method's cost is measured once, alone, on the start model and the calibration windows
+//! ([`Costs`], cacheable with `--costs`): the single-removal KL of every block (the additive
+//! criterion), the KL of each neuron cut, the KL, file size and measured speed of each bit budget,
+//! the KL and bytes of each embedding type. A candidate's KL is predicted as the sum of its parts'
+//! costs, its size from the measured file sizes less the bytes of what it removes, its speed as
+//! the measured speed of its bit budget times its FLOPs saving. The start file itself is a
+//! candidate (KL 0). The best few candidates under the budget, and the best of each single family
+//! (bits alone, depth + bits, width + bits), are then built (as recipes, through the same steps as
+//! the commands) and measured on check windows that are not the calibration windows; the best
+//! measured one is written.
 //! Unstructured and N:M sparsity are not searched: GGUF stores zeros as weights, so they save
 //! neither bytes nor (in llama.cpp or here) time.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::steps::drop_layers::{DropLayersStep, Which};
 use super::steps::quantize::QuantizeStep;
 use super::steps::shrink::ShrinkStep;
 use super::{CalibSpec, Progress, Session, Step};
+use crate::model::Llama;
+use crate::quant::plan::{self, Importance as QuantImportance};
+use crate::quant::QType;
 use crate::structural::width::{HeadUnit, Importance, ShrinkOptions, WidthAllocation};
 use crate::structural::{LayerMetric, LearnedOptions, Part};
 
@@ -31,75 +39,185 @@ pub enum Target {
     Bytes(u64),
     /// At least this many times the start model's measured tokens/s.
     Speedup(f64),
-    /// KL to the start model on the calibration windows at most this.
+    /// KL to the start model on the check windows at most this.
     Kl(f64),
 }
 
 pub struct FitOptions {
     pub target: Target,
     pub calib: CalibSpec,
+    /// Where the checked candidates are measured: other windows than the calibration's (the
+    /// costs the prediction adds up are measured on those, so ranking on them would favour
+    /// what fits them by chance).
+    pub check_data: CalibSpec,
     /// The most blocks a candidate drops, as a fraction of them.
     pub max_depth_fraction: f64,
     /// Fractions of MLP neurons a candidate removes.
     pub neuron_levels: Vec<f64>,
     /// Bits-per-weight budgets of the block linears.
     pub bpw_levels: Vec<f64>,
-    /// How many of the best predicted candidates are built and measured.
+    /// Types tried for the token embedding (and an untied head).
+    pub embed_levels: Vec<QType>,
+    /// How many of the best predicted candidates are built and measured (besides the best of
+    /// each single family).
     pub check: usize,
     /// Predict only: no candidate is built.
     pub dry_run: bool,
+    /// A folder the checked candidates' files are kept in (`candidate-N-FAMILY.gguf`, N their
+    /// index in the report), besides the chosen one written to the output.
+    pub keep_checked: Option<PathBuf>,
+    /// A file the single-step costs are read from when it holds this model's and options', and
+    /// written to when absent.
+    pub costs: Option<PathBuf>,
+}
+
+impl FitOptions {
+    /// The check windows' default: the calibration files with the next seed, so the windows
+    /// differ from the calibration ones.
+    pub fn default_check(calib: &CalibSpec, windows: usize) -> CalibSpec {
+        CalibSpec { files: calib.files.clone(), windows, seq_len: calib.seq_len, seed: calib.seed.wrapping_add(1) }
+    }
+}
+
+/// Which methods a candidate combines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Family {
+    /// The start file, unchanged.
+    #[serde(rename = "start")]
+    Start,
+    #[serde(rename = "bits")]
+    Bits,
+    #[serde(rename = "depth+bits")]
+    DepthBits,
+    #[serde(rename = "width+bits")]
+    WidthBits,
+    #[serde(rename = "depth+width+bits")]
+    All,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Start => "start",
+            Family::Bits => "bits",
+            Family::DepthBits => "depth+bits",
+            Family::WidthBits => "width+bits",
+            Family::All => "depth+width+bits",
+        }
+    }
 }
 
 /// One combination, with its prediction and, when it was built, its measurement.
 #[derive(Clone, Debug, Serialize)]
 pub struct Candidate {
+    pub family: Family,
     /// Blocks dropped (the additive criterion's choice), in original indices.
     pub blocks: Vec<usize>,
     pub neurons: f64,
-    pub bpw: f64,
+    /// Bits-per-weight budget of the block linears (`None`: the start file as it is).
+    pub bpw: Option<f64>,
+    /// Type of the token embedding (`None`: the start file's).
+    pub embed: Option<String>,
     pub predicted_kl: f64,
     pub predicted_bytes: u64,
-    /// Predicted speedup: the start model's FLOPs per token over the candidate's.
+    /// Predicted speedup: its bit budget's measured speedup times the FLOPs saving of what it removes.
     pub predicted_speedup: f64,
     pub measured: Option<Measured>,
 }
 
+impl Candidate {
+    fn same_plan(&self, o: &Candidate) -> bool {
+        self.blocks == o.blocks && self.neurons == o.neurons && self.bpw == o.bpw && self.embed == o.embed
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Measured {
+    /// KL to the start model on the check windows.
     pub kl: f64,
     pub perplexity: f64,
     pub bytes: u64,
     pub tokens_per_second: f64,
-    /// Its tokens/s over the start model's, timed in turn with it.
+    /// Its tokens/s over the start model's, timed in turn with it (1 for the start itself).
     pub speedup: f64,
+    pub seconds: f64,
+}
+
+/// One bit budget measured alone.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BitsCost {
+    pub bpw: f64,
+    pub kl: f64,
+    /// The written file's bytes (embedding as Q8_0).
+    pub bytes: u64,
+    /// Tokens/s as stored over the start file's, timed in turn.
+    pub speedup: f64,
+}
+
+/// One embedding type measured alone (the block linears untouched).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmbedCost {
+    /// The type asked for, and the one written (a k-quant falls back on rows that are not a
+    /// multiple of 256).
+    pub asked: String,
+    pub written: String,
+    pub kl: f64,
+    /// Bytes of the embedding (and an untied head) in this type.
+    pub bytes: u64,
+}
+
+/// What the costs were measured on: a cache holding another key is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CostKey {
+    pub model: PathBuf,
+    pub model_bytes: u64,
+    pub calib: Vec<PathBuf>,
+    pub windows: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub max_depth: usize,
+    pub neuron_levels: Vec<f64>,
+    pub bpw_levels: Vec<f64>,
+    pub embed_levels: Vec<String>,
+}
+
+/// Every single-step cost fit predicts from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Costs {
+    pub key: CostKey,
+    /// Single-removal KL of each block.
+    pub block_kl: Vec<Option<f64>>,
+    /// (neuron fraction, KL) measured alone.
+    pub neuron_kl: Vec<(f64, f64)>,
+    pub bits: Vec<BitsCost>,
+    /// Levels asked for that the model's shapes cannot meet.
+    pub skipped_bpw: Vec<f64>,
+    pub embed: Vec<EmbedCost>,
+    pub start_bytes: u64,
+    pub start_tokens_per_second: f64,
     pub seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct FitReport {
     pub target: Target,
-    /// Single-removal KL of each block.
-    pub block_kl: Vec<Option<f64>>,
-    /// (neuron fraction, KL) measured alone.
-    pub neuron_kl: Vec<(f64, f64)>,
-    /// (bpw, KL, file bytes) measured alone.
-    pub bpw_kl: Vec<(f64, f64, u64)>,
-    /// Levels asked for that the model's shapes cannot meet.
-    pub skipped_bpw: Vec<f64>,
-    pub start_bytes: u64,
-    pub start_tokens_per_second: f64,
+    pub costs: Costs,
+    /// Whether the costs came from the `--costs` file.
+    pub costs_reused: bool,
+    /// Start model's perplexity on the check windows.
     pub start_perplexity: f64,
+    pub check_windows: usize,
     pub candidates: usize,
     /// Predicted Pareto front of bytes against KL (every candidate no other beats on both).
     pub front: Vec<Candidate>,
-    /// The built candidates, best predicted first.
+    /// The built candidates: the best predicted first, then the best of each family not among them.
     pub checked: Vec<Candidate>,
     /// Index into `checked` of the one written.
     pub chosen: Option<usize>,
     pub seconds: f64,
 }
 
-/// The steps that build `c`.
+/// The steps that build `c` (not the start candidate: it is the input as it is).
 fn steps_for(c: &Candidate, calib: &CalibSpec) -> Result<Vec<Box<dyn Step>>> {
     let mut steps: Vec<Box<dyn Step>> = Vec::new();
     if !c.blocks.is_empty() {
@@ -110,7 +228,8 @@ fn steps_for(c: &Candidate, calib: &CalibSpec) -> Result<Vec<Box<dyn Step>>> {
     if c.neurons > 0.0 {
         steps.push(Box::new(ShrinkStep { opts: shrink_options(c.neurons), calib: calib.clone() }));
     }
-    steps.push(Box::new(QuantizeStep::new(Some(c.bpw), "lim", false, None, "Q8_0", None, calib.clone())?));
+    let embed = c.embed.as_deref().unwrap_or("Q8_0");
+    steps.push(Box::new(QuantizeStep::new(c.bpw, "lim", false, None, embed, None, calib.clone())?));
     Ok(steps)
 }
 
@@ -120,15 +239,6 @@ fn shrink_options(neurons: f64) -> ShrinkOptions {
 
 /// Rounds each model is timed in: the best round counts.
 const SPEED_ROUNDS: usize = 3;
-
-/// Tokens per second of `m` on `windows`, the best of `SPEED_ROUNDS`.
-fn tokens_per_second(m: &crate::model::Llama, windows: &[Vec<u32>]) -> Result<f64> {
-    let mut best = 0.0f64;
-    for _ in 0..SPEED_ROUNDS {
-        best = best.max(crate::eval::evaluate(m, None, windows, 1, &mut |_| {})?.tokens_per_second);
-    }
-    Ok(best)
-}
 
 /// Tokens per second of the files at `a` and `b` on `windows`, weights as stored (quantized
 /// matmuls, as a deployed file runs): timed in turn, round by round, the best of each, so both
@@ -144,15 +254,248 @@ fn speeds(a: &Path, b: &Path, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
     Ok((ta, tb))
 }
 
-/// KL and perplexity of the file at `path` against `dense` on `windows`.
-fn quality(path: &Path, dense: &crate::model::Llama, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
-    let m = crate::model::io::load_decoded(path)?;
-    let r = crate::eval::evaluate(&m.model, Some(dense), windows, 1, &mut |_| {})?;
+/// KL and perplexity of `m` against `dense` on `windows`.
+fn quality_of(m: &Llama, dense: &Llama, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
+    let r = crate::eval::evaluate(m, Some(dense), windows, 1, &mut |_| {})?;
     Ok((r.kl_divergence.unwrap_or(f64::NAN), r.perplexity))
+}
+
+/// KL and perplexity of the file at `path` against `dense` on `windows`.
+fn quality(path: &Path, dense: &Llama, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
+    quality_of(&crate::model::io::load_decoded(path)?.model, dense, windows)
 }
 
 fn file_bytes(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `m` with its embedding (and an untied head) rounded through `ty` as f32, and the bytes they
+/// take in that type.
+fn with_embedding_as(m: &Llama, ty: QType) -> Result<(Llama, QType, u64)> {
+    let mut out = m.clone();
+    let decode = |t: &candle_core::Tensor, q: Option<&std::sync::Arc<candle_core::quantized::QTensor>>| -> Result<candle_core::Tensor> {
+        Ok(match q {
+            Some(q) => q.dequantize(&candle_core::Device::Cpu)?,
+            None => t.clone(),
+        })
+    };
+    let round = |t: candle_core::Tensor| -> Result<(candle_core::Tensor, QType, u64)> {
+        let (rows, cols) = t.dims2()?;
+        let written = ty.for_cols(cols).with_context(|| format!("{} does not fit rows of {cols}", ty.name()))?;
+        let data = t.flatten_all()?.to_vec1::<f32>()?;
+        let back = crate::quant::roundtrip(&data, rows, cols, written, None)?;
+        let bytes = (rows * cols) as f64 * written.bits() / 8.0;
+        Ok((candle_core::Tensor::from_vec(back, (rows, cols), &candle_core::Device::Cpu)?, written, bytes as u64))
+    };
+    let tied_head_is_embed = m.lm_head.is_none();
+    let (embed, written, mut bytes) = round(decode(&m.embed, m.embed_quantized.as_ref())?)?;
+    out.embed = embed;
+    out.embed_quantized = None;
+    if let Some(head) = &m.lm_head {
+        let (h, _, b) = round(decode(head, m.head_quantized.as_ref())?)?;
+        out.lm_head = Some(h);
+        bytes += b;
+    }
+    if tied_head_is_embed || m.lm_head.is_some() {
+        out.head_quantized = None;
+        out.head_stored_as = None;
+    }
+    Ok((out, written, bytes))
+}
+
+/// Measures every single-step cost on `s`'s start model and `windows`.
+fn measure_costs(input: &Path, s: &mut Session, windows: &[Vec<u32>], key: CostKey, opts: &FitOptions, scratch: &Path, progress: &mut dyn Progress) -> Result<Costs> {
+    let t0 = Instant::now();
+    let dense = s.dense.clone();
+    let n = dense.blocks.len();
+
+    // Depth: every block's single-removal KL.
+    let block_kl: Vec<Option<f64>> = if key.max_depth > 0 {
+        progress.begin("fit: single-block costs", "candidates", n);
+        let plan = crate::structural::plan_layers_with(&dense, windows, LayerMetric::Additive, Part::Block, 1, &LearnedOptions::default(), &mut |i, t| progress.update(i, t, None))?;
+        progress.end();
+        plan.scores
+    } else {
+        vec![None; n]
+    };
+
+    // Width: each neuron cut alone.
+    let mut neuron_kl = vec![(0.0, 0.0)];
+    for &f in opts.neuron_levels.iter().filter(|&&f| f > 0.0) {
+        progress.begin(&format!("fit: {:.1} % of neurons", 100.0 * f), "windows", windows.len());
+        let mut m = dense.clone();
+        crate::structural::width::shrink(&mut m, windows, &shrink_options(f))?;
+        let (kl, _) = quality_of(&m, &dense, windows)?;
+        progress.end();
+        neuron_kl.push((f, kl));
+    }
+
+    // Bits: the layer scores once, then each budget written as a file (its exact size), measured
+    // and timed beside the start file. Budgets the model's shapes cannot meet (k-quants need
+    // rows of 256) are left out.
+    let mut units = plan::units(&dense)?;
+    let (lo, hi) = plan::feasible_range(&units);
+    let levels: Vec<f64> = opts.bpw_levels.iter().copied().filter(|&b| b >= lo - 1e-9 && b <= hi + 1e-9).collect();
+    let skipped_bpw: Vec<f64> = opts.bpw_levels.iter().copied().filter(|b| !levels.contains(b)).collect();
+    if levels.is_empty() {
+        bail!("none of the bits-per-weight levels {:?} can be met: this model's block linears take {lo:.3} to {hi:.3}", opts.bpw_levels);
+    }
+    progress.begin("fit: layer importance (lim)", "layers", n);
+    let scores = plan::score_layers(&mut s.loaded.model, windows, QuantImportance::Lim, None, &mut |i, _| progress.update(i, n, None))?;
+    progress.end();
+    let mut bits = Vec::new();
+    let mut start_tps = 0.0f64;
+    for &b in &levels {
+        progress.begin(&format!("fit: {b} bits per weight"), "steps", 3);
+        let path = scratch.join(format!("bpw-{b}.gguf"));
+        plan::allocate(&mut units, &scores.rank_key, b)?;
+        plan::write(&s.loaded, &s.loaded.model, &units, None, QType::Q8_0, &path, &BTreeMap::new())?;
+        progress.update(1, 3, None);
+        let (kl, _) = quality(&path, &dense, windows)?;
+        progress.update(2, 3, None);
+        let (start, tps) = speeds(input, &path, &windows[..1])?;
+        progress.end();
+        start_tps = start_tps.max(start);
+        bits.push(BitsCost { bpw: b, kl, bytes: file_bytes(&path), speedup: tps / start });
+        std::fs::remove_file(&path).ok();
+    }
+
+    // The embedding: each type alone, in memory.
+    let mut embed = Vec::new();
+    for &ty in &opts.embed_levels {
+        progress.begin(&format!("fit: embedding as {}", ty.name()), "windows", windows.len());
+        let (m, written, bytes) = with_embedding_as(&dense, ty)?;
+        let (kl, _) = quality_of(&m, &dense, windows)?;
+        progress.end();
+        embed.push(EmbedCost { asked: ty.name().into(), written: written.name().into(), kl, bytes });
+    }
+    Ok(Costs { key, block_kl, neuron_kl, bits, skipped_bpw, embed, start_bytes: file_bytes(input), start_tokens_per_second: start_tps, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// The costs from `opts.costs` when it holds `key`'s, else measured (and saved there).
+fn costs_for(input: &Path, s: &mut Session, windows: &[Vec<u32>], key: CostKey, opts: &FitOptions, scratch: &Path, progress: &mut dyn Progress) -> Result<(Costs, bool)> {
+    if let Some(p) = opts.costs.as_ref().filter(|p| p.exists()) {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let c: Costs = serde_json::from_str(&text).with_context(|| format!("{} is not a fit costs file", p.display()))?;
+        if c.key != key {
+            bail!("{} holds the costs of another model or other fit options ({}); remove it or pass another --costs path", p.display(), serde_json::to_string(&c.key)?);
+        }
+        return Ok((c, true));
+    }
+    let c = measure_costs(input, s, windows, key, opts, scratch, progress)?;
+    if let Some(p) = &opts.costs {
+        let text = serde_json::to_string_pretty(&c)?;
+        crate::util::write_atomically(p, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+    }
+    Ok((c, false))
+}
+
+/// Every combination of the measured costs, predicted; the start file first when it is GGUF.
+fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool) -> Vec<Candidate> {
+    let n = dense.blocks.len();
+    let block_kl = &costs.block_kl;
+    let mut order: Vec<usize> = (0..n).filter(|&l| block_kl[l].is_some()).collect();
+    order.sort_by(|&a, &b| block_kl[a].unwrap_or(f64::INFINITY).total_cmp(&block_kl[b].unwrap_or(f64::INFINITY)).then(a.cmp(&b)));
+    let linear_elems = |l: usize| -> usize { dense.blocks[l].linears().map(|(_, lin)| lin.weight.elem_count()).sum() };
+    let mlp_elems = |l: usize| -> usize {
+        dense.blocks[l].linears().filter(|(r, _)| r.canonical_name().starts_with("mlp.")).map(|(_, lin)| lin.weight.elem_count()).sum()
+    };
+    let flops = dense.flops_per_token(seq_len);
+    // The bit-budget files were written with a Q8_0 embedding: other types change their bytes
+    // and (predicted) KL by the difference measured alone.
+    let base_embed = costs.embed.iter().find(|e| e.written == "Q8_0");
+    let mut all = Vec::new();
+    if input_is_gguf {
+        all.push(Candidate { family: Family::Start, blocks: vec![], neurons: 0.0, bpw: None, embed: None, predicted_kl: 0.0, predicted_bytes: costs.start_bytes, predicted_speedup: 1.0, measured: None });
+    }
+    for d in 0..=costs.key.max_depth.min(order.len()) {
+        let blocks: Vec<usize> = order[..d].to_vec();
+        let depth_kl: f64 = blocks.iter().map(|&l| block_kl[l].unwrap_or(0.0)).sum();
+        let kept: Vec<usize> = (0..n).filter(|l| !blocks.contains(l)).collect();
+        let removed_blocks: usize = blocks.iter().map(|&l| linear_elems(l)).sum();
+        for &(f, wkl) in &costs.neuron_kl {
+            let removed_neurons: f64 = kept.iter().map(|&l| mlp_elems(l) as f64 * f).sum();
+            let removed = removed_blocks as f64 + removed_neurons;
+            let family = match (d > 0, f > 0.0) {
+                (false, false) => Family::Bits,
+                (true, false) => Family::DepthBits,
+                (false, true) => Family::WidthBits,
+                (true, true) => Family::All,
+            };
+            for q in &costs.bits {
+                // FLOPs: 2 per weight, so removed weights save 2 FLOPs each (attention's score
+                // FLOPs of a dropped block are counted as saved weight FLOPs only: a slight
+                // underestimate of the saving).
+                let predicted_speedup = q.speedup * flops / (flops - 2.0 * removed).max(1.0);
+                for e in &costs.embed {
+                    let (dkl, dbytes) = match base_embed {
+                        Some(b) => (e.kl - b.kl, e.bytes as f64 - b.bytes as f64),
+                        None => (e.kl, 0.0),
+                    };
+                    let bytes = q.bytes as f64 + dbytes - removed * q.bpw / 8.0;
+                    all.push(Candidate {
+                        family,
+                        blocks: blocks.clone(),
+                        neurons: f,
+                        bpw: Some(q.bpw),
+                        embed: Some(e.asked.clone()),
+                        predicted_kl: (depth_kl + wkl + q.kl + dkl).max(0.0),
+                        predicted_bytes: bytes.max(0.0) as u64,
+                        predicted_speedup,
+                        measured: None,
+                    });
+                }
+            }
+        }
+    }
+    all
+}
+
+fn meets_predicted(t: Target, c: &Candidate) -> bool {
+    match t {
+        Target::Bytes(max) => c.predicted_bytes <= max,
+        Target::Speedup(x) => c.predicted_speedup >= x,
+        Target::Kl(k) => c.predicted_kl <= k,
+    }
+}
+
+fn meets_measured(t: Target, m: &Measured) -> bool {
+    match t {
+        Target::Bytes(max) => m.bytes <= max,
+        Target::Speedup(x) => m.speedup >= x,
+        Target::Kl(k) => m.kl <= k,
+    }
+}
+
+/// Under a size or speed budget, the least KL first; under a KL budget, the smallest file.
+fn better_predicted(t: Target, a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    match t {
+        Target::Kl(_) => a.predicted_bytes.cmp(&b.predicted_bytes).then(a.predicted_kl.total_cmp(&b.predicted_kl)),
+        _ => a.predicted_kl.total_cmp(&b.predicted_kl).then(a.predicted_bytes.cmp(&b.predicted_bytes)),
+    }
+}
+
+/// The predicted Pareto front of bytes against KL.
+fn pareto_front(all: &[Candidate]) -> Vec<Candidate> {
+    let mut front: Vec<Candidate> = all.iter().filter(|c| !all.iter().any(|o| (o.predicted_bytes < c.predicted_bytes && o.predicted_kl <= c.predicted_kl) || (o.predicted_bytes <= c.predicted_bytes && o.predicted_kl < c.predicted_kl))).cloned().collect();
+    front.sort_by_key(|c| c.predicted_bytes);
+    front.dedup_by(|a, b| a.predicted_bytes == b.predicted_bytes && a.predicted_kl == b.predicted_kl);
+    front
+}
+
+/// The `check` best feasible candidates, then the best feasible of each family not among them.
+fn to_check(t: Target, all: &[Candidate], check: usize) -> Vec<Candidate> {
+    let mut feasible: Vec<&Candidate> = all.iter().filter(|c| meets_predicted(t, c)).collect();
+    feasible.sort_by(|a, b| better_predicted(t, a, b));
+    let mut out: Vec<Candidate> = feasible.iter().take(check).map(|c| (*c).clone()).collect();
+    for family in [Family::Start, Family::Bits, Family::DepthBits, Family::WidthBits] {
+        if let Some(c) = feasible.iter().find(|c| c.family == family) {
+            if !out.iter().any(|o| o.same_plan(c)) {
+                out.push((*c).clone());
+            }
+        }
+    }
+    out
 }
 
 /// Searches, checks and (unless a dry run) writes the chosen model to `output`.
@@ -161,10 +504,17 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     if opts.bpw_levels.is_empty() {
         bail!("fit needs at least one bits-per-weight level");
     }
+    if opts.embed_levels.is_empty() {
+        bail!("fit needs at least one embedding type");
+    }
     if opts.calib.files.is_empty() {
         bail!("fit needs calibration text: pass --calib FILE");
     }
+    super::check_calibration(&opts.check_data, "fit's checks")?;
     super::run::refuse_overwrite(input, output)?;
+    if opts.costs.as_deref() == Some(input) || opts.costs.as_deref() == Some(output) {
+        bail!("--costs must be a file of its own, not the model or the output");
+    }
     if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         bail!("fit writes GGUF (it quantizes): the output must end in .gguf");
     }
@@ -173,117 +523,62 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         crate::util::probe_writable(output)?;
     }
     let loaded = crate::model::io::load_decoded(input)?;
+    let input_is_gguf = loaded.path.is_file();
     let mut s = Session::new(loaded, input.to_path_buf());
     let (_, windows) = s.calibration(&opts.calib, "fit")?;
+    let (_, check_windows) = s.calibration(&opts.check_data, "fit's checks")?;
     let dense = s.dense.clone();
     let n = dense.blocks.len();
     let max_depth = ((opts.max_depth_fraction * n as f64).floor() as usize).min(n.saturating_sub(1));
     let scratch = tempfile::Builder::new().prefix(".dropwise-fit-").tempdir_in(output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).context("cannot make a scratch folder beside the output")?;
-
-    // Depth: every block's single-removal KL.
-    let block_kl: Vec<Option<f64>> = if max_depth > 0 {
-        progress.begin("fit: single-block costs", "candidates", n);
-        let plan = crate::structural::plan_layers_with(&dense, &windows, LayerMetric::Additive, Part::Block, 1, &LearnedOptions::default(), &mut |i, t| progress.update(i, t, None))?;
-        progress.end();
-        plan.scores
-    } else {
-        vec![None; n]
+    let key = CostKey {
+        model: input.to_path_buf(),
+        model_bytes: file_bytes(input),
+        calib: opts.calib.files.clone(),
+        windows: opts.calib.windows,
+        seq_len: opts.calib.seq_len,
+        seed: opts.calib.seed,
+        max_depth,
+        neuron_levels: opts.neuron_levels.clone(),
+        bpw_levels: opts.bpw_levels.clone(),
+        embed_levels: opts.embed_levels.iter().map(|t| t.name().to_string()).collect(),
     };
-    let mut order: Vec<usize> = (0..n).filter(|&l| block_kl[l].is_some()).collect();
-    order.sort_by(|&a, &b| block_kl[a].unwrap_or(f64::INFINITY).total_cmp(&block_kl[b].unwrap_or(f64::INFINITY)).then(a.cmp(&b)));
+    let (costs, costs_reused) = costs_for(input, &mut s, &windows, key, opts, scratch.path(), progress)?;
+    let start_perplexity = crate::eval::evaluate(&dense, None, &check_windows, 1, &mut |_| {})?.perplexity;
 
-    // Width: each neuron cut alone.
-    let mut neuron_kl = vec![(0.0, 0.0)];
-    for &f in opts.neuron_levels.iter().filter(|&&f| f > 0.0) {
-        progress.begin(&format!("fit: {:.0} % of neurons", 100.0 * f), "windows", windows.len());
-        let mut m = dense.clone();
-        crate::structural::width::shrink(&mut m, &windows, &shrink_options(f))?;
-        let r = crate::eval::evaluate(&m, Some(&dense), &windows, 1, &mut |i| progress.update(i, windows.len(), None))?;
-        progress.end();
-        neuron_kl.push((f, r.kl_divergence.unwrap_or(f64::NAN)));
-    }
-
-    // Bits: each budget alone, built as a file (its exact size) and measured. Budgets the
-    // model's shapes cannot meet (k-quants need rows of 256) are left out.
-    let (lo, hi) = crate::quant::plan::feasible_range(&crate::quant::plan::units(&dense)?);
-    let levels: Vec<f64> = opts.bpw_levels.iter().copied().filter(|&b| b >= lo - 1e-9 && b <= hi + 1e-9).collect();
-    let skipped_bpw: Vec<f64> = opts.bpw_levels.iter().copied().filter(|b| !levels.contains(b)).collect();
-    if levels.is_empty() {
-        bail!("none of the bits-per-weight levels {:?} can be met: this model's block linears take {lo:.3} to {hi:.3}", opts.bpw_levels);
-    }
-    let mut bpw_kl = Vec::new();
-    for &b in &levels {
-        let path = scratch.path().join(format!("bpw-{b}.gguf"));
-        let step: Box<dyn Step> = Box::new(QuantizeStep::new(Some(b), "lim", false, None, "Q8_0", None, opts.calib.clone())?);
-        super::run::execute(input, vec![step], crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
-        progress.begin(&format!("fit: {b} bits per weight"), "windows", windows.len());
-        let (kl, _) = quality(&path, &dense, &windows)?;
-        progress.end();
-        bpw_kl.push((b, kl, file_bytes(&path)));
-        std::fs::remove_file(&path).ok();
-    }
-    let start_bytes = file_bytes(input);
-    let start_tps = tokens_per_second(&crate::model::io::load_quantized(input)?.model, &windows[..1])?;
-    let start_ppl = crate::eval::evaluate(&dense, None, &windows, 1, &mut |_| {})?.perplexity;
-
-    // Every combination, predicted.
-    let linear_elems = |l: usize| -> usize { dense.blocks[l].linears().map(|(_, lin)| lin.weight.elem_count()).sum() };
-    let mlp_elems = |l: usize| -> usize {
-        dense.blocks[l].linears().filter(|(r, _)| r.canonical_name().starts_with("mlp.")).map(|(_, lin)| lin.weight.elem_count()).sum()
-    };
-    let flops = dense.flops_per_token(opts.calib.seq_len);
-    let mut all = Vec::new();
-    for d in 0..=max_depth.min(order.len()) {
-        let blocks: Vec<usize> = order[..d].to_vec();
-        let depth_kl: f64 = blocks.iter().map(|&l| block_kl[l].unwrap_or(0.0)).sum();
-        let kept: Vec<usize> = (0..n).filter(|l| !blocks.contains(l)).collect();
-        let removed_blocks: usize = blocks.iter().map(|&l| linear_elems(l)).sum();
-        for &(f, wkl) in &neuron_kl {
-            let removed_neurons: f64 = kept.iter().map(|&l| mlp_elems(l) as f64 * f).sum();
-            let removed = removed_blocks as f64 + removed_neurons;
-            for &(b, qkl, bytes) in &bpw_kl {
-                let predicted_bytes = (bytes as f64 - removed * b / 8.0).max(0.0) as u64;
-                // FLOPs: 2 per weight, so removed weights save 2 FLOPs each (attention's
-                // score FLOPs of a dropped block are counted as saved weight FLOPs only: a
-                // slight underestimate of the saving).
-                let predicted_speedup = flops / (flops - 2.0 * removed).max(1.0);
-                all.push(Candidate { blocks: blocks.clone(), neurons: f, bpw: b, predicted_kl: depth_kl + wkl + qkl, predicted_bytes, predicted_speedup, measured: None });
-            }
-        }
-    }
-    let meets = |c: &Candidate| match opts.target {
-        Target::Bytes(max) => c.predicted_bytes <= max,
-        Target::Speedup(x) => c.predicted_speedup >= x,
-        Target::Kl(k) => c.predicted_kl <= k,
-    };
-    let better = |a: &Candidate, b: &Candidate| -> std::cmp::Ordering {
-        match opts.target {
-            // Under a size or speed budget, the least KL; under a KL budget, the smallest file.
-            Target::Kl(_) => a.predicted_bytes.cmp(&b.predicted_bytes).then(a.predicted_kl.total_cmp(&b.predicted_kl)),
-            _ => a.predicted_kl.total_cmp(&b.predicted_kl).then(a.predicted_bytes.cmp(&b.predicted_bytes)),
-        }
-    };
-    let mut front: Vec<Candidate> = all.iter().filter(|c| !all.iter().any(|o| (o.predicted_bytes < c.predicted_bytes && o.predicted_kl <= c.predicted_kl) || (o.predicted_bytes <= c.predicted_bytes && o.predicted_kl < c.predicted_kl))).cloned().collect();
-    front.sort_by_key(|c| c.predicted_bytes);
-    front.dedup_by(|a, b| a.predicted_bytes == b.predicted_bytes && a.predicted_kl == b.predicted_kl);
-    let mut feasible: Vec<Candidate> = all.iter().filter(|c| meets(c)).cloned().collect();
-    feasible.sort_by(|a, b| better(a, b));
+    let all = predict(&dense, &costs, opts.calib.seq_len, input_is_gguf);
+    let front = pareto_front(&all);
     let total = all.len();
-    if feasible.is_empty() {
-        bail!("no candidate meets {:?} by prediction (searched {total}: up to {max_depth} blocks, neurons {:?}, bits {:?})", opts.target, opts.neuron_levels, opts.bpw_levels);
+    let mut checked = to_check(opts.target, &all, if opts.dry_run { 0 } else { opts.check.max(1) });
+    if checked.is_empty() && !all.iter().any(|c| meets_predicted(opts.target, c)) {
+        bail!(
+            "no candidate meets {:?} by prediction (searched {total}: up to {max_depth} blocks, neurons {:?}, bits {:?}, embedding {:?})",
+            opts.target,
+            opts.neuron_levels,
+            opts.bpw_levels,
+            costs.key.embed_levels
+        );
     }
-    let mut checked: Vec<Candidate> = feasible.into_iter().take(if opts.dry_run { 0 } else { opts.check.max(1) }).collect();
+    if opts.dry_run {
+        checked.clear();
+    }
 
-    // The best few, built through the same steps as the commands and measured.
+    // The candidates to check, built through the same steps as the commands and measured on the
+    // check windows.
     let candidate_path = |i: usize| scratch.path().join(format!("candidate-{i}.gguf"));
     let checks = checked.len();
     for (i, c) in checked.iter_mut().enumerate() {
         let t = Instant::now();
+        progress.begin(&format!("fit: check {}/{checks} ({})", i + 1, c.family.name()), "windows", check_windows.len());
+        if c.family == Family::Start {
+            c.measured = Some(Measured { kl: 0.0, perplexity: start_perplexity, bytes: costs.start_bytes, tokens_per_second: costs.start_tokens_per_second, speedup: 1.0, seconds: 0.0 });
+            progress.end();
+            continue;
+        }
         let path = candidate_path(i);
         super::run::execute(input, steps_for(c, &opts.calib)?, crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
-        progress.begin(&format!("fit: check {}/{checks}", i + 1), "windows", windows.len());
-        let (kl, perplexity) = quality(&path, &dense, &windows)?;
-        let (start, tps) = speeds(input, &path, &windows[..1])?;
+        let (kl, perplexity) = quality(&path, &dense, &check_windows)?;
+        let (start, tps) = speeds(input, &path, &check_windows[..1])?;
         progress.end();
         c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start, seconds: t.elapsed().as_secs_f64() });
     }
@@ -292,35 +587,40 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         .iter()
         .enumerate()
         .filter_map(|(i, c)| c.measured.as_ref().map(|m| (i, m)))
-        .filter(|(_, m)| match opts.target {
-            Target::Bytes(max) => m.bytes <= max,
-            Target::Speedup(x) => m.speedup >= x,
-            Target::Kl(k) => m.kl <= k,
-        })
+        .filter(|(_, m)| meets_measured(opts.target, m))
         .min_by(|(_, a), (_, b)| match opts.target {
             Target::Kl(_) => a.bytes.cmp(&b.bytes),
             _ => a.kl.total_cmp(&b.kl),
         })
         .map(|(i, _)| i);
+    if let Some(dir) = opts.keep_checked.as_ref().filter(|_| !opts.dry_run) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (i, c) in checked.iter().enumerate() {
+            let src = candidate_path(i);
+            if c.family == Family::Start || !src.exists() {
+                continue;
+            }
+            let dst = dir.join(format!("candidate-{i}-{}.gguf", c.family.name()));
+            if chosen == Some(i) {
+                std::fs::copy(&src, &dst).with_context(|| format!("cannot write {}", dst.display()))?;
+            } else {
+                std::fs::rename(&src, &dst).or_else(|_| std::fs::copy(&src, &dst).map(|_| ())).with_context(|| format!("cannot write {}", dst.display()))?;
+            }
+        }
+    }
     if !opts.dry_run {
         match chosen {
+            Some(i) if checked[i].family == Family::Start => {
+                // The start file already meets the budget best: it is the answer, byte for byte.
+                let mut src = std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
+                crate::util::write_atomically(output, |f| {
+                    std::io::copy(&mut src, f).with_context(|| format!("cannot copy {}", input.display()))?;
+                    Ok(())
+                })?;
+            }
             Some(i) => std::fs::rename(candidate_path(i), output).with_context(|| format!("cannot write {}", output.display()))?,
             None => bail!("none of the {checks} candidates checked meets {:?} when measured (see the predictions with --dry-run)", opts.target),
         }
     }
-    Ok(FitReport {
-        target: opts.target,
-        block_kl,
-        neuron_kl,
-        bpw_kl,
-        skipped_bpw,
-        start_bytes,
-        start_tokens_per_second: start_tps,
-        start_perplexity: start_ppl,
-        candidates: total,
-        front,
-        checked,
-        chosen,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(FitReport { target: opts.target, costs, costs_reused, start_perplexity, check_windows: check_windows.len(), candidates: total, front, checked, chosen, seconds: t0.elapsed().as_secs_f64() })
 }

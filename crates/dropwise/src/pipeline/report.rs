@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use super::fit::FitReport;
 use super::run::RunReport;
 
 /// A point of a scatter plot: x, y and its label.
@@ -20,6 +21,16 @@ pub fn escape(s: &str) -> String {
 
 /// A labelled scatter plot as an SVG fragment (axes from the data's range, 0 included on y).
 pub fn svg_scatter(title: &str, xlabel: &str, ylabel: &str, points: &[Point]) -> String {
+    scatter(title, xlabel, ylabel, points, false)
+}
+
+/// A scatter plot of predicted (x) against measured (y) with the line y = x: points above it
+/// were worse than predicted.
+pub fn svg_scatter_diagonal(title: &str, xlabel: &str, ylabel: &str, points: &[Point]) -> String {
+    scatter(title, xlabel, ylabel, points, true)
+}
+
+fn scatter(title: &str, xlabel: &str, ylabel: &str, points: &[Point], diagonal: bool) -> String {
     let (w, h, pad) = (520.0, 260.0, 50.0);
     let pts: Vec<&Point> = points.iter().filter(|p| p.x.is_finite() && p.y.is_finite()).collect();
     let (mut x0, mut x1) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -40,6 +51,10 @@ pub fn svg_scatter(title: &str, xlabel: &str, ylabel: &str, points: &[Point]) ->
     let x = |v: f64| pad + (w - 2.0 * pad) * (v - x0) / (x1 - x0);
     let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - y0) / (y1 - y0);
     let mut dots = String::new();
+    let (lo, hi) = (x0.max(y0), x1.min(y1));
+    if diagonal && lo < hi {
+        let _ = write!(dots, "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#bbb\" stroke-dasharray=\"4 3\"/>", x(lo), y(lo), x(hi), y(hi));
+    }
     for p in &pts {
         let _ = write!(
             dots,
@@ -155,6 +170,84 @@ pub fn html(run: &RunReport, model: &str, output: &str) -> String {
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>dropwise run: {}</title>\
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} svg{{margin:0.5em;border:1px solid #eee}} td,th{{padding:2px 8px;text-align:left}} pre{{background:#f6f6f6;padding:0.5em}}</style></head><body>{body}</body></html>",
+        escape(model)
+    )
+}
+
+/// The page for a `fit` run on `model`: the budget, the single-step costs, the checked
+/// candidates (predicted and measured), predicted against measured KL, size against KL, and
+/// the predicted front.
+pub fn fit_html(r: &FitReport, model: &str, output: Option<&str>) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>dropwise fit</h1><p>model: {} ({:.1} MB, {:.1} tokens/s as stored)<br>target: {}<br>output: {}<br>{} candidates searched; costs {} ({:.1}s); total {:.1}s; checks on {} windows (start perplexity {:.3})</p>",
+        escape(model),
+        mb(r.costs.start_bytes),
+        r.costs.start_tokens_per_second,
+        escape(&format!("{:?}", r.target)),
+        escape(output.unwrap_or("none (dry run)")),
+        r.candidates,
+        if r.costs_reused { "read from the costs file" } else { "measured" },
+        r.costs.seconds,
+        r.seconds,
+        r.check_windows,
+        r.start_perplexity
+    );
+    body.push_str("<h2>Checked candidates</h2><table><tr><th></th><th>family</th><th>blocks dropped</th><th>neurons</th><th>bpw</th><th>embedding</th><th>predicted KL</th><th>measured KL</th><th>perplexity</th><th>predicted MB</th><th>measured MB</th><th>predicted ×</th><th>measured ×</th></tr>");
+    for (i, c) in r.checked.iter().enumerate() {
+        let m = c.measured.as_ref();
+        let f = |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into());
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{:.1} %</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{:.2}</td><td>{}</td></tr>",
+            if r.chosen == Some(i) { "chosen" } else { "" },
+            c.family.name(),
+            c.blocks,
+            100.0 * c.neurons,
+            c.bpw.map(|b| b.to_string()).unwrap_or_else(|| "as stored".into()),
+            escape(c.embed.as_deref().unwrap_or("as stored")),
+            c.predicted_kl,
+            f(m.map(|m| m.kl), 4),
+            f(m.map(|m| m.perplexity), 3),
+            mb(c.predicted_bytes),
+            f(m.map(|m| mb(m.bytes)), 1),
+            c.predicted_speedup,
+            f(m.map(|m| m.speedup), 2),
+        );
+    }
+    body.push_str("</table>");
+    let label = |c: &super::fit::Candidate| format!("{} d{} n{:.0}% {}", c.family.name(), c.blocks.len(), 100.0 * c.neurons, c.bpw.map(|b| b.to_string()).unwrap_or_default());
+    let measured: Vec<(&super::fit::Candidate, &super::fit::Measured)> = r.checked.iter().filter_map(|c| c.measured.as_ref().map(|m| (c, m))).collect();
+    let kl_points: Vec<Point> = measured.iter().map(|(c, m)| Point { x: c.predicted_kl, y: m.kl, label: label(c) }).collect();
+    body.push_str(&svg_scatter_diagonal("KL: predicted (calibration windows) against measured (check windows)", "predicted KL", "measured KL", &kl_points));
+    let size_points: Vec<Point> = measured.iter().map(|(c, m)| Point { x: mb(m.bytes), y: m.kl, label: label(c) }).collect();
+    body.push_str(&svg_scatter("measured KL against size", "size (MB)", "KL", &size_points));
+    let speed_points: Vec<Point> = measured.iter().map(|(c, m)| Point { x: m.speedup, y: m.kl, label: label(c) }).collect();
+    body.push_str(&svg_scatter("measured KL against measured speedup", "speedup", "KL", &speed_points));
+    let front_points: Vec<Point> = r.front.iter().map(|c| Point { x: mb(c.predicted_bytes), y: c.predicted_kl, label: String::new() }).collect();
+    body.push_str(&svg_scatter("predicted front: KL against size", "size (MB)", "predicted KL", &front_points));
+    body.push_str("<h2>Single-step costs (calibration windows)</h2><table><tr><th>bpw</th><th>KL</th><th>MB</th><th>speedup</th></tr>");
+    for b in &r.costs.bits {
+        let _ = write!(body, "<tr><td>{}</td><td>{:.4}</td><td>{:.1}</td><td>{:.2}</td></tr>", b.bpw, b.kl, mb(b.bytes), b.speedup);
+    }
+    body.push_str("</table><table><tr><th>embedding</th><th>written as</th><th>KL</th><th>MB</th></tr>");
+    for e in &r.costs.embed {
+        let _ = write!(body, "<tr><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.1}</td></tr>", escape(&e.asked), escape(&e.written), e.kl, mb(e.bytes));
+    }
+    body.push_str("</table><table><tr><th>neurons</th><th>KL</th></tr>");
+    for (f, kl) in r.costs.neuron_kl.iter().skip(1) {
+        let _ = write!(body, "<tr><td>{:.1} %</td><td>{kl:.4}</td></tr>", 100.0 * f);
+    }
+    body.push_str("</table>");
+    let block: Vec<f64> = r.costs.block_kl.iter().map(|v| v.unwrap_or(f64::NAN)).collect();
+    if block.iter().any(|v| v.is_finite()) {
+        body.push_str(&crate::analyze::svg_chart("single-block removal KL", &block));
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>dropwise fit: {}</title>\
+<style>body{{font-family:sans-serif;margin:2em;max-width:80em}} svg{{margin:0.5em;border:1px solid #eee}} td,th{{padding:2px 8px;text-align:left}}</style></head><body>{body}</body></html>",
         escape(model)
     )
 }
