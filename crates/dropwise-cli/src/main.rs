@@ -15,6 +15,7 @@ use dropwise::formats::gguf::WriteDType;
 use dropwise::inspect;
 use dropwise::util::human;
 
+mod embed_cmd;
 mod pipeline_cmd;
 mod recover_cmd;
 
@@ -333,6 +334,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sentence embeddings from an encoder (a BERT-family HF folder such as all-MiniLM-L6-v2):
+    /// one line of numbers per sentence, pooled and normalized as sentence-transformers does.
+    Embed {
+        model: PathBuf,
+        /// Text files.
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// How the text becomes sentences: one per non-empty line, or the protocol's sentences.
+        #[arg(long, value_enum, default_value = "lines")]
+        split: embed_cmd::Split,
+        /// At most this many sentences, from the start.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Sentences per forward pass (batched by length).
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Print each sentence's token ids instead of its embedding.
+        #[arg(long)]
+        ids: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The best model for a budget: searches depth (blocks dropped), width (MLP neurons) and bits
     /// per weight, predicts each combination's KL from single-step costs measured alone, builds
     /// and measures the best few, and writes the best measured one (GGUF) with its recipe.
@@ -589,6 +612,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
+        Cmd::Embed { model, data, split, limit, batch, ids, json } => embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, json }),
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {
             let opts = GenerateArgs { prompt, max_tokens, temperature, seed, chat, quantized_matmul, json };

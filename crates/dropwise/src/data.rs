@@ -91,3 +91,47 @@ pub fn calibration_windows(ids: &[u32], seq_len: usize, count: usize, seed: u64,
     let windows = offsets.iter().map(|&o| with_bos(bos, &ids[o..o + text_len])).collect();
     Ok((offsets, windows))
 }
+
+/// Titles whose period does not end a sentence.
+const ABBREVIATIONS: &[&str] = &["Mr", "Mrs", "Ms", "Dr", "St", "Col", "Capt", "Messrs", "Esq", "Sir", "Lt", "Gen", "Rev", "No"];
+
+/// The sentences of `text`, the encoder protocol's units: paragraphs (split at blank lines) with
+/// their line breaks and runs of spaces made single spaces, cut after `.`, `!` or `?` (and any
+/// closing quotes or brackets) where whitespace follows, except after a title (`Mr.`, `Mrs.`,
+/// …). Pieces without a letter (chapter numbers, rules) are left out.
+pub fn sentences(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for para in text.replace("\r\n", "\n").split("\n\n") {
+        let words: Vec<&str> = para.split_whitespace().collect();
+        let mut current: Vec<&str> = Vec::new();
+        for w in words {
+            current.push(w);
+            let core = w.trim_end_matches(['"', '\'', '\u{201d}', '\u{2019}', ')', ']']);
+            let ends = core.ends_with(['.', '!', '?']);
+            let title = ABBREVIATIONS.contains(&core.trim_end_matches('.').trim_start_matches(['"', '\'', '(', '\u{201c}', '\u{2018}']));
+            if ends && !(core.ends_with('.') && title) {
+                push_sentence(&mut out, &current);
+                current.clear();
+            }
+        }
+        push_sentence(&mut out, &current);
+    }
+    out
+}
+
+fn push_sentence(out: &mut Vec<String>, words: &[&str]) {
+    if words.iter().any(|w| w.chars().any(char::is_alphabetic)) {
+        out.push(words.join(" "));
+    }
+}
+
+#[cfg(test)]
+mod sentence_tests {
+    use super::sentences;
+
+    #[test]
+    fn cuts_after_sentence_ends_but_not_titles() {
+        let t = "Chapter 1\n\n\nMr. Elliot came.  \"Did he?\" she asked;\nthen left!\n\n12\n\nThe end";
+        assert_eq!(sentences(t), vec!["Chapter 1", "Mr. Elliot came.", "\"Did he?\"", "she asked; then left!", "The end"]);
+    }
+}

@@ -30,6 +30,10 @@ pub fn read_file(path: &Path, out: &mut HashMap<String, Tensor>, stats: &mut Vec
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
+        // BERT files carry the position-id buffer (0..n as I64): an index, not a weight.
+        if name.ends_with("position_ids") && matches!(view.dtype(), Dtype::I64 | Dtype::I32) {
+            continue;
+        }
         let v: Vec<f32> = match view.dtype() {
             Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),

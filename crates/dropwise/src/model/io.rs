@@ -318,6 +318,9 @@ pub fn load_hf(dir: &Path) -> Result<LoadedModel> {
     if !cfg_path.exists() {
         bail!("{}: folder has no config.json (not an HF model folder)", dir.display());
     }
+    if super::bert::is_bert_folder(dir) {
+        bail!("{}: a BERT-family encoder; `dropwise embed` reads it (the decoder commands read {})", dir.display(), super::arch::supported_names());
+    }
     let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let config = LlamaConfig::from_hf_json(&cfg_text).with_context(|| cfg_path.display().to_string())?;
     let tok_path = dir.join("tokenizer.json");

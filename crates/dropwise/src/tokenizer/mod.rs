@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
+use tokenizers::{AddedToken, PostProcessor, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 
 use crate::formats::gguf::GgufFile;
 
@@ -44,7 +44,11 @@ impl Tokenizer {
         let bad = |e: &dyn std::fmt::Display| anyhow!("{}: not a usable tokenizer.json: {e}", path.display());
         // Syntax first: the tokenizers crate panics (`expect`) on some malformed JSON.
         serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| bad(&e))?;
-        let inner = crate::util::catch_foreign_panic("tokenizer.json", || HfTokenizer::from_bytes(&bytes)).map_err(|e| bad(&e))?.map_err(|e| bad(&e))?;
+        let mut inner = crate::util::catch_foreign_panic("tokenizer.json", || HfTokenizer::from_bytes(&bytes)).map_err(|e| bad(&e))?.map_err(|e| bad(&e))?;
+        // A file's padding and truncation (BERT files pad every text to 128 tokens) are a batch
+        // setting of the tool that wrote it: encoding here returns a text's own ids, whole.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| bad(&e))?;
         Ok(Self { inner: Backend::Hf(inner), source: "tokenizer.json".into() })
     }
 
@@ -142,6 +146,22 @@ impl Tokenizer {
                 .to_vec()),
             Backend::Spm(t) => Ok(t.encode(text, false)),
         }
+    }
+
+    /// Token ids of `text` framed as the tokenizer's post-processor says for one sequence
+    /// (`[CLS] … [SEP]` for BERT), cut to at most `max_len` ids by dropping text tokens from the
+    /// end (as transformers' `truncation=True, max_length=max_len` does for one sequence).
+    pub fn encode_framed(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let Backend::Hf(t) = &self.inner else { bail!("only a tokenizer.json tokenizer frames sequences") };
+        let bare = self.encode(text)?;
+        let specials = t.get_post_processor().map(|p| p.added_tokens(false)).unwrap_or(0);
+        if max_len <= specials {
+            bail!("a maximum of {max_len} tokens leaves no room for text beside {specials} special tokens");
+        }
+        let keep = bare.len().min(max_len - specials);
+        let enc = tokenizers::Encoding::new(bare[..keep].to_vec(), vec![0; keep], vec![String::new(); keep], vec![None; keep], vec![(0, 0); keep], vec![0; keep], vec![1; keep], vec![], Default::default());
+        let framed = crate::util::catch_foreign_panic("tokenization failed", || t.post_process(enc, None, true))?.map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        Ok(framed.get_ids().to_vec())
     }
 
     /// Token ids of `text` with control tokens written in it (chat markup) matched whole.

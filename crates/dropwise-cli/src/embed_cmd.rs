@@ -1,0 +1,116 @@
+//! `dropwise embed`: sentence embeddings from an encoder folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dropwise::model::bert::Bert;
+
+/// How a text becomes sentences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    /// One sentence per non-empty line.
+    Lines,
+    /// The encoder protocol's sentences (paragraphs cut after `.`, `!`, `?`).
+    Sentences,
+}
+
+pub struct EmbedArgs {
+    pub data: Vec<PathBuf>,
+    pub split: Split,
+    pub limit: Option<usize>,
+    pub batch: usize,
+    pub ids: bool,
+    pub json: bool,
+}
+
+/// Most sentences one run holds (each is kept with its ids and its vector).
+const MAX_SENTENCES: usize = 1 << 22;
+
+/// The sentences of `files` under `split`, at most `limit`.
+pub fn read_sentences(files: &[PathBuf], split: Split, limit: Option<usize>) -> Result<Vec<String>> {
+    if files.is_empty() {
+        bail!("embed needs text: pass --data FILE");
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let text = dropwise::data::read_text(f)?;
+        match split {
+            Split::Lines => out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from)),
+            Split::Sentences => out.extend(dropwise::data::sentences(&text)),
+        }
+        if out.len() > MAX_SENTENCES {
+            bail!("more than {MAX_SENTENCES} sentences: pass --limit");
+        }
+    }
+    if let Some(n) = limit {
+        out.truncate(n);
+    }
+    if out.is_empty() {
+        bail!("the text holds no sentence");
+    }
+    Ok(out)
+}
+
+pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
+    if a.batch == 0 || a.batch > 4096 {
+        bail!("--batch must be in 1..=4096, not {}", a.batch);
+    }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let t0 = std::time::Instant::now();
+    let m = Bert::load(model)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let texts = read_sentences(&a.data, a.split, a.limit)?;
+    let ids = texts.iter().map(|t| m.encode(t)).collect::<Result<Vec<_>>>()?;
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    if a.ids {
+        if a.json {
+            let v = serde_json::json!({"model": model.display().to_string(), "sentences": texts.len(), "tokens": tokens, "texts": texts, "ids": ids});
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            for s in &ids {
+                println!("{}", s.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+            }
+        }
+        return Ok(());
+    }
+    let pb = ProgressBar::new(ids.len() as u64);
+    pb.set_style(ProgressStyle::with_template("embed [{bar:30}] {pos}/{len} sentences, {elapsed} elapsed, eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    let t1 = std::time::Instant::now();
+    let vectors = m.embed(&ids, a.batch, &mut |done| pb.set_position(done as u64))?;
+    let secs = t1.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let per_s = texts.len() as f64 / secs.max(1e-9);
+    if a.json {
+        let v = serde_json::json!({
+            "model": model.display().to_string(),
+            "sentences": texts.len(),
+            "tokens": tokens,
+            "dimension": vectors.first().map(Vec::len).unwrap_or(0),
+            "pooling": format!("{:?}", m.pooling).to_lowercase(),
+            "normalized": m.normalize,
+            "max_seq_len": m.max_seq_len,
+            "load_seconds": load_s,
+            "seconds": secs,
+            "sentences_per_second": per_s,
+            "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
+            "embeddings": vectors,
+        });
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    for v in &vectors {
+        println!("{}", v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(" "));
+    }
+    eprintln!(
+        "{} sentences, {tokens} tokens, {} dimensions ({} pooling{}); {secs:.2}s, {per_s:.1} sentences/s",
+        texts.len(),
+        vectors.first().map(Vec::len).unwrap_or(0),
+        format!("{:?}", m.pooling).to_lowercase(),
+        if m.normalize { ", L2-normalized" } else { "" }
+    );
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! BERT-family sentence encoders (all-MiniLM-L6-v2 and its kin), from an HF folder as
+//! sentence-transformers ships them: bidirectional attention, post-norm blocks with LayerNorm
+//! (weight and bias), absolute position and token-type embeddings, a GELU MLP, then pooling
+//! (mean over the real tokens, or the first token) and, when the folder says so, L2
+//! normalization. The arithmetic follows transformers' `BertModel` (eager attention) and
+//! sentence-transformers' `Pooling` and `Normalize` modules.
+//!
+//! Written with candle's elementary ops only (no fused softmax or layer norm), so the graph
+//! carries gradients for the methods that need them.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::tokenizer::Tokenizer;
+
+/// The MLP's activation as `hidden_act` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BertActivation {
+    /// `gelu`: the exact (erf) GELU.
+    GeluErf,
+    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+#[derive(Debug, Clone)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: BertActivation,
+    pub pad_token_id: u32,
+}
+
+/// Model types this file reads.
+pub const BERT_MODEL_TYPES: &[&str] = &["bert"];
+
+/// Sizes past these are a corrupt or hostile config, not a model (and must not become a huge
+/// allocation before the weights are even read).
+const MAX_DIM: usize = 1 << 20;
+
+impl BertConfig {
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if !BERT_MODEL_TYPES.contains(&model_type) {
+            bail!("config.json has model_type {model_type:?}; the encoder reads {}", BERT_MODEL_TYPES.join(", "));
+        }
+        let size = |key: &str| -> Result<usize> {
+            let n = v.get(key).and_then(|x| x.as_u64()).with_context(|| format!("config.json has no integer {key}"))?;
+            if n == 0 || n as usize > MAX_DIM {
+                bail!("config.json: {key} = {n} is not a usable size (1..={MAX_DIM})");
+            }
+            Ok(n as usize)
+        };
+        let pos_type = v.get("position_embedding_type").and_then(|x| x.as_str()).unwrap_or("absolute");
+        if pos_type != "absolute" {
+            bail!("config.json: position_embedding_type {pos_type:?} is not supported (only absolute)");
+        }
+        let act = match v.get("hidden_act").and_then(|x| x.as_str()).unwrap_or("gelu") {
+            "gelu" => BertActivation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => BertActivation::GeluTanh,
+            "relu" => BertActivation::Relu,
+            other => bail!("config.json: hidden_act {other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu)"),
+        };
+        let c = Self {
+            vocab_size: size("vocab_size")?,
+            hidden_size: size("hidden_size")?,
+            num_hidden_layers: size("num_hidden_layers")?,
+            num_attention_heads: size("num_attention_heads")?,
+            intermediate_size: size("intermediate_size")?,
+            max_position_embeddings: size("max_position_embeddings")?,
+            type_vocab_size: v.get("type_vocab_size").and_then(|x| x.as_u64()).unwrap_or(2).max(1) as usize,
+            layer_norm_eps: v.get("layer_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-12),
+            hidden_act: act,
+            pad_token_id: v.get("pad_token_id").and_then(|x| x.as_u64()).unwrap_or(0) as u32,
+        };
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail!("config.json: hidden_size {} is not a multiple of num_attention_heads {}", c.hidden_size, c.num_attention_heads);
+        }
+        Ok(c)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// A linear layer with bias; the weight kept transposed (`[in, out]`) for the product.
+#[derive(Clone)]
+pub struct Dense {
+    pub weight_t: Tensor,
+    pub bias: Tensor,
+}
+
+impl Dense {
+    fn new(weight: Tensor, bias: Tensor, out: usize, inp: usize, name: &str) -> Result<Self> {
+        if weight.dims() != [out, inp] || bias.dims() != [out] {
+            bail!("{name}: weight {:?} and bias {:?}, expected [{out}, {inp}] and [{out}]", weight.dims(), bias.dims());
+        }
+        Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
+    }
+
+    /// `x · Wᵀ + b` over the last dimension of `x` (`[rows, in]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// LayerNorm with weight and bias over the last dimension.
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// One encoder block: self-attention, add and norm; MLP, add and norm.
+#[derive(Clone)]
+pub struct EncoderLayer {
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub attn_out: Dense,
+    pub attn_norm: LayerNorm,
+    pub up: Dense,
+    pub down: Dense,
+    pub out_norm: LayerNorm,
+}
+
+/// How token states become one sentence vector (sentence-transformers' `Pooling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+pub struct Bert {
+    pub config: BertConfig,
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    pub embed_norm: LayerNorm,
+    pub layers: Vec<EncoderLayer>,
+    pub pooling: Pooling,
+    /// L2-normalize the pooled vector (a `Normalize` module in modules.json).
+    pub normalize: bool,
+    /// Most tokens per sentence, `[CLS]` and `[SEP]` included (sentence-transformers'
+    /// `max_seq_length`, else the position table's length).
+    pub max_seq_len: usize,
+    pub tokenizer: Tokenizer,
+}
+
+/// The folder's tensors, taken one by one with their shapes checked.
+struct Weights<'a> {
+    dir: &'a Path,
+    t: std::collections::HashMap<String, Tensor>,
+}
+
+impl Weights<'_> {
+    fn take(&mut self, name: &str) -> Result<Tensor> {
+        self.t.remove(name).with_context(|| format!("{}: missing tensor {name}", self.dir.display()))
+    }
+
+    fn shaped(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let w = self.take(name)?;
+        if w.dims() != shape {
+            bail!("{}: {name} is {:?}, expected {shape:?}", self.dir.display(), w.dims());
+        }
+        Ok(w)
+    }
+
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        self.shaped(name, &[rows, cols])
+    }
+
+    fn dense(&mut self, p: &str, out: usize, inp: usize) -> Result<Dense> {
+        let (weight, bias) = (self.matrix(&format!("{p}.weight"), out, inp)?, self.shaped(&format!("{p}.bias"), &[out])?);
+        Dense::new(weight, bias, out, inp, p)
+    }
+
+    fn norm(&mut self, p: &str, h: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: self.shaped(&format!("{p}.weight"), &[h])?, bias: self.shaped(&format!("{p}.bias"), &[h])?, eps })
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+}
+
+/// Whether `dir` is an HF folder whose config names an encoder this file reads.
+pub fn is_bert_folder(dir: &Path) -> bool {
+    let Ok(Some(v)) = read_json(&dir.join("config.json")) else { return false };
+    v.get("model_type").and_then(|m| m.as_str()).is_some_and(|m| BERT_MODEL_TYPES.contains(&m))
+}
+
+impl Bert {
+    /// Loads an HF folder: config.json, model.safetensors, tokenizer.json, and the
+    /// sentence-transformers files when present (1_Pooling/config.json, modules.json,
+    /// sentence_bert_config.json).
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a folder (an encoder is read from its HF folder)", dir.display());
+        }
+        let cfg_path = dir.join("config.json");
+        let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+        let config = BertConfig::from_hf_json(&cfg_text).with_context(|| cfg_path.display().to_string())?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            bail!("{}: folder has no tokenizer.json", dir.display());
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            bail!("{}: the tokenizer has {} tokens, the embedding {} rows", dir.display(), tokenizer.vocab_size(), config.vocab_size);
+        }
+        let (raw, _) = crate::formats::safetensors::read_folder(dir)?;
+        // BertForMaskedLM and friends prefix the encoder's names with `bert.`.
+        let mut w = Weights { dir, t: raw.into_iter().map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v)).collect() };
+        let (h, ff) = (config.hidden_size, config.intermediate_size);
+        let eps = config.layer_norm_eps;
+        let word = w.matrix("embeddings.word_embeddings.weight", config.vocab_size, h)?;
+        let position = w.matrix("embeddings.position_embeddings.weight", config.max_position_embeddings, h)?;
+        let token_type = w.matrix("embeddings.token_type_embeddings.weight", config.type_vocab_size, h)?;
+        let embed_norm = w.norm("embeddings.LayerNorm", h, eps)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(EncoderLayer {
+                query: w.dense(&format!("{p}.attention.self.query"), h, h)?,
+                key: w.dense(&format!("{p}.attention.self.key"), h, h)?,
+                value: w.dense(&format!("{p}.attention.self.value"), h, h)?,
+                attn_out: w.dense(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                up: w.dense(&format!("{p}.intermediate.dense"), ff, h)?,
+                down: w.dense(&format!("{p}.output.dense"), h, ff)?,
+                out_norm: w.norm(&format!("{p}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        let mut t2 = w.t;
+        // The pooler (a tanh layer on [CLS]) is not part of a sentence embedding.
+        t2.retain(|k, _| !k.starts_with("pooler."));
+        if let Some(extra) = t2.keys().min() {
+            bail!("{}: unexpected tensor {extra} for a bert model", dir.display());
+        }
+        let pooling = match read_json(&dir.join("1_Pooling/config.json"))? {
+            Some(p) if p.get("pooling_mode_cls_token").and_then(|x| x.as_bool()) == Some(true) => Pooling::Cls,
+            Some(p) if p.get("pooling_mode_mean_tokens").and_then(|x| x.as_bool()) == Some(false) => {
+                bail!("{}: 1_Pooling/config.json asks for a pooling other than mean or CLS", dir.display())
+            }
+            _ => Pooling::Mean,
+        };
+        let normalize = match read_json(&dir.join("modules.json"))? {
+            Some(m) => m.as_array().is_some_and(|a| a.iter().any(|x| x.get("type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("Normalize")))),
+            // A bare BertModel folder: sentence-transformers' default for it is mean pooling,
+            // no normalization.
+            None => false,
+        };
+        let max_seq_len = read_json(&dir.join("sentence_bert_config.json"))?
+            .and_then(|s| s.get("max_seq_length").and_then(|x| x.as_u64()))
+            .map(|n| n as usize)
+            .unwrap_or(config.max_position_embeddings)
+            .clamp(3, config.max_position_embeddings);
+        Ok(Self { config, word, position, token_type, embed_norm, layers, pooling, normalize, max_seq_len, tokenizer })
+    }
+
+    /// Token ids of `text` as sentence-transformers feeds them: `[CLS] … [SEP]`, at most
+    /// `max_seq_len`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode_framed(text, self.max_seq_len)
+    }
+
+    /// Token states `[batch, len, hidden]` of `ids` (each at most `max_position_embeddings`
+    /// long), padded to the longest with `mask` (`[batch, len]`, 1 for a real token) saying
+    /// which are real.
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let b = ids.len();
+        let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        if b == 0 || t == 0 {
+            bail!("nothing to encode");
+        }
+        if t > c.max_position_embeddings {
+            bail!("a sequence of {t} tokens is longer than the model's {} positions", c.max_position_embeddings);
+        }
+        let mut flat = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for s in ids {
+            if let Some(&bad) = s.iter().find(|&&i| i as usize >= c.vocab_size) {
+                bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
+            }
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(c.pad_token_id, t - s.len()));
+            mask.extend(std::iter::repeat_n(1f32, s.len()));
+            mask.extend(std::iter::repeat_n(0f32, t - s.len()));
+        }
+        let dev = Device::Cpu;
+        let h = c.hidden_size;
+        let idx = Tensor::from_vec(flat, b * t, &dev)?;
+        // Padded keys get -inf before the softmax (transformers adds the dtype's minimum: the
+        // same zero weight after exp).
+        let bias: Vec<f32> = mask.iter().map(|&m| if m > 0.0 { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t), &dev)?;
+        let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+        let x = self.word.index_select(&idx, 0)?.reshape((b, t, h))?;
+        let x = x.broadcast_add(&self.position.narrow(0, 0, t)?)?.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
+        let mut x = self.embed_norm.forward(&x)?.reshape((b * t, h))?;
+        let (nh, hd) = (c.num_attention_heads, c.head_dim());
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let heads = |d: &Dense| -> Result<Tensor> { Ok(d.forward(&x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?) };
+            let (q, k, v) = (heads(&layer.query)?, heads(&layer.key)?, heads(&layer.value)?);
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = softmax_last(&scores)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
+            let a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            let up = layer.up.forward(&a)?;
+            let up = match c.hidden_act {
+                BertActivation::GeluErf => up.gelu_erf()?,
+                BertActivation::GeluTanh => up.gelu()?,
+                BertActivation::Relu => up.relu()?,
+            };
+            x = layer.out_norm.forward(&(layer.down.forward(&up)? + &a)?)?;
+        }
+        Ok((x.reshape((b, t, h))?, mask))
+    }
+
+    /// One vector per sentence of `states` (`[batch, len, hidden]`) under `mask`: pooled, and
+    /// L2-normalized when the model says so.
+    pub fn pool(&self, states: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let pooled = match self.pooling {
+            Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => {
+                let m = mask.unsqueeze(2)?;
+                let sum = states.broadcast_mul(&m)?.sum(1)?;
+                // sentence-transformers clamps the count at 1e-9.
+                let count = m.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+                sum.broadcast_div(&count)?
+            }
+        };
+        if !self.normalize {
+            return Ok(pooled);
+        }
+        // torch.nn.functional.normalize: v / max(‖v‖, 1e-12).
+        let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+        Ok(pooled.broadcast_div(&norm)?)
+    }
+
+    /// Sentence embeddings of `ids`, `batch` sentences per forward pass, in the order given.
+    /// Sentences are batched by length (longest first) so padding stays small; each row is the
+    /// same whatever else shares its batch, up to float rounding.
+    pub fn embed(&self, ids: &[Vec<u32>], batch: usize, progress: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by(|&a, &b| ids[b].len().cmp(&ids[a].len()).then(a.cmp(&b)));
+        let mut out = vec![Vec::new(); ids.len()];
+        let mut done = 0;
+        for chunk in order.chunks(batch.max(1)) {
+            let group: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let (states, mask) = self.forward(&group)?;
+            let pooled = self.pool(&states, &mask)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (&i, v) in chunk.iter().zip(pooled) {
+                out[i] = v;
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        Ok(out)
+    }
+
+    pub fn param_count(&self) -> usize {
+        let dense = |d: &Dense| d.weight_t.elem_count() + d.bias.elem_count();
+        let norm = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
+        self.word.elem_count()
+            + self.position.elem_count()
+            + self.token_type.elem_count()
+            + norm(&self.embed_norm)
+            + self.layers.iter().map(|l| dense(&l.query) + dense(&l.key) + dense(&l.value) + dense(&l.attn_out) + dense(&l.up) + dense(&l.down) + norm(&l.attn_norm) + norm(&l.out_norm)).sum::<usize>()
+    }
+
+    /// FLOPs of one forward pass over a sentence of `len` tokens (2 per multiply-add: the
+    /// linears and the two attention products).
+    pub fn flops(&self, len: usize) -> f64 {
+        let c = &self.config;
+        let (h, ff, t) = (c.hidden_size as f64, c.intermediate_size as f64, len as f64);
+        let per_layer = 2.0 * t * (4.0 * h * h + 2.0 * h * ff) + 2.0 * 2.0 * t * t * h;
+        per_layer * c.num_hidden_layers as f64
+    }
+}
+
+/// Softmax over the last dimension from elementary ops (the fused one carries no gradient).
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
