@@ -7,7 +7,9 @@
 //! criterion), the KL of each neuron cut, the KL, file size and measured speed of each bit budget,
 //! the KL and bytes of each embedding type. A candidate's KL is predicted as the sum of its parts'
 //! costs, its size from the measured file sizes less the bytes of what it removes, its speed as
-//! the measured speed of its bit budget times its FLOPs saving. The start file itself is a
+//! the measured speed of its bit budget times its FLOPs saving. Under a size budget each
+//! combination also gets the bit budget that fills the budget (to 0.01 bpw, its costs
+//! interpolated between the two measured levels around it). The start file itself is a
 //! candidate (KL 0). The best few candidates under the budget, and the best of each single family
 //! (bits alone, depth + bits, width + bits), are then built (as recipes, through the same steps as
 //! the commands) and measured on check windows that are not the calibration windows; the best
@@ -391,7 +393,35 @@ fn costs_for(input: &Path, s: &mut Session, windows: &[Vec<u32>], key: CostKey, 
 }
 
 /// Every combination of the measured costs, predicted; the start file first when it is GGUF.
-fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool) -> Vec<Candidate> {
+/// The bit budget `b` between two measured ones: KL, bytes and speedup interpolated linearly.
+fn interpolate(bits: &[BitsCost], b: f64) -> Option<BitsCost> {
+    let mut s: Vec<&BitsCost> = bits.iter().collect();
+    s.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
+    let i = s.windows(2).position(|w| w[0].bpw <= b && b <= w[1].bpw)?;
+    let (lo, hi) = (s[i], s[i + 1]);
+    let t = (b - lo.bpw) / (hi.bpw - lo.bpw).max(1e-12);
+    let lerp = |a: f64, c: f64| a + t * (c - a);
+    Some(BitsCost { bpw: b, kl: lerp(lo.kl, hi.kl), bytes: lerp(lo.bytes as f64, hi.bytes as f64) as u64, speedup: lerp(lo.speedup, hi.speedup) })
+}
+
+/// Under a size budget, the largest bit budget (to 0.01, between two measured ones) whose file,
+/// with `delta_bytes` added and `removed` weights gone, fits `max` bytes; `None` when a measured
+/// level is already the largest that fits.
+fn fill_budget(bits: &[BitsCost], max: u64, delta_bytes: f64, removed: f64) -> Option<BitsCost> {
+    let bytes_at = |q: &BitsCost| q.bytes as f64 + delta_bytes - removed * q.bpw / 8.0;
+    let mut s: Vec<&BitsCost> = bits.iter().collect();
+    s.sort_by(|x, y| x.bpw.total_cmp(&y.bpw));
+    // The highest segment whose low end fits and whose high end does not.
+    let w = s.windows(2).rev().find(|w| bytes_at(w[0]) <= max as f64 && bytes_at(w[1]) > max as f64)?;
+    let (b0, b1) = (bytes_at(w[0]), bytes_at(w[1]));
+    let b = w[0].bpw + (w[1].bpw - w[0].bpw) * (max as f64 - b0) / (b1 - b0);
+    // A hundredth below, so the written file (the allocation lands within a few bytes of the
+    // plan) stays under the budget.
+    let b = (b * 100.0).floor() / 100.0 - 0.01;
+    (b > w[0].bpw + 0.005).then(|| interpolate(bits, b)).flatten()
+}
+
+fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool, target: Target) -> Vec<Candidate> {
     let n = dense.blocks.len();
     let block_kl = &costs.block_kl;
     let mut order: Vec<usize> = (0..n).filter(|&l| block_kl[l].is_some()).collect();
@@ -422,16 +452,21 @@ fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool) ->
                 (false, true) => Family::WidthBits,
                 (true, true) => Family::All,
             };
-            for q in &costs.bits {
-                // FLOPs: 2 per weight, so removed weights save 2 FLOPs each (attention's score
-                // FLOPs of a dropped block are counted as saved weight FLOPs only: a slight
-                // underestimate of the saving).
-                let predicted_speedup = q.speedup * flops / (flops - 2.0 * removed).max(1.0);
-                for e in &costs.embed {
-                    let (dkl, dbytes) = match base_embed {
-                        Some(b) => (e.kl - b.kl, e.bytes as f64 - b.bytes as f64),
-                        None => (e.kl, 0.0),
-                    };
+            for e in &costs.embed {
+                let (dkl, dbytes) = match base_embed {
+                    Some(b) => (e.kl - b.kl, e.bytes as f64 - b.bytes as f64),
+                    None => (e.kl, 0.0),
+                };
+                // The measured bit budgets, and under a size budget the one that fills it.
+                let mut levels = costs.bits.clone();
+                if let Target::Bytes(max) = target {
+                    levels.extend(fill_budget(&costs.bits, max, dbytes, removed));
+                }
+                for q in &levels {
+                    // FLOPs: 2 per weight, so removed weights save 2 FLOPs each (attention's
+                    // score FLOPs of a dropped block are counted as saved weight FLOPs only: a
+                    // slight underestimate of the saving).
+                    let predicted_speedup = q.speedup * flops / (flops - 2.0 * removed).max(1.0);
                     let bytes = q.bytes as f64 + dbytes - removed * q.bpw / 8.0;
                     all.push(Candidate {
                         family,
@@ -546,7 +581,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     let (costs, costs_reused) = costs_for(input, &mut s, &windows, key, opts, scratch.path(), progress)?;
     let start_perplexity = crate::eval::evaluate(&dense, None, &check_windows, 1, &mut |_| {})?.perplexity;
 
-    let all = predict(&dense, &costs, opts.calib.seq_len, input_is_gguf);
+    let all = predict(&dense, &costs, opts.calib.seq_len, input_is_gguf, opts.target);
     let front = pareto_front(&all);
     let total = all.len();
     let mut checked = to_check(opts.target, &all, if opts.dry_run { 0 } else { opts.check.max(1) });
