@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use dropwise::model::bert::Bert;
+use dropwise::model::token_reduction::TokenReduction;
 
 /// How a text becomes sentences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -22,6 +23,9 @@ pub struct EmbedArgs {
     pub limit: Option<usize>,
     pub batch: usize,
     pub ids: bool,
+    pub reference: Option<PathBuf>,
+    pub neighbours: usize,
+    pub reduction: TokenReduction,
     pub json: bool,
 }
 
@@ -60,8 +64,13 @@ pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
+    if a.neighbours == 0 || a.neighbours > 1000 {
+        bail!("--neighbours must be in 1..=1000, not {}", a.neighbours);
+    }
     let t0 = std::time::Instant::now();
     let m = Bert::load(model)?;
+    a.reduction.check(m.config.num_hidden_layers).map_err(|e| anyhow::anyhow!("{}: {e}", if matches!(a.reduction, TokenReduction::Merge { .. }) { "--tome" } else { "--hired" }))?;
+    let reference = a.reference.as_deref().map(Bert::load).transpose()?;
     let load_s = t0.elapsed().as_secs_f64();
     let texts = read_sentences(&a.data, a.split, a.limit)?;
     let ids = texts.iter().map(|t| m.encode(t)).collect::<Result<Vec<_>>>()?;
@@ -79,8 +88,27 @@ pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
     }
     let pb = ProgressBar::new(ids.len() as u64);
     pb.set_style(ProgressStyle::with_template("embed [{bar:30}] {pos}/{len} sentences, {elapsed} elapsed, eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    if let Some(r) = &reference {
+        let (_, c) = dropwise::embed_eval::compare(&m, &a.reduction, r, &ids, a.batch, a.neighbours, &mut |done| pb.set_position(done as u64))?;
+        pb.finish_and_clear();
+        if a.json {
+            let mut v = serde_json::to_value(&c)?;
+            v["model"] = model.display().to_string().into();
+            v["reference"] = a.reference.as_ref().map(|p| p.display().to_string()).into();
+            v["tokens"] = tokens.into();
+            v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{:<22} {} ({} sentences, {tokens} tokens)", "reduction", c.reduction, c.sentences);
+            println!("{:<22} mean {:.6}, min {:.6}", "cosine to reference", c.cosine_mean, c.cosine_min);
+            println!("{:<22} {:.4}", format!("top-{} neighbours", c.k), c.neighbours);
+            println!("{:<22} {:.3} of the reference's", "FLOPs", c.flops_ratio);
+            println!("{:<22} {:.1} vs {:.1} (×{:.2}, timed batch by batch in turn)", "sentences/s", c.sentences_per_second, c.reference_sentences_per_second, c.speedup);
+        }
+        return Ok(());
+    }
     let t1 = std::time::Instant::now();
-    let vectors = m.embed(&ids, a.batch, &mut |done| pb.set_position(done as u64))?;
+    let (vectors, _) = m.embed_reduced(&ids, a.batch, &a.reduction, &mut |done| pb.set_position(done as u64))?;
     let secs = t1.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let per_s = texts.len() as f64 / secs.max(1e-9);

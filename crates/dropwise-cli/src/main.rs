@@ -353,6 +353,22 @@ enum Cmd {
         /// Print each sentence's token ids instead of its embedding.
         #[arg(long)]
         ids: bool,
+        /// Compare with this encoder (the dense model) on the same sentences: cosine of each
+        /// sentence's embeddings, top-k neighbour agreement, sentences/s of both timed in turn.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Neighbours per sentence compared with --reference.
+        #[arg(long, default_value_t = 10)]
+        neighbours: usize,
+        /// ToMe: merge this fraction of each sentence's tokens at every layer (0 to 0.5).
+        #[arg(long, conflicts_with = "hired")]
+        tome: Option<f64>,
+        /// HiRED-style: keep this fraction of the tokens, dropped by attention received over the
+        /// first --hired-layers layers.
+        #[arg(long)]
+        hired: Option<f64>,
+        #[arg(long, default_value_t = 2)]
+        hired_layers: usize,
         #[arg(long)]
         json: bool,
     },
@@ -612,7 +628,14 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
-        Cmd::Embed { model, data, split, limit, batch, ids, json } => embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, json }),
+        Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, tome, hired, hired_layers, json } => {
+            let reduction = match (tome, hired) {
+                (Some(r), _) => dropwise::model::token_reduction::TokenReduction::Merge { ratio: r },
+                (_, Some(keep)) => dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers },
+                _ => dropwise::model::token_reduction::TokenReduction::None,
+            };
+            embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, reference, neighbours, reduction, json })
+        }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {
             let opts = GenerateArgs { prompt, max_tokens, temperature, seed, chat, quantized_matmul, json };

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod config;
 pub mod data;
+pub mod embed_eval;
 pub mod eval;
 pub mod formats;
 pub mod fuzzing;

@@ -80,3 +80,30 @@ fn embeddings_match_sentence_transformers_on_100_sentences() {
         eprintln!("batch {batch}: worst cosine to sentence-transformers 1 - {:.2e}", 1.0 - worst);
     }
 }
+
+/// Token reduction: each sentence reduces by its own count, so its embedding is the same alone
+/// and in a padded batch; FLOPs fall with the budget and the embeddings move away gradually.
+#[test]
+fn token_reduction_is_per_sentence_and_costs_what_it_saves() {
+    use dropwise::model::token_reduction::TokenReduction;
+    let texts = texts();
+    let ids: Vec<Vec<u32>> = texts[..48].iter().map(|t| model().encode(t).unwrap()).collect();
+    let (dense, dense_flops) = model().embed_reduced(&ids, 16, &TokenReduction::None, &mut |_| {}).unwrap();
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum::<f64>();
+    let mut last_flops = dense_flops;
+    for r in [TokenReduction::Merge { ratio: 0.05 }, TokenReduction::Merge { ratio: 0.2 }, TokenReduction::Drop { keep: 0.5, layers: 2 }] {
+        let (batched, flops) = model().embed_reduced(&ids, 16, &r, &mut |_| {}).unwrap();
+        let (alone, flops1) = model().embed_reduced(&ids, 1, &r, &mut |_| {}).unwrap();
+        assert!((flops - flops1).abs() < 1e-6 * flops, "{r:?}: FLOPs depend on the batch");
+        for (a, b) in batched.iter().zip(&alone) {
+            assert!(cos(a, b) > 0.99999, "{r:?}: batch changes a sentence (cosine {})", cos(a, b));
+        }
+        assert!(flops < dense_flops, "{r:?} saves no FLOPs");
+        let mean_cos = batched.iter().zip(&dense).map(|(a, b)| cos(a, b)).sum::<f64>() / ids.len() as f64;
+        assert!(mean_cos > 0.5 && mean_cos < 0.99999, "{r:?}: mean cosine to dense {mean_cos}");
+        if matches!(r, TokenReduction::Merge { .. }) {
+            assert!(flops < last_flops, "a larger merge ratio saves less");
+            last_flops = flops;
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::token_reduction::{self, TokenReduction};
 use crate::tokenizer::Tokenizer;
 
 /// The MLP's activation as `hidden_act` names it.
@@ -291,12 +292,20 @@ impl Bert {
     }
 
     /// Token states `[batch, len, hidden]` of `ids` (each at most `max_position_embeddings`
-    /// long), padded to the longest with `mask` (`[batch, len]`, 1 for a real token) saying
-    /// which are real.
+    /// long), padded to the longest, with each token's size (`[batch, len]`: 1 for a real
+    /// token, 0 for padding).
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let r = self.forward_reduced(ids, &TokenReduction::None)?;
+        Ok((r.states, r.sizes))
+    }
+
+    /// As [`Self::forward`] with `reduction` applied inside: the states that are left and their
+    /// sizes (how many input tokens each stands for), and the FLOPs spent on the real tokens.
+    pub fn forward_reduced(&self, ids: &[Vec<u32>], reduction: &TokenReduction) -> Result<Reduced> {
         let c = &self.config;
+        reduction.check(c.num_hidden_layers)?;
         let b = ids.len();
-        let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
         if b == 0 || t == 0 {
             bail!("nothing to encode");
         }
@@ -304,36 +313,63 @@ impl Bert {
             bail!("a sequence of {t} tokens is longer than the model's {} positions", c.max_position_embeddings);
         }
         let mut flat = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t);
+        let mut sizes = Vec::with_capacity(b * t);
         for s in ids {
             if let Some(&bad) = s.iter().find(|&&i| i as usize >= c.vocab_size) {
                 bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
             }
             flat.extend_from_slice(s);
             flat.extend(std::iter::repeat_n(c.pad_token_id, t - s.len()));
-            mask.extend(std::iter::repeat_n(1f32, s.len()));
-            mask.extend(std::iter::repeat_n(0f32, t - s.len()));
+            sizes.extend(std::iter::repeat_n(1f32, s.len()));
+            sizes.extend(std::iter::repeat_n(0f32, t - s.len()));
         }
+        let mut counts: Vec<usize> = ids.iter().map(Vec::len).collect();
         let dev = Device::Cpu;
         let h = c.hidden_size;
         let idx = Tensor::from_vec(flat, b * t, &dev)?;
-        // Padded keys get -inf before the softmax (transformers adds the dtype's minimum: the
-        // same zero weight after exp).
-        let bias: Vec<f32> = mask.iter().map(|&m| if m > 0.0 { 0.0 } else { f32::NEG_INFINITY }).collect();
-        let bias = Tensor::from_vec(bias, (b, 1, 1, t), &dev)?;
-        let mask = Tensor::from_vec(mask, (b, t), &dev)?;
         let x = self.word.index_select(&idx, 0)?.reshape((b, t, h))?;
         let x = x.broadcast_add(&self.position.narrow(0, 0, t)?)?.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
         let mut x = self.embed_norm.forward(&x)?.reshape((b * t, h))?;
-        let (nh, hd) = (c.num_attention_heads, c.head_dim());
+        let (nh, hd, ff) = (c.num_attention_heads, c.head_dim(), c.intermediate_size);
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &self.layers {
+        let mut flops = 0.0f64;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // ln(size) on every key: proportional attention for merged tokens, −∞ (masked)
+            // for padding, 0 for a plain token.
+            let bias: Vec<f32> = sizes.iter().map(|&s| s.ln()).collect();
+            let bias = Tensor::from_vec(bias, (b, 1, 1, t), &dev)?;
             let heads = |d: &Dense| -> Result<Tensor> { Ok(d.forward(&x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?) };
             let (q, k, v) = (heads(&layer.query)?, heads(&layer.key)?, heads(&layer.value)?);
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let probs = softmax_last(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
-            let a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            let mut a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            flops += counts.iter().map(|&n| 2.0 * n as f64 * 4.0 * (h * h) as f64 + 4.0 * (n * n * h) as f64).sum::<f64>();
+            let plans: Option<Vec<token_reduction::Plan>> = if let Some(ratio) = reduction.merges() {
+                let metric = k.mean(1)?.to_vec3::<f32>()?;
+                Some(
+                    counts
+                        .iter()
+                        .zip(&metric)
+                        .map(|(&n, m)| {
+                            let flat: Vec<f32> = m[..n].iter().flatten().copied().collect();
+                            token_reduction::bipartite_merge(&flat, n, hd, (ratio * n as f64).floor() as usize)
+                        })
+                        .collect(),
+                )
+            } else if let Some(keep) = reduction.drop_at(l) {
+                // Attention each key receives: summed over heads and over the queries, each
+                // query weighted by its size.
+                let s = Tensor::from_vec(sizes.clone(), (b, 1, t, 1), &dev)?;
+                let received = probs.broadcast_mul(&s)?.sum(1)?.sum(1)?.to_vec2::<f32>()?;
+                Some(counts.iter().zip(&received).map(|(&n, imp)| token_reduction::keep_top(imp, n, ((keep * n as f64).ceil() as usize).clamp(1, n))).collect())
+            } else {
+                None
+            };
+            if let Some(plans) = plans {
+                (a, sizes, t) = regroup(&a, &sizes, t, h, &plans)?;
+                counts = plans.iter().map(|p| p.groups.len()).collect();
+            }
             let up = layer.up.forward(&a)?;
             let up = match c.hidden_act {
                 BertActivation::GeluErf => up.gelu_erf()?,
@@ -341,17 +377,18 @@ impl Bert {
                 BertActivation::Relu => up.relu()?,
             };
             x = layer.out_norm.forward(&(layer.down.forward(&up)? + &a)?)?;
+            flops += counts.iter().map(|&n| 2.0 * n as f64 * 2.0 * (h * ff) as f64).sum::<f64>();
         }
-        Ok((x.reshape((b, t, h))?, mask))
+        Ok(Reduced { states: x.reshape((b, t, h))?, sizes: Tensor::from_vec(sizes, (b, t), &dev)?, flops })
     }
 
-    /// One vector per sentence of `states` (`[batch, len, hidden]`) under `mask`: pooled, and
-    /// L2-normalized when the model says so.
-    pub fn pool(&self, states: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// One vector per sentence of `states` (`[batch, len, hidden]`) under token `sizes`: pooled
+    /// (the size-weighted mean, or the first token), and L2-normalized when the model says so.
+    pub fn pool(&self, states: &Tensor, sizes: &Tensor) -> Result<Tensor> {
         let pooled = match self.pooling {
             Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
-                let m = mask.unsqueeze(2)?;
+                let m = sizes.unsqueeze(2)?;
                 let sum = states.broadcast_mul(&m)?.sum(1)?;
                 // sentence-transformers clamps the count at 1e-9.
                 let count = m.sum(1)?.clamp(1e-9, f64::INFINITY)?;
@@ -370,21 +407,31 @@ impl Bert {
     /// Sentences are batched by length (longest first) so padding stays small; each row is the
     /// same whatever else shares its batch, up to float rounding.
     pub fn embed(&self, ids: &[Vec<u32>], batch: usize, progress: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by(|&a, &b| ids[b].len().cmp(&ids[a].len()).then(a.cmp(&b)));
+        Ok(self.embed_reduced(ids, batch, &TokenReduction::None, progress)?.0)
+    }
+
+    /// As [`Self::embed`] with `reduction`, and the FLOPs spent.
+    pub fn embed_reduced(&self, ids: &[Vec<u32>], batch: usize, reduction: &TokenReduction, progress: &mut dyn FnMut(usize)) -> Result<(Vec<Vec<f32>>, f64)> {
         let mut out = vec![Vec::new(); ids.len()];
         let mut done = 0;
-        for chunk in order.chunks(batch.max(1)) {
+        let mut flops = 0.0;
+        for chunk in batches(ids, batch) {
             let group: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            let (states, mask) = self.forward(&group)?;
-            let pooled = self.pool(&states, &mask)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let (pooled, f) = self.embed_batch(&group, reduction)?;
+            flops += f;
             for (&i, v) in chunk.iter().zip(pooled) {
                 out[i] = v;
             }
             done += chunk.len();
             progress(done);
         }
-        Ok(out)
+        Ok((out, flops))
+    }
+
+    /// The pooled vectors of one batch and the FLOPs spent.
+    pub fn embed_batch(&self, group: &[Vec<u32>], reduction: &TokenReduction) -> Result<(Vec<Vec<f32>>, f64)> {
+        let r = self.forward_reduced(group, reduction)?;
+        Ok((self.pool(&r.states, &r.sizes)?.to_dtype(DType::F32)?.to_vec2::<f32>()?, r.flops))
     }
 
     pub fn param_count(&self) -> usize {
@@ -405,6 +452,47 @@ impl Bert {
         let per_layer = 2.0 * t * (4.0 * h * h + 2.0 * h * ff) + 2.0 * 2.0 * t * t * h;
         per_layer * c.num_hidden_layers as f64
     }
+}
+
+/// The sentences of `ids` in batches of `batch`, longest first (ties by position), so padding
+/// stays small.
+pub fn batches(ids: &[Vec<u32>], batch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by(|&a, &b| ids[b].len().cmp(&ids[a].len()).then(a.cmp(&b)));
+    order.chunks(batch.max(1)).map(<[usize]>::to_vec).collect()
+}
+
+/// What a reduced forward pass leaves.
+pub struct Reduced {
+    /// `[batch, len, hidden]`.
+    pub states: Tensor,
+    /// `[batch, len]`: how many input tokens each state stands for (0: padding).
+    pub sizes: Tensor,
+    /// FLOPs spent on the real tokens (2 per multiply-add; linears and attention products).
+    pub flops: f64,
+}
+
+/// The batch's token states after each sentence's `plans`: each group of rows becomes their
+/// size-weighted mean with the summed size; sentences are padded (size 0) to the longest.
+fn regroup(a: &Tensor, sizes: &[f32], t: usize, h: usize, plans: &[token_reduction::Plan]) -> Result<(Tensor, Vec<f32>, usize)> {
+    let rows = a.to_vec2::<f32>()?;
+    let t2 = plans.iter().map(|p| p.groups.len()).max().unwrap_or(0).max(1);
+    let mut out = vec![0f32; plans.len() * t2 * h];
+    let mut out_sizes = vec![0f32; plans.len() * t2];
+    for (bi, p) in plans.iter().enumerate() {
+        for (g, members) in p.groups.iter().enumerate() {
+            let total: f32 = members.iter().map(|&m| sizes[bi * t + m]).sum();
+            let dst = &mut out[(bi * t2 + g) * h..(bi * t2 + g + 1) * h];
+            for &m in members {
+                let w = sizes[bi * t + m] / total.max(1e-12);
+                for (d, x) in dst.iter_mut().zip(&rows[bi * t + m]) {
+                    *d += w * x;
+                }
+            }
+            out_sizes[bi * t2 + g] = total;
+        }
+    }
+    Ok((Tensor::from_vec(out, (plans.len() * t2, h), &Device::Cpu)?, out_sizes, t2))
 }
 
 /// Softmax over the last dimension from elementary ops (the fused one carries no gradient).

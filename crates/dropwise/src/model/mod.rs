@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod llama;
 pub mod qmatmul;
 pub mod spill;
+pub mod token_reduction;
 pub mod vexp;
 
 pub use hooks::{Hooks, LinearId, NoHooks, Role};
