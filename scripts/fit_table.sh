@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 for k in Q4_K_M Q3_K_M; do
     [ -s "$OUT/llama-$k.gguf" ] || .venv-llama/bin/python scripts/llama_cpp_quantize.py "$OUT/f32.gguf" "$OUT/llama-$k.gguf" "$k" > /dev/null 2>&1
 done
-mb() { python3 -c "import os,sys; print(f'{os.path.getsize(sys.argv[1])/1e6:.3f}')" "$1"; }
+mb() { python3 -c "import os,sys; print(f'{os.path.getsize(sys.argv[1])/1e6:.6f}')" "$1"; }
 Q4KM=$(mb "$OUT/llama-Q4_K_M.gguf"); Q3KM=$(mb "$OUT/llama-Q3_K_M.gguf")
 F32_5=$(python3 -c "import os; print(f'{os.path.getsize(\"$OUT/f32.gguf\")/5e6:.3f}')")
 echo "start $(mb "$MODEL") MB; f32 $(mb "$OUT/f32.gguf") MB; llama.cpp Q4_K_M $Q4KM MB, Q3_K_M $Q3KM MB; 20 % of f32 $F32_5 MB" >&2

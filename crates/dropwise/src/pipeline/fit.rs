@@ -417,7 +417,7 @@ fn fill_budget(bits: &[BitsCost], max: u64, delta_bytes: f64, removed: f64) -> O
     let b = w[0].bpw + (w[1].bpw - w[0].bpw) * (max as f64 - b0) / (b1 - b0);
     // A hundredth below, so the written file (the allocation lands within a few bytes of the
     // plan) stays under the budget.
-    let b = (b * 100.0).floor() / 100.0 - 0.01;
+    let b = ((b * 100.0).floor() - 1.0) / 100.0;
     (b > w[0].bpw + 0.005).then(|| interpolate(bits, b)).flatten()
 }
 
