@@ -144,13 +144,23 @@ pub fn written_json(r: &RunReport, v: &mut serde_json::Value) {
     }
 }
 
+/// A `--report` folder refused before any work when a file stands in its place.
+fn check_report_dir(dir: Option<&Path>) -> Result<()> {
+    match dir {
+        Some(d) if d.exists() && !d.is_dir() => anyhow::bail!("--report {} exists and is not a folder", d.display()),
+        _ => Ok(()),
+    }
+}
+
+/// `page` written as `dir/index.html` (the folder made if missing).
+fn write_report(dir: &Path, page: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    dropwise::util::write_atomically(&dir.join("index.html"), |f| Ok(std::io::Write::write_all(f, page.as_bytes())?))
+}
+
 /// `dropwise run RECIPE.toml`.
 pub fn cmd_run(recipe: &Path, output: Option<PathBuf>, json: bool, print_recipe: bool, report: Option<PathBuf>) -> Result<()> {
-    if let Some(dir) = &report {
-        if dir.exists() && !dir.is_dir() {
-            anyhow::bail!("--report {} exists and is not a folder", dir.display());
-        }
-    }
+    check_report_dir(report.as_deref())?;
     let r = Recipe::read(recipe)?;
     if print_recipe {
         let mut r = r;
@@ -171,9 +181,7 @@ pub fn cmd_run(recipe: &Path, output: Option<PathBuf>, json: bool, print_recipe:
     let out_path = out_path.unwrap_or_default();
     let (dense, after) = (&run.session.dense, &run.session.loaded.model);
     if let Some(dir) = &report {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        let page = dropwise::pipeline::report::html(&run, &model.display().to_string(), &out_path.display().to_string());
-        dropwise::util::write_atomically(&dir.join("index.html"), |f| Ok(std::io::Write::write_all(f, page.as_bytes())?))?;
+        write_report(dir, &dropwise::pipeline::report::html(&run, &model.display().to_string(), &out_path.display().to_string()))?;
     }
     if json {
         let steps: Vec<serde_json::Value> = run
@@ -234,17 +242,11 @@ pub fn cmd_run(recipe: &Path, output: Option<PathBuf>, json: bool, print_recipe:
 
 /// `dropwise fit`.
 pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output: &Path, report: Option<&Path>, json: bool) -> Result<()> {
-    if let Some(dir) = report {
-        if dir.exists() && !dir.is_dir() {
-            anyhow::bail!("--report {} exists and is not a folder", dir.display());
-        }
-    }
+    check_report_dir(report)?;
     let r = dropwise::pipeline::fit::fit(model, opts, output, &mut Bars::default())?;
     let written = (!opts.dry_run).then(|| output.display().to_string());
     if let Some(dir) = report {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        let page = dropwise::pipeline::report::fit_html(&r, &model.display().to_string(), written.as_deref());
-        dropwise::util::write_atomically(&dir.join("index.html"), |f| Ok(std::io::Write::write_all(f, page.as_bytes())?))?;
+        write_report(dir, &dropwise::pipeline::report::fit_html(&r, &model.display().to_string(), written.as_deref()))?;
     }
     if json {
         let mut v = serde_json::to_value(&r)?;

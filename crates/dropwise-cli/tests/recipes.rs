@@ -165,6 +165,16 @@ fn bad_recipes_name_their_line() {
     assert!(!d.join("o.gguf").exists(), "an impossible fit wrote a model");
     let o = dropwise(["fit", model.to_str().unwrap(), "--target-size", "1", "--bpw", "8.5", "-o", d.join("o.gguf").to_str().unwrap()]);
     assert_clean_error("fit without calibration", &o, &["needs calibration text"]);
+    // Files in the place of fit's folders and caches: refused before any measuring.
+    let out_path = d.join("o.gguf");
+    let fit_with = |extra: &[&str]| {
+        let base = ["fit", model.to_str().unwrap(), "--target-size", "1", "--calib", calib.to_str().unwrap(), "--calib-windows", "1", "--seq-len", "16", "--bpw", "8.5", "-o", out_path.to_str().unwrap()];
+        dropwise([&base[..], extra].concat())
+    };
+    assert_clean_error("fit --keep-checked a file", &fit_with(&["--keep-checked", calib.to_str().unwrap()]), &["--keep-checked", "not a folder"]);
+    assert_clean_error("fit --report a file", &fit_with(&["--report", calib.to_str().unwrap()]), &["--report", "not a folder"]);
+    assert_clean_error("fit --costs not JSON", &fit_with(&["--costs", calib.to_str().unwrap()]), &["not a fit costs file"]);
+    assert!(!d.join("o.gguf").exists(), "a refused fit wrote a model");
 }
 
 /// `fit` on the tiny model: a size budget between the smallest and the largest file the bit

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::model::bert::{batches, Bert};
-use crate::model::token_reduction::TokenReduction;
+use crate::model::token_reduction::{unit, TokenReduction};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
@@ -29,11 +29,6 @@ pub struct Comparison {
     pub flops: f64,
     pub reference_flops: f64,
     pub flops_ratio: f64,
-}
-
-fn unit(v: &[f32]) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter().map(|x| x / n).collect()
 }
 
 /// Each sentence's `k` nearest others by cosine, most similar first (ties by index).

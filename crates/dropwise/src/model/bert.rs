@@ -102,10 +102,8 @@ pub struct Dense {
 }
 
 impl Dense {
-    fn new(weight: Tensor, bias: Tensor, out: usize, inp: usize, name: &str) -> Result<Self> {
-        if weight.dims() != [out, inp] || bias.dims() != [out] {
-            bail!("{name}: weight {:?} and bias {:?}, expected [{out}, {inp}] and [{out}]", weight.dims(), bias.dims());
-        }
+    /// From a `[out, in]` weight and its bias (shapes checked by the loader).
+    fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
         Ok(Self { weight_t: weight.t()?.contiguous()?, bias })
     }
 
@@ -194,7 +192,7 @@ impl Weights<'_> {
 
     fn dense(&mut self, p: &str, out: usize, inp: usize) -> Result<Dense> {
         let (weight, bias) = (self.matrix(&format!("{p}.weight"), out, inp)?, self.shaped(&format!("{p}.bias"), &[out])?);
-        Dense::new(weight, bias, out, inp, p)
+        Dense::new(weight, bias)
     }
 
     fn norm(&mut self, p: &str, h: usize, eps: f64) -> Result<LayerNorm> {

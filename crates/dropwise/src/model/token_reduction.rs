@@ -80,13 +80,7 @@ pub struct Plan {
 /// token's best B partner is found by cosine, and the `r` A tokens with the most similar partners
 /// are merged into them. Token 0 (`[CLS]`) is never merged. Output keeps the original order.
 pub fn bipartite_merge(keys: &[f32], n: usize, dim: usize, r: usize) -> Plan {
-    let unit: Vec<Vec<f32>> = (0..n)
-        .map(|i| {
-            let v = &keys[i * dim..(i + 1) * dim];
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            v.iter().map(|x| x / norm).collect()
-        })
-        .collect();
+    let unit: Vec<Vec<f32>> = (0..n).map(|i| unit(&keys[i * dim..(i + 1) * dim])).collect();
     let a: Vec<usize> = (0..n).step_by(2).filter(|&i| i != 0).collect();
     let b: Vec<usize> = (1..n).step_by(2).collect();
     let mut best: Vec<(f32, usize, usize)> = Vec::with_capacity(a.len());
@@ -123,6 +117,12 @@ pub fn bipartite_merge(keys: &[f32], n: usize, dim: usize, r: usize) -> Plan {
         }
     }
     Plan { groups }
+}
+
+/// `v` scaled to length 1 (a zero vector stays zero).
+pub fn unit(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter().map(|x| x / n).collect()
 }
 
 /// HiRED-style selection on one sentence: keep `k` of `n` tokens by `importance`, token 0

@@ -242,15 +242,14 @@ fn shrink_options(neurons: f64) -> ShrinkOptions {
 /// Rounds each model is timed in: the best round counts.
 const SPEED_ROUNDS: usize = 3;
 
-/// Tokens per second of the files at `a` and `b` on `windows`, weights as stored (quantized
-/// matmuls, as a deployed file runs): timed in turn, round by round, the best of each, so both
-/// see the same machine (absolute times drift on a shared one).
-fn speeds(a: &Path, b: &Path, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
-    let ma = crate::model::io::load_quantized(a)?;
+/// Tokens per second of `start` (loaded as stored) and of the file at `b` on `windows`, weights
+/// as stored (quantized matmuls, as a deployed file runs): timed in turn, round by round, the
+/// best of each, so both see the same machine (absolute times drift on a shared one).
+fn speeds(start: &Llama, b: &Path, windows: &[Vec<u32>]) -> Result<(f64, f64)> {
     let mb = crate::model::io::load_quantized(b)?;
     let (mut ta, mut tb) = (0.0f64, 0.0f64);
     for _ in 0..SPEED_ROUNDS {
-        ta = ta.max(crate::eval::evaluate(&ma.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
+        ta = ta.max(crate::eval::evaluate(start, None, windows, 1, &mut |_| {})?.tokens_per_second);
         tb = tb.max(crate::eval::evaluate(&mb.model, None, windows, 1, &mut |_| {})?.tokens_per_second);
     }
     Ok((ta, tb))
@@ -289,7 +288,6 @@ fn with_embedding_as(m: &Llama, ty: QType) -> Result<(Llama, QType, u64)> {
         let bytes = (rows * cols) as f64 * written.bits() / 8.0;
         Ok((candle_core::Tensor::from_vec(back, (rows, cols), &candle_core::Device::Cpu)?, written, bytes as u64))
     };
-    let tied_head_is_embed = m.lm_head.is_none();
     let (embed, written, mut bytes) = round(decode(&m.embed, m.embed_quantized.as_ref())?)?;
     out.embed = embed;
     out.embed_quantized = None;
@@ -298,10 +296,9 @@ fn with_embedding_as(m: &Llama, ty: QType) -> Result<(Llama, QType, u64)> {
         out.lm_head = Some(h);
         bytes += b;
     }
-    if tied_head_is_embed || m.lm_head.is_some() {
-        out.head_quantized = None;
-        out.head_stored_as = None;
-    }
+    // The head, tied or not, is now the f32 tensor above: its stored form no longer applies.
+    out.head_quantized = None;
+    out.head_stored_as = None;
     Ok((out, written, bytes))
 }
 
@@ -347,6 +344,7 @@ fn measure_costs(input: &Path, s: &mut Session, windows: &[Vec<u32>], key: CostK
     progress.end();
     let mut bits = Vec::new();
     let mut start_tps = 0.0f64;
+    let start = crate::model::io::load_quantized(input)?;
     for &b in &levels {
         progress.begin(&format!("fit: {b} bits per weight"), "steps", 3);
         let path = scratch.join(format!("bpw-{b}.gguf"));
@@ -355,10 +353,10 @@ fn measure_costs(input: &Path, s: &mut Session, windows: &[Vec<u32>], key: CostK
         progress.update(1, 3, None);
         let (kl, _) = quality(&path, &dense, windows)?;
         progress.update(2, 3, None);
-        let (start, tps) = speeds(input, &path, &windows[..1])?;
+        let (start_now, tps) = speeds(&start.model, &path, &windows[..1])?;
         progress.end();
-        start_tps = start_tps.max(start);
-        bits.push(BitsCost { bpw: b, kl, bytes: file_bytes(&path), speedup: tps / start });
+        start_tps = start_tps.max(start_now);
+        bits.push(BitsCost { bpw: b, kl, bytes: file_bytes(&path), speedup: tps / start_now });
         std::fs::remove_file(&path).ok();
     }
 
@@ -553,6 +551,10 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     if !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
         bail!("fit writes GGUF (it quantizes): the output must end in .gguf");
     }
+    if let Some(d) = opts.keep_checked.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        // Before minutes of measuring, not after.
+        bail!("--keep-checked {} exists and is not a folder", d.display());
+    }
     if !opts.dry_run {
         // Before minutes of measuring, not after.
         crate::util::probe_writable(output)?;
@@ -584,8 +586,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     let all = predict(&dense, &costs, opts.calib.seq_len, input_is_gguf, opts.target);
     let front = pareto_front(&all);
     let total = all.len();
-    let mut checked = to_check(opts.target, &all, if opts.dry_run { 0 } else { opts.check.max(1) });
-    if checked.is_empty() && !all.iter().any(|c| meets_predicted(opts.target, c)) {
+    if !all.iter().any(|c| meets_predicted(opts.target, c)) {
         bail!(
             "no candidate meets {:?} by prediction (searched {total}: up to {max_depth} blocks, neurons {:?}, bits {:?}, embedding {:?})",
             opts.target,
@@ -594,14 +595,14 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
             costs.key.embed_levels
         );
     }
-    if opts.dry_run {
-        checked.clear();
-    }
+    let mut checked = if opts.dry_run { Vec::new() } else { to_check(opts.target, &all, opts.check.max(1)) };
 
     // The candidates to check, built through the same steps as the commands and measured on the
     // check windows.
     let candidate_path = |i: usize| scratch.path().join(format!("candidate-{i}.gguf"));
     let checks = checked.len();
+    // Loaded once, only when some candidate is built.
+    let start = if checked.iter().any(|c| c.family != Family::Start) { Some(crate::model::io::load_quantized(input)?) } else { None };
     for (i, c) in checked.iter_mut().enumerate() {
         let t = Instant::now();
         progress.begin(&format!("fit: check {}/{checks} ({})", i + 1, c.family.name()), "windows", check_windows.len());
@@ -613,9 +614,10 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
         let path = candidate_path(i);
         super::run::execute(input, steps_for(c, &opts.calib)?, crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
         let (kl, perplexity) = quality(&path, &dense, &check_windows)?;
-        let (start, tps) = speeds(input, &path, &check_windows[..1])?;
+        let start = &start.as_ref().context("the start model is loaded before any build")?.model;
+        let (start_now, tps) = speeds(start, &path, &check_windows[..1])?;
         progress.end();
-        c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start, seconds: t.elapsed().as_secs_f64() });
+        c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start_now, seconds: t.elapsed().as_secs_f64() });
     }
     // The best measured candidate that meets the budget when measured.
     let chosen = checked
