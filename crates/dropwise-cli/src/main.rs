@@ -18,6 +18,7 @@ use dropwise::util::human;
 mod embed_cmd;
 mod pipeline_cmd;
 mod recover_cmd;
+mod vision_cmd;
 
 #[derive(Parser)]
 #[command(name = "dropwise", version, about = "Drop what a pretrained network does not need; measure what it costs and saves.")]
@@ -134,6 +135,70 @@ enum Cmd {
         /// partner, Q8_0/Q8_1/Q8_K) instead of dequantizing them to f32.
         #[arg(long)]
         quantized_matmul: bool,
+        /// Vision models: ToMe, merge this fraction of the tokens at every layer (0 to 0.5).
+        #[arg(long, conflicts_with = "hired")]
+        tome: Option<f64>,
+        /// Vision models: HiRED-style, keep this fraction of the patch tokens, dropped by the
+        /// attention [CLS] pays them over the first --hired-layers layers.
+        #[arg(long)]
+        hired: Option<f64>,
+        #[arg(long, default_value_t = 2)]
+        hired_layers: usize,
+        /// Vision models: at most this many test images, from the start.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Vision models: write the test images' logits to this file (f32 little-endian,
+        /// images × classes).
+        #[arg(long)]
+        logits: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train a vision transformer on an IDX image folder (Fashion-MNIST) and write it as an HF
+    /// folder (ViTForImageClassification) that transformers loads.
+    TrainVit {
+        /// Folder with train-/t10k- images-idx3-ubyte and labels-idx1-ubyte.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Peak learning rate (AdamW, linear warm-up then cosine decay).
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.05)]
+        weight_decay: f64,
+        /// CutMix: the probability that a batch gets boxes of its other images pasted in.
+        #[arg(long, default_value_t = 0.0)]
+        cutmix: f64,
+        /// Multi-sample dropout: dropout masks on the classifier's input, losses averaged.
+        #[arg(long, default_value_t = 0)]
+        multi_sample_dropout: usize,
+        /// Drop probability of the multi-sample dropout masks.
+        #[arg(long, default_value_t = 0.5)]
+        dropout: f64,
+        /// Train without random horizontal flips.
+        #[arg(long)]
+        no_flip: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Train on at most this many images (a fixed seeded subset), for quick runs.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 128)]
+        intermediate: usize,
+        /// Patch side in pixels (divides the image side).
+        #[arg(long, default_value_t = 4)]
+        patch: usize,
+        #[arg(short, long)]
+        out: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -538,8 +603,25 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
-        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, json } => {
+        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, tome, hired, hired_layers, limit, logits, json } => {
+            let reduction = match (tome, hired) {
+                (Some(r), _) => Some(dropwise::model::token_reduction::TokenReduction::Merge { ratio: r }),
+                (_, Some(keep)) => Some(dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers }),
+                _ => None,
+            };
+            if model.iter().any(|m| dropwise::model::vit::is_vit_folder(m)) {
+                let reduction = reduction.unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
+                return vision_cmd::cmd_eval_vit(&model, vision_cmd::EvalVitArgs { data, reference, reduction, batch, limit, logits, json });
+            }
+            if reduction.is_some() || limit.is_some() || logits.is_some() {
+                bail!("--tome, --hired, --limit and --logits apply to vision models (a ViT folder); language models are evaluated on --windows");
+            }
             cmd_eval(model, data, seq_len, windows, reference, batch, quantized_matmul, json, threads)
+        }
+        Cmd::TrainVit { data, epochs, batch, lr, weight_decay, cutmix, multi_sample_dropout, dropout, no_flip, seed, limit, hidden, layers, heads, intermediate, patch, out, json } => {
+            let shape = dropwise::vision::train::VitShape { hidden, layers, heads, intermediate, patch };
+            let opts = dropwise::vision::train::TrainOptions { epochs, batch, lr, weight_decay, warmup: 0.05, cutmix, multi_sample_dropout, dropout, flip: !no_flip, seed, limit };
+            vision_cmd::cmd_train_vit(vision_cmd::TrainVitArgs { data, shape, opts, out, json })
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {

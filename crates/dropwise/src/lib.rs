@@ -28,6 +28,7 @@ pub mod structural;
 pub mod tokenizer;
 pub mod testing;
 pub mod util;
+pub mod vision;
 
 // Linked only for its `x86-v4` feature (see Cargo.toml): it turns on the AVX-512 kernels of the
 // gemm crate candle multiplies with.

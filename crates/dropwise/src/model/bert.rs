@@ -365,7 +365,7 @@ impl Bert {
                 None
             };
             if let Some(plans) = plans {
-                (a, sizes, t) = regroup(&a, &sizes, t, h, &plans)?;
+                (a, sizes, t) = token_reduction::regroup(&a, &sizes, t, h, &plans)?;
                 counts = plans.iter().map(|p| p.groups.len()).collect();
             }
             let up = layer.up.forward(&a)?;
@@ -468,29 +468,6 @@ pub struct Reduced {
     pub sizes: Tensor,
     /// FLOPs spent on the real tokens (2 per multiply-add; linears and attention products).
     pub flops: f64,
-}
-
-/// The batch's token states after each sentence's `plans`: each group of rows becomes their
-/// size-weighted mean with the summed size; sentences are padded (size 0) to the longest.
-fn regroup(a: &Tensor, sizes: &[f32], t: usize, h: usize, plans: &[token_reduction::Plan]) -> Result<(Tensor, Vec<f32>, usize)> {
-    let rows = a.to_vec2::<f32>()?;
-    let t2 = plans.iter().map(|p| p.groups.len()).max().unwrap_or(0).max(1);
-    let mut out = vec![0f32; plans.len() * t2 * h];
-    let mut out_sizes = vec![0f32; plans.len() * t2];
-    for (bi, p) in plans.iter().enumerate() {
-        for (g, members) in p.groups.iter().enumerate() {
-            let total: f32 = members.iter().map(|&m| sizes[bi * t + m]).sum();
-            let dst = &mut out[(bi * t2 + g) * h..(bi * t2 + g + 1) * h];
-            for &m in members {
-                let w = sizes[bi * t + m] / total.max(1e-12);
-                for (d, x) in dst.iter_mut().zip(&rows[bi * t + m]) {
-                    *d += w * x;
-                }
-            }
-            out_sizes[bi * t2 + g] = total;
-        }
-    }
-    Ok((Tensor::from_vec(out, (plans.len() * t2, h), &Device::Cpu)?, out_sizes, t2))
 }
 
 /// Softmax over the last dimension from elementary ops (the fused one carries no gradient).

@@ -296,7 +296,21 @@ pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> Result<Tensor> 
     if dims.len() < 2 || dims[dims.len() - 1] != dims[dims.len() - 2] {
         bail!("causal softmax needs square scores, not {dims:?}");
     }
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { window })?)
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { causal: true, window })?)
+}
+
+/// Softmax over the last axis (every key attended: an encoder's attention, a classifier).
+pub fn softmax(scores: &Tensor) -> Result<Tensor> {
+    if scores.rank() == 0 {
+        bail!("softmax of a scalar");
+    }
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { causal: false, window: None })?)
+}
+
+pub fn softmax_elementary(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// `softmax(scores + mask)` from elementary ops; `mask` is the additive `[seq, seq]` mask.
@@ -308,13 +322,18 @@ pub fn causal_softmax_elementary(scores: &Tensor, mask: &Tensor) -> Result<Tenso
     Ok(e.broadcast_div(&s)?)
 }
 
+/// Softmax over rows of length `t`, under the causal (and sliding-window) mask when `causal`.
 struct CausalSoftmax {
+    causal: bool,
     window: Option<usize>,
 }
 
 impl CausalSoftmax {
     /// The keys row `r` of a `[.., t, t]` score tensor attends to.
     fn range(&self, r: usize, t: usize) -> std::ops::RangeInclusive<usize> {
+        if !self.causal {
+            return 0..=t - 1;
+        }
         let last = r % t;
         self.window.map_or(0, |w| (last + 1).saturating_sub(w))..=last
     }
@@ -322,7 +341,11 @@ impl CausalSoftmax {
 
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
-        "dropwise-causal-softmax"
+        if self.causal {
+            "dropwise-causal-softmax"
+        } else {
+            "dropwise-softmax"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -448,6 +471,419 @@ impl CustomOp2 for Gated {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// LayerNorm with weight and bias
+
+/// `(x − mean) / sqrt(var + eps) · w + b` over the last axis of `x` (the biased variance, as
+/// torch's `LayerNorm`), `w` and `b` of that axis's length.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] || b.dims() != [d] {
+        bail!("layer norm of {:?} with a weight of {:?} and a bias of {:?}", x.dims(), w.dims(), b.dims());
+    }
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps: eps as f32 })?)
+}
+
+pub fn layer_norm_elementary(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// The mean and 1/sqrt(var + eps) of one row (sums in f64).
+    fn stats(&self, x: &[f32]) -> (f32, f32) {
+        let n = x.len().max(1) as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean as f32, 1.0 / (var as f32 + self.eps).sqrt())
+    }
+}
+
+impl candle_core::CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "dropwise-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let d = w.len().max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).with_min_len(ROWS_PER_TASK).for_each(|(yr, xr)| {
+            let (mean, inv) = self.stats(xr);
+            for j in 0..d {
+                yr[j] = (xr[j] - mean) * inv * w[j] + b[j];
+            }
+        });
+        Ok((storage(y), l1.shape().clone()))
+    }
+
+    /// With x̂ = (x − mean)·r and ĝ = g ⊙ w: ∂x = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)), ∂w = Σ_rows
+    /// g ⊙ x̂, ∂b = Σ_rows g; the row sums per fixed run of rows, added in order.
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let d = w.dim(0)?.max(1);
+        let (xv, wv, gv) = (flat(x)?, flat(w)?, flat(&g)?);
+        let mut gx = vec![0f32; xv.len()];
+        let chunk = ROWS_PER_TASK * d;
+        let partials: Vec<(Vec<f64>, Vec<f64>)> = gx
+            .par_chunks_mut(chunk)
+            .zip(xv.par_chunks(chunk).zip(gv.par_chunks(chunk)))
+            .map(|(gxc, (xc, gc))| {
+                let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+                let (mut ghat, mut xhat) = (vec![0f32; d], vec![0f32; d]);
+                for ((gxr, xr), gr) in gxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let (mean, inv) = self.stats(xr);
+                    let (mut sg, mut sgx) = (0f64, 0f64);
+                    for j in 0..d {
+                        xhat[j] = (xr[j] - mean) * inv;
+                        ghat[j] = gr[j] * wv[j];
+                        sg += ghat[j] as f64;
+                        sgx += (ghat[j] * xhat[j]) as f64;
+                        dw[j] += (gr[j] * xhat[j]) as f64;
+                        db[j] += gr[j] as f64;
+                    }
+                    let (mg, mgx) = ((sg / d as f64) as f32, (sgx / d as f64) as f32);
+                    for j in 0..d {
+                        gxr[j] = inv * (ghat[j] - mg - xhat[j] * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let sum = |pick: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>| -> Vec<f32> {
+            let mut acc = vec![0f64; d];
+            for p in &partials {
+                for (a, v) in acc.iter_mut().zip(pick(p)) {
+                    *a += v;
+                }
+            }
+            acc.into_iter().map(|v| v as f32).collect()
+        };
+        let gx = if wanted(x) { Some(Tensor::from_vec(gx, x.dims(), x.device())?) } else { None };
+        let gw = if wanted(w) { Some(Tensor::from_vec(sum(|p| &p.0), d, w.device())?) } else { None };
+        let gb = if wanted(b) { Some(Tensor::from_vec(sum(|p| &p.1), d, b.device())?) } else { None };
+        Ok((gx, gw, gb))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (exact, erf)
+
+/// `0.5·x·(1 + erf(x/√2))`, torch's `gelu` (transformers' `"gelu"`).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+pub fn gelu_erf_elementary(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+struct GeluErf;
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "dropwise-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        Ok((storage(y), l.shape().clone()))
+    }
+
+    /// gelu'(x) = Φ(x) + x·φ(x).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (xv, dy) = (flat(x)?, flat(&grad.contiguous()?)?);
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(ELEMENTS_PER_TASK).zip(xv.par_chunks(ELEMENTS_PER_TASK).zip(dy.par_chunks(ELEMENTS_PER_TASK))).for_each(|(o, (x, g))| {
+            for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
+                *o = g * (cdf + v * pdf);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.dims(), x.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A linear layer with bias
+
+/// `x Wᵀ + b` for `x` `[m, k]`, `W` `[n, k]`, `b` `[n]`, with gradients to all three: the bias
+/// added in the product's output pass, and its gradient (column sums) without a broadcast node.
+pub fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 || b.dims() != [n] {
+        bail!("affine of a {:?} input, a {:?} weight and a {:?} bias", x.dims(), w.dims(), b.dims());
+    }
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Affine)?)
+}
+
+pub fn affine_elementary(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+struct Affine;
+
+impl candle_core::CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "dropwise-affine"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let (m, k) = l1.shape().dims2()?;
+        let (n, _) = l2.shape().dims2()?;
+        let mut y = in_op(kernels::gemm_strided(m, n, k, Strided { data: x, rs: k, cs: 1 }, Strided { data: w, rs: 1, cs: k }))?;
+        y.par_chunks_mut(n.max(1)).with_min_len(ROWS_PER_TASK).for_each(|row| {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o += bv;
+            }
+        });
+        Ok((storage(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (n, _) = w.dims2()?;
+        let g = grad.contiguous()?;
+        let gx = if wanted(x) { Some(Tensor::from_vec(strided_product(m, k, n, (&g, n, 1), (w, k, 1))?, (m, k), x.device())?) } else { None };
+        let gw = if wanted(w) { Some(Tensor::from_vec(strided_product(n, k, m, (&g, 1, n), (x, k, 1))?, (n, k), w.device())?) } else { None };
+        let gb = if wanted(b) {
+            let gv = flat(&g)?;
+            // Per fixed run of rows, the runs added in order: independent of the thread count.
+            let parts: Vec<Vec<f64>> = gv
+                .par_chunks(ROWS_PER_TASK * n.max(1))
+                .map(|c| {
+                    let mut acc = vec![0f64; n];
+                    for row in c.chunks(n.max(1)) {
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a += v as f64;
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            let mut acc = vec![0f64; n];
+            for p in &parts {
+                for (a, v) in acc.iter_mut().zip(p) {
+                    *a += v;
+                }
+            }
+            Some(Tensor::from_vec(acc.into_iter().map(|v| v as f32).collect::<Vec<f32>>(), n, b.device())?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bidirectional multi-head attention from a fused q/k/v product
+
+/// Multi-head self-attention of `batch` sequences of `t` tokens, read straight from the rows of
+/// a fused q/k/v product (`qkv` `[batch·t, 3·heads·hd]`: queries, then keys, then values, each
+/// head's `hd` columns in turn) and written as the context rows `[batch·t, heads·hd]` the output
+/// projection multiplies: softmax(q kᵀ · scale + key_bias) v per sequence and head, every key
+/// attended. `key_bias` (`[batch·t]`, when given) is added to every query's score of that key:
+/// ln(size) for merged tokens, −∞ for padding. No transposes, no `[.., t, t]` tensors kept:
+/// the backward pass recomputes the probabilities.
+pub fn attention(qkv: &Tensor, batch: usize, t: usize, heads: usize, scale: f64, key_bias: Option<Vec<f32>>) -> Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    if rows != batch * t || heads == 0 || width % (3 * heads) != 0 {
+        bail!("attention over {:?} for {batch} sequences of {t} tokens and {heads} heads", qkv.dims());
+    }
+    if key_bias.as_ref().is_some_and(|b| b.len() != rows) {
+        bail!("attention key bias of the wrong length");
+    }
+    Ok(qkv.contiguous()?.apply_op1(Attention { batch, t, heads, hd: width / (3 * heads), scale: scale as f32, key_bias })?)
+}
+
+/// The same from candle ops (heads moved ahead of positions, a batched matmul, softmax).
+pub fn attention_elementary(qkv: &Tensor, batch: usize, t: usize, heads: usize, scale: f64, key_bias: Option<Vec<f32>>) -> Result<Tensor> {
+    let inner = qkv.dim(1)? / 3;
+    let hd = inner / heads;
+    let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i * inner, inner)?.reshape((batch, t, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let mut s = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(b) = key_bias {
+        s = s.broadcast_add(&Tensor::from_vec(b, (batch, 1, 1, t), qkv.device())?)?;
+    }
+    let p = softmax_elementary(&s)?;
+    Ok(p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch * t, inner))?)
+}
+
+struct Attention {
+    batch: usize,
+    t: usize,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    key_bias: Option<Vec<f32>>,
+}
+
+/// One head of one sequence, gathered into contiguous buffers: Q and K and V `[t, hd]` and
+/// Kᵀ, Vᵀ `[hd, t]`, so every inner loop runs over a contiguous row.
+struct HeadView {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+}
+
+impl Attention {
+    fn gather(&self, xb: &[f32], h: usize, hv: &mut HeadView) {
+        let (t, hd) = (self.t, self.hd);
+        let inner = self.heads * hd;
+        let w = 3 * inner;
+        for i in 0..t {
+            for d in 0..hd {
+                let (q, k, v) = (xb[i * w + h * hd + d], xb[i * w + inner + h * hd + d], xb[i * w + 2 * inner + h * hd + d]);
+                hv.q[i * hd + d] = q;
+                hv.k[i * hd + d] = k;
+                hv.v[i * hd + d] = v;
+                hv.kt[d * t + i] = k;
+                hv.vt[d * t + i] = v;
+            }
+        }
+    }
+
+    /// The probabilities `[t, t]` of sequence `b` for the gathered head.
+    fn probs(&self, hv: &HeadView, b: usize, p: &mut [f32], tmp: &mut [f32]) {
+        let (t, hd) = (self.t, self.hd);
+        for i in 0..t {
+            let row = &mut tmp[..t];
+            match &self.key_bias {
+                Some(kb) => row.copy_from_slice(&kb[b * t..(b + 1) * t]),
+                None => row.iter_mut().for_each(|v| *v = 0.0),
+            }
+            for d in 0..hd {
+                let qd = hv.q[i * hd + d] * self.scale;
+                for (s, &k) in row.iter_mut().zip(&hv.kt[d * t..(d + 1) * t]) {
+                    *s += qd * k;
+                }
+            }
+            let out = &mut p[i * t..(i + 1) * t];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                // Every key masked: no attention at all.
+                out.iter_mut().for_each(|v| *v = 0.0);
+                continue;
+            }
+            let sum = super::vexp::exp_shifted(row, out, m);
+            let inv = 1.0 / sum;
+            out.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    fn head_view(&self) -> HeadView {
+        let n = self.t * self.hd;
+        HeadView { q: vec![0.0; n], k: vec![0.0; n], v: vec![0.0; n], kt: vec![0.0; n], vt: vec![0.0; n] }
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "dropwise-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, self.name())?;
+        let (t, hd, heads) = (self.t, self.hd, self.heads);
+        let inner = heads * hd;
+        let mut out = vec![0f32; self.batch * t * inner];
+        out.par_chunks_mut(t * inner).enumerate().for_each(|(b, ob)| {
+            let xb = &x[b * t * 3 * inner..(b + 1) * t * 3 * inner];
+            let (mut p, mut tmp, mut hv) = (vec![0f32; t * t], vec![0f32; t], self.head_view());
+            for h in 0..heads {
+                self.gather(xb, h, &mut hv);
+                self.probs(&hv, b, &mut p, &mut tmp);
+                for i in 0..t {
+                    let o = &mut ob[i * inner + h * hd..][..hd];
+                    for j in 0..t {
+                        let pij = p[i * t + j];
+                        for (a, &vv) in o.iter_mut().zip(&hv.v[j * hd..(j + 1) * hd]) {
+                            *a += pij * vv;
+                        }
+                    }
+                }
+            }
+        });
+        Ok((storage(out), Shape::from((self.batch * t, inner))))
+    }
+
+    /// With P the probabilities and dO the context's gradient: dV = Pᵀ dO, dP = dO Vᵀ,
+    /// dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS K · scale, dK = dSᵀ Q · scale.
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (x, g) = (flat(qkv)?, flat(&grad.contiguous()?)?);
+        let (t, hd, heads) = (self.t, self.hd, self.heads);
+        let inner = heads * hd;
+        let w = 3 * inner;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(t * w).enumerate().for_each(|(b, db)| {
+            let xb = &x[b * t * w..(b + 1) * t * w];
+            let gb = &g[b * t * inner..(b + 1) * t * inner];
+            let (mut p, mut tmp, mut hv) = (vec![0f32; t * t], vec![0f32; t], self.head_view());
+            let mut ds = vec![0f32; t];
+            let (mut dq, mut dk, mut dv) = (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd]);
+            for h in 0..heads {
+                self.gather(xb, h, &mut hv);
+                self.probs(&hv, b, &mut p, &mut tmp);
+                dq.iter_mut().chain(dk.iter_mut()).chain(dv.iter_mut()).for_each(|v| *v = 0.0);
+                for i in 0..t {
+                    let go = &gb[i * inner + h * hd..][..hd];
+                    // dP[i, :] = Σ_d dO[i, d] Vᵀ[d, :]
+                    ds.iter_mut().for_each(|v| *v = 0.0);
+                    for (d, &gd) in go.iter().enumerate() {
+                        for (s, &v) in ds.iter_mut().zip(&hv.vt[d * t..(d + 1) * t]) {
+                            *s += gd * v;
+                        }
+                    }
+                    let pr = &p[i * t..(i + 1) * t];
+                    let dot: f32 = ds.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for j in 0..t {
+                        let (pij, dsij) = (pr[j], pr[j] * (ds[j] - dot) * self.scale);
+                        let (dvj, dkj) = (&mut dv[j * hd..(j + 1) * hd], &mut dk[j * hd..(j + 1) * hd]);
+                        let qi = &hv.q[i * hd..(i + 1) * hd];
+                        for d in 0..hd {
+                            dvj[d] += pij * go[d];
+                            dkj[d] += dsij * qi[d];
+                        }
+                        let (dqi, kj) = (&mut dq[i * hd..(i + 1) * hd], &hv.k[j * hd..(j + 1) * hd]);
+                        for d in 0..hd {
+                            dqi[d] += dsij * kj[d];
+                        }
+                    }
+                }
+                for i in 0..t {
+                    for d in 0..hd {
+                        db[i * w + h * hd + d] = dq[i * hd + d];
+                        db[i * w + inner + h * hd + d] = dk[i * hd + d];
+                        db[i * w + 2 * inner + h * hd + d] = dv[i * hd + d];
+                    }
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, qkv.dims(), qkv.device())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +972,40 @@ mod tests {
         for gate in [Gate::Silu, Gate::GeluTanh] {
             agree(&[var(&[4, 1000], 7, 6.0), var(&[4, 1000], 8, 2.0)], |t| gated(t[0], t[1], gate), |t| gated_elementary(t[0], t[1], gate), 1e-5);
         }
+    }
+
+    #[test]
+    fn softmax_matches_elementary_forward_and_backward() {
+        agree(&[var(&[2, 3, 7, 11], 11, 4.0)], |s| softmax(s[0]), |s| softmax_elementary(s[0]), 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_matches_elementary_forward_and_backward() {
+        for dims in [vec![3, 8], vec![2, 37, 64], vec![40, 5]] {
+            let d = *dims.last().unwrap();
+            agree(&[var(&dims, 12, 2.0), var(&[d], 13, 1.5), var(&[d], 14, 0.5)], |t| layer_norm(t[0], t[1], t[2], 1e-12), |t| layer_norm_elementary(t[0], t[1], t[2], 1e-12), 1e-4);
+        }
+    }
+
+    #[test]
+    fn gelu_erf_matches_elementary_forward_and_backward() {
+        agree(&[var(&[4, 1000], 15, 6.0)], |t| gelu_erf(t[0]), |t| gelu_erf_elementary(t[0]), 1e-5);
+    }
+
+    #[test]
+    fn affine_matches_elementary_forward_and_backward() {
+        for (m, n, k) in [(7, 5, 3), (33, 130, 70)] {
+            agree(&[var(&[m, k], 16, 1.0), var(&[n, k], 17, 1.0), var(&[n], 18, 1.0)], |t| affine(t[0], t[1], t[2]), |t| affine_elementary(t[0], t[1], t[2]), 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_matches_elementary_forward_and_backward() {
+        let (b, t, h, hd) = (3, 7, 2, 5);
+        agree(&[var(&[b * t, 3 * h * hd], 19, 2.0)], |x| attention(x[0], b, t, h, 0.4, None), |x| attention_elementary(x[0], b, t, h, 0.4, None), 1e-5);
+        // With key sizes: ln 2 on some keys, one padding key (−∞) per sequence.
+        let bias: Vec<f32> = (0..b * t).map(|i| if i % t == t - 1 { f32::NEG_INFINITY } else if i % 3 == 0 { 2f32.ln() } else { 0.0 }).collect();
+        agree(&[var(&[b * t, 3 * h * hd], 20, 2.0)], |x| attention(x[0], b, t, h, 0.4, Some(bias.clone())), |x| attention_elementary(x[0], b, t, h, 0.4, Some(bias.clone())), 1e-5);
     }
 
     #[test]

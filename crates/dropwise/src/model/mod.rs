@@ -9,6 +9,7 @@ pub mod llama;
 pub mod qmatmul;
 pub mod spill;
 pub mod token_reduction;
+pub mod vit;
 pub mod vexp;
 
 pub use hooks::{Hooks, LinearId, NoHooks, Role};

@@ -135,6 +135,29 @@ pub fn keep_top(importance: &[f32], n: usize, k: usize) -> Plan {
     Plan { groups: kept.into_iter().map(|i| vec![i]).collect() }
 }
 
+/// The batch's token states (`a`: `[batch·t, h]`) after each sentence's `plans`: each group of rows becomes their
+/// size-weighted mean with the summed size; sentences are padded (size 0) to the longest.
+pub fn regroup(a: &candle_core::Tensor, sizes: &[f32], t: usize, h: usize, plans: &[Plan]) -> Result<(candle_core::Tensor, Vec<f32>, usize)> {
+    let rows = a.to_vec2::<f32>()?;
+    let t2 = plans.iter().map(|p| p.groups.len()).max().unwrap_or(0).max(1);
+    let mut out = vec![0f32; plans.len() * t2 * h];
+    let mut out_sizes = vec![0f32; plans.len() * t2];
+    for (bi, p) in plans.iter().enumerate() {
+        for (g, members) in p.groups.iter().enumerate() {
+            let total: f32 = members.iter().map(|&m| sizes[bi * t + m]).sum();
+            let dst = &mut out[(bi * t2 + g) * h..(bi * t2 + g + 1) * h];
+            for &m in members {
+                let w = sizes[bi * t + m] / total.max(1e-12);
+                for (d, x) in dst.iter_mut().zip(&rows[bi * t + m]) {
+                    *d += w * x;
+                }
+            }
+            out_sizes[bi * t2 + g] = total;
+        }
+    }
+    Ok((candle_core::Tensor::from_vec(out, (plans.len() * t2, h), &candle_core::Device::Cpu)?, out_sizes, t2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

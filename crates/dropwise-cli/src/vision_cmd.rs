@@ -1,0 +1,180 @@
+//! `dropwise train-vit` and `dropwise eval` on a vision model: training a ViT on an IDX image
+//! folder (Fashion-MNIST), its test accuracy, and token reduction beside the dense model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use dropwise::model::token_reduction::TokenReduction;
+use dropwise::model::vit::Vit;
+use dropwise::vision::idx::{self, Split};
+use dropwise::vision::train::{self, TrainOptions, VitShape};
+use dropwise::vision::vit_eval;
+
+/// Fashion-MNIST's class names, in label order.
+pub const FASHION_LABELS: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+
+pub struct TrainVitArgs {
+    pub data: PathBuf,
+    pub shape: VitShape,
+    pub opts: TrainOptions,
+    pub out: PathBuf,
+    pub json: bool,
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb
+}
+
+/// The class names for a label set: Fashion-MNIST's when there are ten, else numbers.
+fn labels_for(classes: usize) -> Vec<String> {
+    if classes == FASHION_LABELS.len() {
+        FASHION_LABELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        (0..classes).map(|i| i.to_string()).collect()
+    }
+}
+
+pub fn cmd_train_vit(a: TrainVitArgs) -> Result<()> {
+    a.opts.check()?;
+    dropwise::util::probe_writable(&a.out)?;
+    crate::recover_cmd::keep_freed_memory();
+    let train_set = idx::read_split(&a.data, Split::Train)?;
+    let test_set = idx::read_split(&a.data, Split::Test)?;
+    if (train_set.rows, train_set.cols) != (test_set.rows, test_set.cols) {
+        bail!("train images are {}×{}, test images {}×{}", train_set.rows, train_set.cols, test_set.rows, test_set.cols);
+    }
+    let classes = train_set.classes().max(test_set.classes());
+    if classes < 2 {
+        bail!("the labels name fewer than 2 classes");
+    }
+    let vit = train::new_vit(&train_set, &a.shape, labels_for(classes), a.opts.seed)?;
+    let used = a.opts.limit.map_or(train_set.len(), |l| l.min(train_set.len()));
+    let steps = used.div_ceil(a.opts.batch) * a.opts.epochs;
+    let pb = bar(steps as u64, "train-vit [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, eta {eta} {msg}");
+    let mut done = 0u64;
+    let (vit, report) = train::train(vit, &train_set, &test_set, &a.opts, &mut |p| {
+        done += 1;
+        pb.set_position(done);
+        pb.set_message(format!("epoch {} loss {:.4}", p.epoch + 1, p.loss));
+    })?;
+    pb.finish_and_clear();
+    vit.save(&a.out)?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["output"] = a.out.display().to_string().into();
+        v["options"] = serde_json::json!({
+            "epochs": a.opts.epochs, "batch": a.opts.batch, "lr": a.opts.lr, "weight_decay": a.opts.weight_decay,
+            "cutmix": a.opts.cutmix, "multi_sample_dropout": a.opts.multi_sample_dropout, "dropout": a.opts.dropout,
+            "flip": a.opts.flip, "seed": a.opts.seed,
+            "hidden": a.shape.hidden, "layers": a.shape.layers, "heads": a.shape.heads, "intermediate": a.shape.intermediate, "patch": a.shape.patch,
+        });
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:>5} {:>9} {:>9} {:>8}", "epoch", "loss", "test acc", "seconds");
+    for e in &report.epochs {
+        println!("{:>5} {:>9.4} {:>8.2}% {:>8.1}", e.epoch, e.loss, 100.0 * e.test_accuracy, e.seconds);
+    }
+    println!("{} parameters, {} training images, {:.0} images/s; wrote {}", report.parameters, report.train_images, report.images_per_second, a.out.display());
+    Ok(())
+}
+
+pub struct EvalVitArgs {
+    pub data: Vec<PathBuf>,
+    pub reference: Option<PathBuf>,
+    pub reduction: TokenReduction,
+    pub batch: usize,
+    pub limit: Option<usize>,
+    /// Write the test images' logits here (f32, little-endian, images × classes).
+    pub logits: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// The image folder of `--data` (one folder).
+fn image_dir(data: &[PathBuf]) -> Result<&Path> {
+    match data {
+        [d] => Ok(d),
+        _ => bail!("a vision model is evaluated on one image folder: pass --data DIR (IDX files)"),
+    }
+}
+
+pub fn cmd_eval_vit(models: &[PathBuf], a: EvalVitArgs) -> Result<()> {
+    if a.batch == 0 || a.batch > 65_536 {
+        bail!("--batch must be in 1..=65536, not {}", a.batch);
+    }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let dir = image_dir(&a.data)?;
+    let vits: Vec<Vit> = models.iter().map(|m| Vit::load(m)).collect::<Result<_>>()?;
+    for v in &vits {
+        a.reduction.check(v.config.num_hidden_layers)?;
+    }
+    let reference = a.reference.as_deref().map(Vit::load).transpose()?;
+    let mut test = idx::read_split(dir, Split::Test)?;
+    if let Some(l) = a.limit {
+        test.truncate(l);
+    }
+    if let Some(out) = &a.logits {
+        if vits.len() != 1 {
+            bail!("--logits writes one model's logits; pass one model");
+        }
+        let l = vit_eval::logits(&vits[0], &test, a.batch, &a.reduction)?;
+        let bytes: Vec<u8> = l.iter().flat_map(|v| v.to_le_bytes()).collect();
+        dropwise::util::write_atomically(out, |f| Ok(std::io::Write::write_all(f, &bytes)?))?;
+    }
+    let mut rows = Vec::new();
+    for (vit, path) in vits.iter().zip(models) {
+        let pb = bar(test.len() as u64, "eval [{bar:30}] {pos}/{len} images, {elapsed} elapsed, eta {eta}");
+        let mut v = if let Some(r) = &reference {
+            let c = vit_eval::compare(vit, &a.reduction, r, &test, a.batch, &mut |d| pb.set_position(d as u64))?;
+            serde_json::to_value(&c)?
+        } else {
+            let acc = vit_eval::accuracy(vit, &test, a.batch, &a.reduction)?;
+            let mut v = serde_json::to_value(&acc)?;
+            v["reduction"] = a.reduction.name().into();
+            v
+        };
+        pb.finish_and_clear();
+        v["model"] = path.display().to_string().into();
+        v["parameters"] = vit.param_count().into();
+        rows.push(v);
+    }
+    if a.json {
+        let mut v = serde_json::json!({"images": test.len(), "results": rows});
+        v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let pct = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{:.2}%", 100.0 * x));
+    for r in &rows {
+        if let Some(acc) = r.get("accuracy").and_then(|x| x.get("accuracy")) {
+            let rf = &r["reference"];
+            println!("{}  ({}, {} test images)", r["model"].as_str().unwrap_or(""), r["reduction"].as_str().unwrap_or(""), test.len());
+            println!("  {:<20} {} (reference {})", "accuracy", pct(acc), pct(&rf["accuracy"]));
+            println!("  {:<20} {}", "same class as ref", pct(&r["agreement"]));
+            println!("  {:<20} {:.3} of the reference's", "FLOPs", r["flops_ratio"].as_f64().unwrap_or(0.0));
+            println!(
+                "  {:<20} {:.0} vs {:.0} (×{:.2}, timed batch by batch in turn)",
+                "images/s",
+                r["images_per_second"].as_f64().unwrap_or(0.0),
+                r["reference_images_per_second"].as_f64().unwrap_or(0.0),
+                r["speedup"].as_f64().unwrap_or(0.0)
+            );
+        } else {
+            println!("{}  ({}, {} test images)", r["model"].as_str().unwrap_or(""), r["reduction"].as_str().unwrap_or(""), test.len());
+            println!("  {:<20} {}", "accuracy", pct(&r["accuracy"]));
+            println!("  {:<20} {:.2} M", "FLOPs per image", r["flops_per_image"].as_f64().unwrap_or(0.0) / 1e6);
+            if let Some(pc) = r["per_class"].as_array() {
+                let cells: Vec<String> = pc.iter().map(|x| format!("{:.1}", 100.0 * x.as_f64().unwrap_or(0.0))).collect();
+                println!("  {:<20} {}", "per class (%)", cells.join(" "));
+            }
+        }
+    }
+    Ok(())
+}
