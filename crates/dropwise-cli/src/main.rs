@@ -186,6 +186,13 @@ enum Cmd {
         /// Train on at most this many images (a fixed seeded subset), for quick runs.
         #[arg(long)]
         limit: Option<usize>,
+        /// Start from this ViT folder (fine-tuning; the shape options are then ignored).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Leave this class's training images out (number or name): the retrained-without-class
+        /// model unlearning is measured against.
+        #[arg(long)]
+        exclude_class: Option<String>,
         #[arg(long, default_value_t = 64)]
         hidden: usize,
         #[arg(long, default_value_t = 4)]
@@ -197,6 +204,32 @@ enum Cmd {
         /// Patch side in pixels (divides the image side).
         #[arg(long, default_value_t = 4)]
         patch: usize,
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Selective Synaptic Dampening: make a vision model forget a class without retraining
+    /// (Fisher importances on the class's and on all training images; parameters far more
+    /// important to the class are scaled down).
+    Forget {
+        model: PathBuf,
+        /// The class to forget (number or name).
+        #[arg(long)]
+        forget: String,
+        /// The image folder whose training split is the data to keep serving (and whose test
+        /// split measures the result).
+        #[arg(long)]
+        retain: PathBuf,
+        /// Selection: dampen where forget importance > alpha × training importance.
+        #[arg(long, default_value_t = 10.0)]
+        alpha: f64,
+        /// Dampening: scale by min(lambda × training importance / forget importance, 1).
+        #[arg(long = "lambda", default_value_t = 1.0)]
+        lambda: f64,
+        /// Images per gradient in the importance estimates.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
         #[arg(short, long)]
         out: PathBuf,
         #[arg(long)]
@@ -618,10 +651,11 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             }
             cmd_eval(model, data, seq_len, windows, reference, batch, quantized_matmul, json, threads)
         }
-        Cmd::TrainVit { data, epochs, batch, lr, weight_decay, cutmix, multi_sample_dropout, dropout, no_flip, seed, limit, hidden, layers, heads, intermediate, patch, out, json } => {
+        Cmd::Forget { model, forget, retain, alpha, lambda, batch, out, json } => vision_cmd::cmd_forget(&model, vision_cmd::ForgetArgs { forget, retain, alpha, lambda, batch, out, json }),
+        Cmd::TrainVit { data, epochs, batch, lr, weight_decay, cutmix, multi_sample_dropout, dropout, no_flip, seed, limit, init, exclude_class, hidden, layers, heads, intermediate, patch, out, json } => {
             let shape = dropwise::vision::train::VitShape { hidden, layers, heads, intermediate, patch };
             let opts = dropwise::vision::train::TrainOptions { epochs, batch, lr, weight_decay, warmup: 0.05, cutmix, multi_sample_dropout, dropout, flip: !no_flip, seed, limit };
-            vision_cmd::cmd_train_vit(vision_cmd::TrainVitArgs { data, shape, opts, out, json })
+            vision_cmd::cmd_train_vit(vision_cmd::TrainVitArgs { data, init, exclude_class, shape, opts, out, json })
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {

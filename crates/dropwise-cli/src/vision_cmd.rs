@@ -17,6 +17,10 @@ pub const FASHION_LABELS: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "D
 
 pub struct TrainVitArgs {
     pub data: PathBuf,
+    /// Start from this model (fine-tuning) instead of a fresh one.
+    pub init: Option<PathBuf>,
+    /// Leave this class's training images out (a class number or name).
+    pub exclude_class: Option<String>,
     pub shape: VitShape,
     pub opts: TrainOptions,
     pub out: PathBuf,
@@ -51,7 +55,18 @@ pub fn cmd_train_vit(a: TrainVitArgs) -> Result<()> {
     if classes < 2 {
         bail!("the labels name fewer than 2 classes");
     }
-    let vit = train::new_vit(&train_set, &a.shape, labels_for(classes), a.opts.seed)?;
+    let vit = match &a.init {
+        Some(dir) => Vit::load(dir)?,
+        None => train::new_vit(&train_set, &a.shape, labels_for(classes), a.opts.seed)?,
+    };
+    let mut train_set = train_set;
+    if let Some(c) = &a.exclude_class {
+        let class = class_index(&vit, c)?;
+        train_set = train_set.filter(|l| l as usize != class);
+        if train_set.is_empty() {
+            bail!("no training image is left without class {c}");
+        }
+    }
     let used = a.opts.limit.map_or(train_set.len(), |l| l.min(train_set.len()));
     let steps = used.div_ceil(a.opts.batch) * a.opts.epochs;
     let pb = bar(steps as u64, "train-vit [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, eta {eta} {msg}");
@@ -93,6 +108,92 @@ pub struct EvalVitArgs {
     /// Write the test images' logits here (f32, little-endian, images × classes).
     pub logits: Option<PathBuf>,
     pub json: bool,
+}
+
+/// A class given by number or by name.
+pub fn class_index(vit: &Vit, c: &str) -> Result<usize> {
+    let labels = &vit.config.labels;
+    if let Ok(i) = c.parse::<usize>() {
+        if i < labels.len() {
+            return Ok(i);
+        }
+    }
+    if let Some(i) = labels.iter().position(|l| l.eq_ignore_ascii_case(c)) {
+        return Ok(i);
+    }
+    bail!("{c:?} is not one of the model's classes: 0..{} or {}", labels.len(), labels.join(", "))
+}
+
+pub struct ForgetArgs {
+    pub forget: String,
+    pub retain: PathBuf,
+    pub alpha: f64,
+    pub lambda: f64,
+    pub batch: usize,
+    pub out: PathBuf,
+    pub json: bool,
+}
+
+/// Test accuracy on `class`'s images and on the others'.
+fn split_accuracy(vit: &Vit, test: &idx::ImageSet, class: usize) -> Result<(f64, f64)> {
+    let a = vit_eval::accuracy(vit, test, 100, &TokenReduction::None)?;
+    let (mut right, mut total) = (0.0, 0usize);
+    for (k, (&acc, &n)) in a.per_class.iter().zip(&a.class_counts).enumerate() {
+        if k != class {
+            right += acc * n as f64;
+            total += n;
+        }
+    }
+    Ok((a.per_class[class], right / total.max(1) as f64))
+}
+
+pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
+    if a.batch == 0 || a.batch > 65_536 {
+        bail!("--batch must be in 1..=65536, not {}", a.batch);
+    }
+    if !(a.alpha.is_finite() && a.alpha > 0.0) || !(a.lambda.is_finite() && a.lambda > 0.0) {
+        bail!("--alpha and --lambda must be positive numbers");
+    }
+    dropwise::util::probe_writable(&a.out)?;
+    crate::recover_cmd::keep_freed_memory();
+    let mut vit = Vit::load(model)?;
+    let class = class_index(&vit, &a.forget)?;
+    let train_set = idx::read_split(&a.retain, Split::Train)?;
+    let test = idx::read_split(&a.retain, Split::Test)?;
+    let forget_set = train_set.filter(|l| l as usize == class);
+    if forget_set.is_empty() {
+        bail!("{} holds no training image of class {}", a.retain.display(), a.forget);
+    }
+    let (f0, r0) = split_accuracy(&vit, &test, class)?;
+    let t0 = std::time::Instant::now();
+    let pb = bar((forget_set.len() + train_set.len()) as u64, "forget [{bar:30}] {pos}/{len} images scored, {elapsed} elapsed, eta {eta}");
+    let i_forget = dropwise::vision::forget::importance(&vit, &forget_set, a.batch, &mut |d| pb.set_position(d as u64))?;
+    let nf = forget_set.len() as u64;
+    let i_full = dropwise::vision::forget::importance(&vit, &train_set, a.batch, &mut |d| pb.set_position(nf + d as u64))?;
+    pb.finish_and_clear();
+    let d = dropwise::vision::forget::dampen(&mut vit, &i_forget, &i_full, a.alpha, a.lambda)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let (f1, r1) = split_accuracy(&vit, &test, class)?;
+    vit.save(&a.out)?;
+    let v = serde_json::json!({
+        "model": model.display().to_string(), "output": a.out.display().to_string(),
+        "forget_class": class, "forget_label": vit.config.labels[class], "forget_images": forget_set.len(), "train_images": train_set.len(),
+        "alpha": d.alpha, "lambda": d.lambda, "parameters": d.parameters, "dampened": d.selected, "mean_scale": d.mean_scale,
+        "seconds": seconds,
+        "before": {"forget_accuracy": f0, "retain_accuracy": r0},
+        "after": {"forget_accuracy": f1, "retain_accuracy": r1},
+        "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("forget class {class} ({}), α {} λ {}: {} of {} parameters dampened (mean scale {:.3}) in {seconds:.1}s", vit.config.labels[class], d.alpha, d.lambda, d.selected, d.parameters, d.mean_scale);
+    println!("{:<8} {:>14} {:>16}", "", "forget class", "other classes");
+    println!("{:<8} {:>13.2}% {:>15.2}%", "before", 100.0 * f0, 100.0 * r0);
+    println!("{:<8} {:>13.2}% {:>15.2}%", "after", 100.0 * f1, 100.0 * r1);
+    println!("wrote {}", a.out.display());
+    Ok(())
 }
 
 /// The image folder of `--data` (one folder).

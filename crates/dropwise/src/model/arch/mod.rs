@@ -157,7 +157,7 @@ impl Arch {
                 return Ok(Arch(*a));
             }
         }
-        bail!("unsupported architecture '{s}' (supported: {})", supported_names())
+        bail!("unsupported architecture '{s}' (supported: {}; encoders: bert, read by `dropwise embed`; vision: vit)", supported_names())
     }
 
     pub fn name(self) -> &'static str {
