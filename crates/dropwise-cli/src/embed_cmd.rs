@@ -26,6 +26,10 @@ pub struct EmbedArgs {
     pub reference: Option<PathBuf>,
     pub neighbours: usize,
     pub reduction: TokenReduction,
+    /// Search per-layer prune and merge rates for this fraction of the dense FLOPs on --calib.
+    pub diffrate: Option<f64>,
+    pub calib: Vec<PathBuf>,
+    pub calib_sentences: usize,
     pub json: bool,
 }
 
@@ -57,7 +61,7 @@ pub fn read_sentences(files: &[PathBuf], split: Split, limit: Option<usize>) -> 
     Ok(out)
 }
 
-pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
+pub fn cmd_embed(model: &Path, mut a: EmbedArgs) -> Result<()> {
     if a.batch == 0 || a.batch > 4096 {
         bail!("--batch must be in 1..=4096, not {}", a.batch);
     }
@@ -74,6 +78,28 @@ pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let texts = read_sentences(&a.data, a.split, a.limit)?;
     let ids = texts.iter().map(|t| m.encode(t)).collect::<Result<Vec<_>>>()?;
+    let mut search = None;
+    if let Some(budget) = a.diffrate {
+        if a.calib.is_empty() {
+            bail!("--diffrate searches on calibration sentences: pass --calib FILE (other text than --data)");
+        }
+        if a.calib_sentences == 0 || a.calib_sentences > 100_000 {
+            bail!("--calib-sentences must be in 1..=100000, not {}", a.calib_sentences);
+        }
+        let calib: Vec<Vec<u32>> = read_sentences(&a.calib, a.split, Some(a.calib_sentences))?.iter().map(|t| m.encode(t)).collect::<Result<_>>()?;
+        let t0 = std::time::Instant::now();
+        let pb = ProgressBar::new_spinner();
+        let r = dropwise::embed_eval::search_rates(&m, &calib, a.batch, budget, 0.05, &mut |n| pb.set_message(format!("searching per-layer rates: {n} schedules scored")))?;
+        pb.finish_and_clear();
+        if !a.json {
+            eprintln!("rates for {budget} of the FLOPs ({} schedules scored on {} sentences, {:.1}s): {}", r.evaluations, calib.len(), t0.elapsed().as_secs_f64(), r.schedule.name());
+        }
+        a.reduction = r.schedule.clone();
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = t0.elapsed().as_secs_f64().into();
+        v["calib_sentences"] = calib.len().into();
+        search = Some(v);
+    }
     let tokens: usize = ids.iter().map(Vec::len).sum();
     if a.ids {
         if a.json {
@@ -96,6 +122,7 @@ pub fn cmd_embed(model: &Path, a: EmbedArgs) -> Result<()> {
             v["model"] = model.display().to_string().into();
             v["reference"] = a.reference.as_ref().map(|p| p.display().to_string()).into();
             v["tokens"] = tokens.into();
+            v["rate_search"] = search.clone().into();
             v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {

@@ -144,6 +144,14 @@ enum Cmd {
         hired: Option<f64>,
         #[arg(long, default_value_t = 2)]
         hired_layers: usize,
+        /// Vision models: DiffRate-style, search per-layer prune and merge rates that bring the
+        /// FLOPs to this fraction of the dense model's (greedy, by KL on training images), then
+        /// evaluate them.
+        #[arg(long, conflicts_with_all = ["tome", "hired"])]
+        diffrate: Option<f64>,
+        /// Training images the --diffrate search scores on.
+        #[arg(long, default_value_t = 500)]
+        calib_images: usize,
         /// Vision models: at most this many test images, from the start.
         #[arg(long)]
         limit: Option<usize>,
@@ -230,6 +238,10 @@ enum Cmd {
         /// Images per gradient in the importance estimates.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Keep the two importances in this file and reuse them when they are for the same
+        /// model and class (a sweep of --alpha/--lambda then costs no gradients).
+        #[arg(long)]
+        importances: Option<PathBuf>,
         #[arg(short, long)]
         out: PathBuf,
         #[arg(long)]
@@ -467,6 +479,16 @@ enum Cmd {
         hired: Option<f64>,
         #[arg(long, default_value_t = 2)]
         hired_layers: usize,
+        /// DiffRate-style: search per-layer prune and merge rates that bring the FLOPs to this
+        /// fraction of the dense model's (greedy, by embedding cosine on --calib), then use them.
+        #[arg(long, conflicts_with_all = ["tome", "hired"], requires = "calib")]
+        diffrate: Option<f64>,
+        /// Text the --diffrate search scores on (not the --data text).
+        #[arg(long, num_args = 1..)]
+        calib: Vec<PathBuf>,
+        /// Sentences of --calib the search uses.
+        #[arg(long, default_value_t = 200)]
+        calib_sentences: usize,
         #[arg(long)]
         json: bool,
     },
@@ -636,7 +658,7 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
-        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, tome, hired, hired_layers, limit, logits, json } => {
+        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, tome, hired, hired_layers, diffrate, calib_images, limit, logits, json } => {
             let reduction = match (tome, hired) {
                 (Some(r), _) => Some(dropwise::model::token_reduction::TokenReduction::Merge { ratio: r }),
                 (_, Some(keep)) => Some(dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers }),
@@ -644,14 +666,14 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             };
             if model.iter().any(|m| dropwise::model::vit::is_vit_folder(m)) {
                 let reduction = reduction.unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
-                return vision_cmd::cmd_eval_vit(&model, vision_cmd::EvalVitArgs { data, reference, reduction, batch, limit, logits, json });
+                return vision_cmd::cmd_eval_vit(&model, vision_cmd::EvalVitArgs { data, reference, reduction, batch, limit, diffrate, calib_images, logits, json });
             }
-            if reduction.is_some() || limit.is_some() || logits.is_some() {
-                bail!("--tome, --hired, --limit and --logits apply to vision models (a ViT folder); language models are evaluated on --windows");
+            if reduction.is_some() || limit.is_some() || logits.is_some() || diffrate.is_some() {
+                bail!("--tome, --hired, --diffrate, --limit and --logits apply to vision models (a ViT folder); language models are evaluated on --windows");
             }
             cmd_eval(model, data, seq_len, windows, reference, batch, quantized_matmul, json, threads)
         }
-        Cmd::Forget { model, forget, retain, alpha, lambda, batch, out, json } => vision_cmd::cmd_forget(&model, vision_cmd::ForgetArgs { forget, retain, alpha, lambda, batch, out, json }),
+        Cmd::Forget { model, forget, retain, alpha, lambda, batch, importances, out, json } => vision_cmd::cmd_forget(&model, vision_cmd::ForgetArgs { forget, retain, alpha, lambda, batch, importances, out, json }),
         Cmd::TrainVit { data, epochs, batch, lr, weight_decay, cutmix, multi_sample_dropout, dropout, no_flip, seed, limit, init, exclude_class, hidden, layers, heads, intermediate, patch, out, json } => {
             let shape = dropwise::vision::train::VitShape { hidden, layers, heads, intermediate, patch };
             let opts = dropwise::vision::train::TrainOptions { epochs, batch, lr, weight_decay, warmup: 0.05, cutmix, multi_sample_dropout, dropout, flip: !no_flip, seed, limit };
@@ -744,13 +766,13 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
-        Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, tome, hired, hired_layers, json } => {
+        Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, tome, hired, hired_layers, diffrate, calib, calib_sentences, json } => {
             let reduction = match (tome, hired) {
                 (Some(r), _) => dropwise::model::token_reduction::TokenReduction::Merge { ratio: r },
                 (_, Some(keep)) => dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers },
                 _ => dropwise::model::token_reduction::TokenReduction::None,
             };
-            embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, reference, neighbours, reduction, json })
+            embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, reference, neighbours, reduction, diffrate, calib, calib_sentences, json })
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),
         Cmd::Generate { model, prompt, max_tokens, temperature, seed, chat, quantized_matmul, json } => {

@@ -105,6 +105,10 @@ pub struct EvalVitArgs {
     pub reduction: TokenReduction,
     pub batch: usize,
     pub limit: Option<usize>,
+    /// Search per-layer prune and merge rates for this fraction of the dense FLOPs first.
+    pub diffrate: Option<f64>,
+    /// Training images the rate search scores on.
+    pub calib_images: usize,
     /// Write the test images' logits here (f32, little-endian, images × classes).
     pub logits: Option<PathBuf>,
     pub json: bool,
@@ -130,6 +134,8 @@ pub struct ForgetArgs {
     pub alpha: f64,
     pub lambda: f64,
     pub batch: usize,
+    /// Keep the two importances here (reused when they are for the same model and class).
+    pub importances: Option<PathBuf>,
     pub out: PathBuf,
     pub json: bool,
 }
@@ -166,11 +172,25 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
     }
     let (f0, r0) = split_accuracy(&vit, &test, class)?;
     let t0 = std::time::Instant::now();
-    let pb = bar((forget_set.len() + train_set.len()) as u64, "forget [{bar:30}] {pos}/{len} images scored, {elapsed} elapsed, eta {eta}");
-    let i_forget = dropwise::vision::forget::importance(&vit, &forget_set, a.batch, &mut |d| pb.set_position(d as u64))?;
-    let nf = forget_set.len() as u64;
-    let i_full = dropwise::vision::forget::importance(&vit, &train_set, a.batch, &mut |d| pb.set_position(nf + d as u64))?;
-    pb.finish_and_clear();
+    let cached = match &a.importances {
+        Some(p) => dropwise::vision::forget::load_importances(p, &vit, class)?,
+        None => None,
+    };
+    let reused = cached.is_some();
+    let (i_forget, i_full) = match cached {
+        Some(c) => c,
+        None => {
+            let pb = bar((forget_set.len() + train_set.len()) as u64, "forget [{bar:30}] {pos}/{len} images scored, {elapsed} elapsed, eta {eta}");
+            let f = dropwise::vision::forget::importance(&vit, &forget_set, a.batch, &mut |d| pb.set_position(d as u64))?;
+            let nf = forget_set.len() as u64;
+            let d = dropwise::vision::forget::importance(&vit, &train_set, a.batch, &mut |d| pb.set_position(nf + d as u64))?;
+            pb.finish_and_clear();
+            if let Some(p) = &a.importances {
+                dropwise::vision::forget::save_importances(p, &vit, class, &f, &d)?;
+            }
+            (f, d)
+        }
+    };
     let d = dropwise::vision::forget::dampen(&mut vit, &i_forget, &i_full, a.alpha, a.lambda)?;
     let seconds = t0.elapsed().as_secs_f64();
     let (f1, r1) = split_accuracy(&vit, &test, class)?;
@@ -179,7 +199,7 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
         "model": model.display().to_string(), "output": a.out.display().to_string(),
         "forget_class": class, "forget_label": vit.config.labels[class], "forget_images": forget_set.len(), "train_images": train_set.len(),
         "alpha": d.alpha, "lambda": d.lambda, "parameters": d.parameters, "dampened": d.selected, "mean_scale": d.mean_scale,
-        "seconds": seconds,
+        "seconds": seconds, "importances_reused": reused,
         "before": {"forget_accuracy": f0, "retain_accuracy": r0},
         "after": {"forget_accuracy": f1, "retain_accuracy": r1},
         "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
@@ -204,14 +224,15 @@ fn image_dir(data: &[PathBuf]) -> Result<&Path> {
     }
 }
 
-pub fn cmd_eval_vit(models: &[PathBuf], a: EvalVitArgs) -> Result<()> {
+pub fn cmd_eval_vit(models: &[PathBuf], mut a: EvalVitArgs) -> Result<()> {
     if a.batch == 0 || a.batch > 65_536 {
         bail!("--batch must be in 1..=65536, not {}", a.batch);
     }
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    let dir = image_dir(&a.data)?;
+    let dir = image_dir(&a.data)?.to_path_buf();
+    let dir = dir.as_path();
     let vits: Vec<Vit> = models.iter().map(|m| Vit::load(m)).collect::<Result<_>>()?;
     for v in &vits {
         a.reduction.check(v.config.num_hidden_layers)?;
@@ -220,6 +241,39 @@ pub fn cmd_eval_vit(models: &[PathBuf], a: EvalVitArgs) -> Result<()> {
     let mut test = idx::read_split(dir, Split::Test)?;
     if let Some(l) = a.limit {
         test.truncate(l);
+    }
+    let mut search = None;
+    if let Some(budget) = a.diffrate {
+        if vits.len() != 1 {
+            bail!("--diffrate searches rates for one model; pass one model");
+        }
+        if a.calib_images == 0 || a.calib_images > 60_000 {
+            bail!("--calib-images must be in 1..=60000, not {}", a.calib_images);
+        }
+        let train_set = idx::read_split(dir, Split::Train)?;
+        // A seeded sample of the training images: calibration never sees the test set.
+        let mut rng = dropwise::data::SplitMix64(0xD1FF);
+        let pick: Vec<usize> = train::permutation(train_set.len(), &mut rng).into_iter().take(a.calib_images).collect();
+        let plane = train_set.rows * train_set.cols;
+        let calib = idx::ImageSet {
+            rows: train_set.rows,
+            cols: train_set.cols,
+            pixels: pick.iter().flat_map(|&i| train_set.pixels[i * plane..(i + 1) * plane].iter().copied()).collect(),
+            labels: pick.iter().map(|&i| train_set.labels[i]).collect(),
+        };
+        let pb = ProgressBar::new_spinner();
+        pb.set_message("searching per-layer rates");
+        let t0 = std::time::Instant::now();
+        let r = vit_eval::search_rates(&vits[0], &calib, budget, 0.05, &mut |n| pb.set_message(format!("searching per-layer rates: {n} schedules scored")))?;
+        pb.finish_and_clear();
+        a.reduction = r.schedule.clone();
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = t0.elapsed().as_secs_f64().into();
+        v["calib_images"] = calib.len().into();
+        if !a.json {
+            eprintln!("rates for {budget} of the FLOPs ({} schedules scored on {} training images, {:.1}s): {}", r.evaluations, calib.len(), t0.elapsed().as_secs_f64(), r.schedule.name());
+        }
+        search = Some(v);
     }
     if let Some(out) = &a.logits {
         if vits.len() != 1 {
@@ -247,7 +301,7 @@ pub fn cmd_eval_vit(models: &[PathBuf], a: EvalVitArgs) -> Result<()> {
         rows.push(v);
     }
     if a.json {
-        let mut v = serde_json::json!({"images": test.len(), "results": rows});
+        let mut v = serde_json::json!({"images": test.len(), "results": rows, "rate_search": search});
         v["peak_memory_bytes"] = dropwise::util::peak_rss_bytes().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -101,3 +101,21 @@ pub fn compare(m: &Bert, reduction: &TokenReduction, reference: &Bert, ids: &[Ve
         },
     ))
 }
+
+/// DiffRate-style per-layer prune and merge rates for `m` at `budget` × its dense FLOPs on
+/// `calib` (sentences the evaluation does not use), scored by the mean of 1 − cosine between each
+/// sentence's reduced and dense embeddings.
+pub fn search_rates(m: &Bert, calib: &[Vec<u32>], batch: usize, budget: f64, step: f64, progress: &mut dyn FnMut(usize)) -> Result<crate::model::token_reduction::RateSearch> {
+    if calib.is_empty() {
+        bail!("the rate search needs calibration sentences");
+    }
+    let (dense, dense_flops) = m.embed_reduced(calib, batch, &TokenReduction::None, &mut |_| {})?;
+    let mut done = 0;
+    crate::model::token_reduction::search_rates(m.config.num_hidden_layers, budget, step, &mut |r| {
+        let (e, f) = m.embed_reduced(calib, batch, r, &mut |_| {})?;
+        let loss = e.iter().zip(&dense).map(|(a, b)| 1.0 - unit(a).iter().zip(unit(b)).map(|(x, y)| (*x as f64) * (y as f64)).sum::<f64>()).sum::<f64>() / calib.len() as f64;
+        done += 1;
+        progress(done);
+        Ok((loss, f / dense_flops.max(1.0)))
+    })
+}

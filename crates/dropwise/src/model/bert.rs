@@ -343,24 +343,25 @@ impl Bert {
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
             let mut a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
             flops += counts.iter().map(|&n| 2.0 * n as f64 * 4.0 * (h * h) as f64 + 4.0 * (n * n * h) as f64).sum::<f64>();
-            let plans: Option<Vec<token_reduction::Plan>> = if let Some(ratio) = reduction.merges() {
-                let metric = k.mean(1)?.to_vec3::<f32>()?;
-                Some(
-                    counts
-                        .iter()
-                        .zip(&metric)
-                        .map(|(&n, m)| {
-                            let flat: Vec<f32> = m[..n].iter().flatten().copied().collect();
-                            token_reduction::bipartite_merge(&flat, n, hd, (ratio * n as f64).floor() as usize)
-                        })
-                        .collect(),
-                )
-            } else if let Some(keep) = reduction.drop_at(l) {
+            let plans: Option<Vec<token_reduction::Plan>> = if reduction.acts_at(l) {
+                let keys = if reduction.needs_keys(l) { Some(k.mean(1)?.to_vec3::<f32>()?) } else { None };
                 // Attention each key receives: summed over heads and over the queries, each
                 // query weighted by its size.
-                let s = Tensor::from_vec(sizes.clone(), (b, 1, t, 1), &dev)?;
-                let received = probs.broadcast_mul(&s)?.sum(1)?.sum(1)?.to_vec2::<f32>()?;
-                Some(counts.iter().zip(&received).map(|(&n, imp)| token_reduction::keep_top(imp, n, ((keep * n as f64).ceil() as usize).clamp(1, n))).collect())
+                let received = if reduction.needs_importance(l) {
+                    let s = Tensor::from_vec(sizes.clone(), (b, 1, t, 1), &dev)?;
+                    Some(probs.broadcast_mul(&s)?.sum(1)?.sum(1)?.to_vec2::<f32>()?)
+                } else {
+                    None
+                };
+                let plans = counts
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, &n)| {
+                        let kf: Option<Vec<f32>> = keys.as_ref().map(|k| k[bi][..n].iter().flatten().copied().collect());
+                        reduction.plan(l, n, kf.as_deref(), hd, received.as_ref().map(|r| &r[bi][..]))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(plans)
             } else {
                 None
             };

@@ -6,7 +6,7 @@
 //! count; the batch keeps the longest, the rest padded with size 0, so a sentence's result does
 //! not depend on what shares its batch.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Which reduction a forward pass applies.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,9 @@ pub enum TokenReduction {
     /// weighted by their sizes), `keep^(1/layers)` of them per layer so `keep` are left after
     /// the last; `[CLS]` is always kept.
     Drop { keep: f64, layers: usize },
+    /// DiffRate-style per-layer rates: at layer `l`, prune `prune[l]` of the current tokens (by
+    /// attention received, as `Drop`), then merge `merge[l]` of those left (as `Merge`).
+    Schedule { prune: Vec<f64>, merge: Vec<f64> },
 }
 
 impl TokenReduction {
@@ -40,8 +43,71 @@ impl TokenReduction {
                     bail!("tokens can be dropped in 1 to {layers} layers, not {l}");
                 }
             }
+            TokenReduction::Schedule { ref prune, ref merge } => {
+                if prune.len() != layers || merge.len() != layers {
+                    bail!("a schedule gives a prune and a merge rate for each of the {layers} layers, not {} and {}", prune.len(), merge.len());
+                }
+                if prune.iter().any(|p| !(p.is_finite() && (0.0..1.0).contains(p))) || merge.iter().any(|m| !(m.is_finite() && (0.0..=0.5).contains(m))) {
+                    bail!("schedule rates: prune in [0, 1), merge in [0, 0.5]");
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Whether layer `l` reduces tokens.
+    pub fn acts_at(&self, l: usize) -> bool {
+        self.needs_keys(l) || self.needs_importance(l)
+    }
+
+    /// Whether layer `l`'s plan needs the tokens' keys (a merge).
+    pub fn needs_keys(&self, l: usize) -> bool {
+        match self {
+            TokenReduction::Merge { .. } => true,
+            TokenReduction::Schedule { merge, .. } => merge.get(l).is_some_and(|&m| m > 0.0),
+            _ => false,
+        }
+    }
+
+    /// Whether layer `l`'s plan needs the attention each token receives (a drop).
+    pub fn needs_importance(&self, l: usize) -> bool {
+        match self {
+            TokenReduction::Drop { .. } => self.drop_at(l).is_some(),
+            TokenReduction::Schedule { prune, .. } => prune.get(l).is_some_and(|&p| p > 0.0),
+            _ => false,
+        }
+    }
+
+    /// One sequence's plan at layer `l`: `n` tokens, their keys (`n × dim`, when
+    /// [`Self::needs_keys`]) and the attention they receive (when [`Self::needs_importance`]).
+    pub fn plan(&self, l: usize, n: usize, keys: Option<&[f32]>, dim: usize, importance: Option<&[f32]>) -> Result<Plan> {
+        fn need<'a>(x: Option<&'a [f32]>, l: usize, what: &str) -> Result<&'a [f32]> {
+            x.with_context(|| format!("layer {l}'s plan needs the tokens' {what}"))
+        }
+        Ok(match self {
+            TokenReduction::None => Plan { groups: (0..n).map(|i| vec![i]).collect() },
+            TokenReduction::Merge { ratio } => bipartite_merge(need(keys, l, "keys")?, n, dim, (ratio * n as f64).floor() as usize),
+            TokenReduction::Drop { .. } => match self.drop_at(l) {
+                Some(keep) => keep_top(need(importance, l, "attention")?, n, ((keep * n as f64).ceil() as usize).clamp(1, n)),
+                None => Plan { groups: (0..n).map(|i| vec![i]).collect() },
+            },
+            TokenReduction::Schedule { prune, merge } => {
+                let kept = if prune[l] > 0.0 {
+                    keep_top(need(importance, l, "attention")?, n, (((1.0 - prune[l]) * n as f64).ceil() as usize).clamp(1, n))
+                } else {
+                    Plan { groups: (0..n).map(|i| vec![i]).collect() }
+                };
+                if merge[l] > 0.0 {
+                    let keys = need(keys, l, "keys")?;
+                    let idx: Vec<usize> = kept.groups.iter().map(|g| g[0]).collect();
+                    let sub: Vec<f32> = idx.iter().flat_map(|&i| keys[i * dim..(i + 1) * dim].iter().copied()).collect();
+                    let merged = bipartite_merge(&sub, idx.len(), dim, (merge[l] * idx.len() as f64).floor() as usize);
+                    Plan { groups: merged.groups.iter().map(|g| g.iter().map(|&j| idx[j]).collect()).collect() }
+                } else {
+                    kept
+                }
+            }
+        })
     }
 
     /// The keep fraction of layer `l`'s drop, if it drops.
@@ -60,10 +126,14 @@ impl TokenReduction {
     }
 
     pub fn name(&self) -> String {
-        match *self {
+        match self {
             TokenReduction::None => "none".into(),
             TokenReduction::Merge { ratio } => format!("tome {ratio}"),
             TokenReduction::Drop { keep, layers } => format!("hired keep {keep} over {layers} layers"),
+            TokenReduction::Schedule { prune, merge } => {
+                let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(",");
+                format!("schedule prune {} merge {}", list(prune), list(merge))
+            }
         }
     }
 }
@@ -158,6 +228,68 @@ pub fn regroup(a: &candle_core::Tensor, sizes: &[f32], t: usize, h: usize, plans
     Ok((candle_core::Tensor::from_vec(out, (plans.len() * t2, h), &candle_core::Device::Cpu)?, out_sizes, t2))
 }
 
+/// What a per-layer rate search found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RateSearch {
+    /// The [`TokenReduction::Schedule`] found.
+    #[serde(skip)]
+    pub schedule: TokenReduction,
+    pub prune: Vec<f64>,
+    pub merge: Vec<f64>,
+    pub flops_ratio: f64,
+    /// Calibration loss of the schedule.
+    pub loss: f64,
+    /// Schedules evaluated.
+    pub evaluations: usize,
+}
+
+/// Per-layer prune and merge rates for a FLOPs budget, DiffRate's question (Chen et al., 2023)
+/// answered by a greedy search rather than DiffRate's gradient descent through differentiable
+/// masks: from no reduction, each round raises one layer's prune or merge rate by `step` —
+/// the move with the least calibration loss added per FLOP saved — until the FLOPs are at most
+/// `budget` × the dense model's. `eval` gives a schedule's calibration loss and FLOPs ratio.
+/// Prune rates stop at 0.9, merge rates at 0.5 (bipartite matching pairs at most half).
+pub fn search_rates(layers: usize, budget: f64, step: f64, eval: &mut dyn FnMut(&TokenReduction) -> Result<(f64, f64)>) -> Result<RateSearch> {
+    if !(budget.is_finite() && budget > 0.0 && budget < 1.0) {
+        bail!("a FLOPs budget is a fraction of the dense model's in (0, 1), not {budget}");
+    }
+    if !(step.is_finite() && step > 0.0 && step <= 0.5) {
+        bail!("a rate step is in (0, 0.5], not {step}");
+    }
+    let (mut prune, mut merge) = (vec![0.0; layers], vec![0.0; layers]);
+    let mut schedule = TokenReduction::Schedule { prune: prune.clone(), merge: merge.clone() };
+    let (mut loss, mut flops) = eval(&schedule)?;
+    let mut evaluations = 1;
+    while flops > budget {
+        let mut best: Option<(f64, Vec<f64>, Vec<f64>, f64, f64)> = None;
+        for l in 0..layers {
+            for kind in 0..2 {
+                let (mut p, mut m) = (prune.clone(), merge.clone());
+                let rate = if kind == 0 { &mut p[l] } else { &mut m[l] };
+                let cap = if kind == 0 { 0.9 } else { 0.5 };
+                if *rate + 1e-9 >= cap {
+                    continue;
+                }
+                *rate = (*rate + step).min(cap);
+                let cand = TokenReduction::Schedule { prune: p.clone(), merge: m.clone() };
+                let (cl, cf) = eval(&cand)?;
+                evaluations += 1;
+                if cf >= flops - 1e-12 {
+                    continue;
+                }
+                let score = (cl - loss).max(0.0) / (flops - cf);
+                if best.as_ref().is_none_or(|b| score < b.0) {
+                    best = Some((score, p, m, cl, cf));
+                }
+            }
+        }
+        let Some((_, p, m, cl, cf)) = best else { bail!("no schedule within the rate limits reaches {budget} of the dense FLOPs (reached {flops:.3})") };
+        (prune, merge, loss, flops) = (p, m, cl, cf);
+        schedule = TokenReduction::Schedule { prune: prune.clone(), merge: merge.clone() };
+    }
+    Ok(RateSearch { schedule, prune, merge, flops_ratio: flops, loss, evaluations })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +304,35 @@ mod tests {
         let p = bipartite_merge(&keys, 5, 2, 9);
         assert_eq!(p.groups.len(), 3);
         assert_eq!(p.groups[0], vec![0]);
+    }
+
+    #[test]
+    fn a_schedule_prunes_then_merges_the_survivors() {
+        let keys = [1.0, 0.0, /*1*/ 0.0, 1.0, /*2*/ 1.0, 1.0, /*3*/ 1.0, 1.0, /*4*/ -1.0, 0.0];
+        let s = TokenReduction::Schedule { prune: vec![0.2], merge: vec![0.25] };
+        s.check(1).unwrap();
+        // Prune drops token 1 (least attention); among the 4 left (0, 2, 3, 4) token 3 is in set
+        // A and merges into its twin 2 (set B).
+        let p = s.plan(0, 5, Some(&keys), 2, Some(&[0.0, 0.05, 0.3, 0.4, 0.2])).unwrap();
+        assert_eq!(p.groups, vec![vec![0], vec![2, 3], vec![4]]);
+        assert!(TokenReduction::Schedule { prune: vec![0.2], merge: vec![0.6] }.check(1).is_err());
+        assert!(TokenReduction::Schedule { prune: vec![0.2], merge: vec![0.1] }.check(2).is_err());
+    }
+
+    #[test]
+    fn the_rate_search_meets_the_budget_at_the_cheapest_layer() {
+        // A toy: FLOPs fall with every rate; loss only with layer 0's rates. The search must
+        // reach the budget through layer 1 alone.
+        let mut eval = |r: &TokenReduction| -> Result<(f64, f64)> {
+            let TokenReduction::Schedule { prune, merge } = r else { unreachable!() };
+            let flops = 1.0 - 0.5 * (prune[0] + prune[1] + merge[0] + merge[1]) / 2.8;
+            Ok((prune[0] + merge[0], flops))
+        };
+        let r = search_rates(2, 0.8, 0.1, &mut eval).unwrap();
+        assert!(r.flops_ratio <= 0.8);
+        assert_eq!((r.prune[0], r.merge[0]), (0.0, 0.0));
+        assert_eq!(r.loss, 0.0);
+        assert!(search_rates(2, 0.01, 0.1, &mut eval).is_err());
     }
 
     #[test]

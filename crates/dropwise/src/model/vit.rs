@@ -483,23 +483,21 @@ impl Vit {
             let mut a = (layer.attn_out.forward(&ctx)? + &x)?;
             let inner = (nh * hd) as f64;
             flops += counts.iter().map(|&n| 2.0 * n as f64 * (3.0 * h as f64 * inner + inner * h as f64) + 4.0 * (n * n) as f64 * inner).sum::<f64>();
-            let plans: Option<Vec<token_reduction::Plan>> = if let Some(ratio) = reduction.merges() {
+            let plans: Option<Vec<token_reduction::Plan>> = if reduction.acts_at(l) {
                 let inner = nh * hd;
-                let metric = qkv.narrow(1, inner, inner)?.reshape((batch, t, nh, hd))?.mean(2)?.to_vec3::<f32>()?;
-                Some(
-                    counts
-                        .iter()
-                        .zip(&metric)
-                        .map(|(&n, m)| {
-                            let flat: Vec<f32> = m[..n].iter().flatten().copied().collect();
-                            token_reduction::bipartite_merge(&flat, n, hd, (ratio * n as f64).floor() as usize)
-                        })
-                        .collect(),
-                )
-            } else if let Some(keep) = reduction.drop_at(l) {
-                // The attention `[CLS]` pays each token, summed over heads (HiRED's ranking).
-                let received = cls_attention(&qkv, batch, t, nh, scale, key_bias.as_deref())?;
-                Some(counts.iter().zip(&received).map(|(&n, imp)| token_reduction::keep_top(imp, n, ((keep * n as f64).ceil() as usize).clamp(1, n))).collect())
+                // Keys (mean over heads) for merging, the attention [CLS] pays (HiRED's ranking)
+                // for dropping.
+                let keys = if reduction.needs_keys(l) { Some(qkv.narrow(1, inner, inner)?.reshape((batch, t, nh, hd))?.mean(2)?.to_vec3::<f32>()?) } else { None };
+                let received = if reduction.needs_importance(l) { Some(cls_attention(&qkv, batch, t, nh, scale, key_bias.as_deref())?) } else { None };
+                let plans = counts
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &n)| {
+                        let k: Option<Vec<f32>> = keys.as_ref().map(|k| k[b][..n].iter().flatten().copied().collect());
+                        reduction.plan(l, n, k.as_deref(), hd, received.as_ref().map(|r| &r[b][..]))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(plans)
             } else {
                 None
             };

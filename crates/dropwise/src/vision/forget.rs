@@ -102,3 +102,59 @@ pub fn dampen(vit: &mut Vit, forget: &Importance, full: &Importance, alpha: f64,
     })?;
     Ok(Dampening { alpha, lambda, parameters, selected, mean_scale: if selected == 0 { 1.0 } else { scale_sum / selected as f64 } })
 }
+
+/// A fingerprint of a model's weights (FNV-1a over every tensor's name and f32 bits), so saved
+/// importances are only reused for the model they were computed on.
+pub fn fingerprint(vit: &Vit) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for &x in b {
+            h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for (name, t) in vit.named_tensors() {
+        eat(name.as_bytes());
+        with_f32_slice(&t, |v| v.iter().for_each(|x| eat(&x.to_bits().to_le_bytes())))?;
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Writes both importances to one safetensors file (`forget.<name>`, `train.<name>`), tagged
+/// with the model's fingerprint and the class.
+pub fn save_importances(path: &std::path::Path, vit: &Vit, class: usize, forget: &Importance, full: &Importance) -> Result<()> {
+    let mut tensors = Vec::new();
+    for (prefix, imp) in [("forget", forget), ("train", full)] {
+        for (name, v) in imp {
+            tensors.push((format!("{prefix}.{name}"), Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?));
+        }
+    }
+    let meta = BTreeMap::from([("model".to_string(), fingerprint(vit)?), ("class".to_string(), class.to_string())]);
+    crate::formats::safetensors::write_file(path, &tensors, crate::formats::gguf::WriteDType::F32, &meta)
+}
+
+/// Reads importances [`save_importances`] wrote, if they are for this model and class.
+pub fn load_importances(path: &std::path::Path, vit: &Vit, class: usize) -> Result<Option<(Importance, Importance)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not an importance file ({e})", path.display()))?;
+    let m = meta.metadata().clone().unwrap_or_default();
+    if m.get("model") != Some(&fingerprint(vit)?) || m.get("class") != Some(&class.to_string()) {
+        return Ok(None);
+    }
+    let mut raw = std::collections::HashMap::new();
+    crate::formats::safetensors::read_file(path, &mut raw, &mut Vec::new())?;
+    let (mut forget, mut full) = (Importance::new(), Importance::new());
+    for (name, t) in vit.named_tensors() {
+        for (prefix, out) in [("forget", &mut forget), ("train", &mut full)] {
+            let key = format!("{prefix}.{name}");
+            let v = raw.get(&key).ok_or_else(|| anyhow::anyhow!("{}: no {key}", path.display()))?.flatten_all()?.to_vec1::<f32>()?;
+            if v.len() != t.elem_count() {
+                bail!("{}: {key} has {} values for {}", path.display(), v.len(), t.elem_count());
+            }
+            out.insert(name.clone(), v);
+        }
+    }
+    Ok(Some((forget, full)))
+}

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::idx::ImageSet;
-use crate::model::token_reduction::TokenReduction;
+use crate::model::token_reduction::{self, TokenReduction};
 use crate::model::vit::Vit;
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,5 +145,46 @@ pub fn compare(vit: &Vit, reduction: &TokenReduction, reference: &Vit, set: &Ima
         speedup: ref_secs / secs.max(1e-12),
         images_per_second: n / secs.max(1e-12),
         reference_images_per_second: n / ref_secs.max(1e-12),
+    })
+}
+
+/// Mean KL(p ‖ q) over rows of two logit matrices (`classes` wide).
+fn mean_kl(p: &[f32], q: &[f32], classes: usize) -> f64 {
+    let logsm = |r: &[f32]| -> Vec<f64> {
+        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let rows = p.len() / classes.max(1);
+    let mut total = 0.0;
+    for (a, b) in p.chunks(classes).zip(q.chunks(classes)) {
+        let (la, lb) = (logsm(a), logsm(b));
+        total += la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum::<f64>();
+    }
+    total / rows.max(1) as f64
+}
+
+/// DiffRate-style per-layer prune and merge rates for `vit` at `budget` × its dense FLOPs,
+/// scored by the KL divergence of the reduced model's class distribution from the dense one's
+/// on the calibration images (training images, not the test set).
+pub fn search_rates(vit: &Vit, calib: &ImageSet, budget: f64, step: f64, progress: &mut dyn FnMut(usize)) -> Result<token_reduction::RateSearch> {
+    let dense = logits(vit, calib, 100, &TokenReduction::None)?;
+    let classes = vit.config.labels.len();
+    let dense_flops = vit.flops();
+    let mut done = 0;
+    token_reduction::search_rates(vit.config.num_hidden_layers, budget, step, &mut |r| {
+        let plane = calib.rows * calib.cols;
+        let (mut out, mut flops) = (Vec::with_capacity(dense.len()), 0.0);
+        let mut start = 0;
+        while start < calib.len() {
+            let end = (start + 100).min(calib.len());
+            let (l, f) = vit.logits(&calib.pixels[start * plane..end * plane], end - start, r)?;
+            out.extend(l.flatten_all()?.to_vec1::<f32>()?);
+            flops += f * (end - start) as f64;
+            start = end;
+        }
+        done += 1;
+        progress(done);
+        Ok((mean_kl(&dense, &out, classes), flops / calib.len() as f64 / dense_flops))
     })
 }
