@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 E=${1:-3}; N=${2:-20000}; OUT=${3:-/tmp/vit-reg}
 D=assets/fashion-mnist
-BIN=target/release/dropwise
+BIN=${BIN:-target/release/dropwise}
 mkdir -p "$OUT"
 for v in "plain:" "cutmix:--cutmix 0.5" "msd:--multi-sample-dropout 4"; do
     name=${v%%:*}; flags=${v#*:}

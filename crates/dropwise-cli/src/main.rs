@@ -16,6 +16,7 @@ use dropwise::inspect;
 use dropwise::util::human;
 
 mod embed_cmd;
+mod encoder_cmd;
 mod pipeline_cmd;
 mod recover_cmd;
 mod vision_cmd;
@@ -61,9 +62,29 @@ struct CalibArgs {
     seq_len: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Calibration sentences (an encoder) or training images (a vision model), a seeded sample
+    /// (default 512; decoders calibrate on --calib-windows instead).
+    #[arg(long)]
+    calib_samples: Option<usize>,
 }
 
 impl CalibArgs {
+    /// Refuses --calib-samples where a decoder calibrates on windows.
+    fn decoder_only(&self) -> Result<()> {
+        if self.calib_samples.is_some() {
+            bail!("--calib-samples applies to encoders and vision models; a language model calibrates on --calib-windows");
+        }
+        Ok(())
+    }
+
+    /// The calibration an encoder or a vision model draws (refusing the decoder's window flags).
+    fn encoder(&self) -> Result<encoder_cmd::Calib<'_>> {
+        if self.calib_windows.is_some() || self.seq_len != 512 {
+            bail!("--calib-windows and --seq-len apply to language models; an encoder or a vision model calibrates on --calib-samples");
+        }
+        Ok(encoder_cmd::Calib { files: &self.calib, samples: self.calib_samples.unwrap_or(512), seed: self.seed })
+    }
+
     /// The calibration a step draws from, `default_windows` windows unless --calib-windows says.
     fn spec(&self, default_windows: usize) -> dropwise::pipeline::CalibSpec {
         dropwise::pipeline::CalibSpec { files: self.calib.clone(), windows: self.calib_windows.unwrap_or(default_windows), seq_len: self.seq_len, seed: self.seed }
@@ -97,6 +118,32 @@ impl OutputArgs {
 }
 
 use dropwise::pipeline::run::refuse_overwrite;
+
+/// Token reduction inside an encoder's or a ViT's forward pass.
+#[derive(clap::Args)]
+struct TokenReductionArgs {
+    /// ToMe: merge this fraction of the tokens at every layer (0 to 0.5).
+    #[arg(long, conflicts_with = "hired")]
+    tome: Option<f64>,
+    /// HiRED-style: keep this fraction of the tokens, dropped by the attention they receive
+    /// (from [CLS] in a ViT, from every token in an encoder) over the first --hired-layers layers.
+    #[arg(long)]
+    hired: Option<f64>,
+    #[arg(long, default_value_t = 2)]
+    hired_layers: usize,
+}
+
+impl TokenReductionArgs {
+    /// The reduction asked for, if any.
+    fn reduction(&self) -> Option<dropwise::model::token_reduction::TokenReduction> {
+        use dropwise::model::token_reduction::TokenReduction;
+        match (self.tome, self.hired) {
+            (Some(ratio), _) => Some(TokenReduction::Merge { ratio }),
+            (_, Some(keep)) => Some(TokenReduction::Drop { keep, layers: self.hired_layers }),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -135,15 +182,9 @@ enum Cmd {
         /// partner, Q8_0/Q8_1/Q8_K) instead of dequantizing them to f32.
         #[arg(long)]
         quantized_matmul: bool,
-        /// Vision models: ToMe, merge this fraction of the tokens at every layer (0 to 0.5).
-        #[arg(long, conflicts_with = "hired")]
-        tome: Option<f64>,
-        /// Vision models: HiRED-style, keep this fraction of the patch tokens, dropped by the
-        /// attention [CLS] pays them over the first --hired-layers layers.
-        #[arg(long)]
-        hired: Option<f64>,
-        #[arg(long, default_value_t = 2)]
-        hired_layers: usize,
+        /// Vision models: token reduction.
+        #[command(flatten)]
+        reduce: TokenReductionArgs,
         /// Vision models: DiffRate-style, search per-layer prune and merge rates that bring the
         /// FLOPs to this fraction of the dense model's (greedy, by KL on training images), then
         /// evaluate them.
@@ -470,15 +511,8 @@ enum Cmd {
         /// Neighbours per sentence compared with --reference.
         #[arg(long, default_value_t = 10)]
         neighbours: usize,
-        /// ToMe: merge this fraction of each sentence's tokens at every layer (0 to 0.5).
-        #[arg(long, conflicts_with = "hired")]
-        tome: Option<f64>,
-        /// HiRED-style: keep this fraction of the tokens, dropped by attention received over the
-        /// first --hired-layers layers.
-        #[arg(long)]
-        hired: Option<f64>,
-        #[arg(long, default_value_t = 2)]
-        hired_layers: usize,
+        #[command(flatten)]
+        reduce: TokenReductionArgs,
         /// DiffRate-style: search per-layer prune and merge rates that bring the FLOPs to this
         /// fraction of the dense model's (greedy, by embedding cosine on --calib), then use them.
         #[arg(long, conflicts_with_all = ["tome", "hired"], requires = "calib")]
@@ -658,12 +692,8 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
-        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, tome, hired, hired_layers, diffrate, calib_images, limit, logits, json } => {
-            let reduction = match (tome, hired) {
-                (Some(r), _) => Some(dropwise::model::token_reduction::TokenReduction::Merge { ratio: r }),
-                (_, Some(keep)) => Some(dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers }),
-                _ => None,
-            };
+        Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, reduce, diffrate, calib_images, limit, logits, json } => {
+            let reduction = reduce.reduction();
             if model.iter().any(|m| dropwise::model::vit::is_vit_folder(m)) {
                 let reduction = reduction.unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
                 return vision_cmd::cmd_eval_vit(&model, vision_cmd::EvalVitArgs { data, reference, reduction, batch, limit, diffrate, calib_images, logits, json });
@@ -681,11 +711,30 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
         }
         Cmd::Convert { input, output, dtype } => cmd_convert(input, output, dtype.into()),
         Cmd::Prune { model, method, sparsity, pattern, allocation, calib, one_shot, gemm_peak, out } => {
+            if encoder_cmd::is_encoder(&model) {
+                if allocation != "uniform" {
+                    bail!("--allocation {allocation}: encoders and vision models are pruned uniformly (owl and rd are for language models)");
+                }
+                if gemm_peak || out.print_recipe || !matches!(out.dtype, DTypeArg::F32) {
+                    bail!("--gemm-peak, --print-recipe and --dtype apply to language models; an encoder or a vision model is written as an f32 folder");
+                }
+                let pattern = match (sparsity, pattern.as_deref()) {
+                    (_, Some(p)) => dropwise::prune::Pattern::parse_nm(p)?,
+                    (Some(s), None) => dropwise::prune::Pattern::unstructured(s)?,
+                    (None, None) => bail!("give --sparsity S or --pattern N:M"),
+                };
+                let job = encoder_cmd::Job::Prune { method: dropwise::prune::Method::parse(&method)?, pattern, one_shot };
+                return encoder_cmd::run(&model, job, calib.encoder()?, encoder_cmd::Out { path: &out.output, json: out.json });
+            }
+            calib.decoder_only()?;
             let opts = PruneArgs { method, sparsity, pattern, allocation, calib, one_shot, gemm_peak };
             cmd_prune(model, opts, out)
         }
         Cmd::Run { recipe, output, print_recipe, report, json } => pipeline_cmd::cmd_run(&recipe, output, json, print_recipe, report),
-        Cmd::Analyze { model, calib, report, json } => cmd_analyze(model, calib, report, json),
+        Cmd::Analyze { model, calib, report, json } => {
+            calib.decoder_only()?;
+            cmd_analyze(model, calib, report, json)
+        }
         Cmd::Tokenize { model, data } => {
             let m = dropwise::load(&model)?;
             println!("{}", serde_json::to_string(&data::tokenize_files(&m.tokenizer, &data)?)?);
@@ -701,6 +750,31 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
                 (None, Some(f), None) => Which::Fraction(f),
                 _ => Which::Count(0),
             };
+            if encoder_cmd::is_encoder(&model) {
+                if metric != "bi" || part != "block" {
+                    bail!("an encoder or a vision model drops whole blocks by Block Influence: --metric bi --part block, not --metric {metric} --part {part}");
+                }
+                if out.print_recipe || !matches!(out.dtype, DTypeArg::F32) {
+                    bail!("--print-recipe and --dtype apply to language models; an encoder or a vision model is written as an f32 folder");
+                }
+                let which = match which {
+                    Which::Layers(l) => dropwise::encoder::depth::DropWhich::Layers(l),
+                    Which::Count(c) => dropwise::encoder::depth::DropWhich::Count(c),
+                    Which::Fraction(f) => {
+                        if !(f.is_finite() && (0.0..1.0).contains(&f)) {
+                            bail!("--fraction is a share of the blocks in [0, 1), not {f}");
+                        }
+                        let n = if dropwise::model::bert::is_bert_folder(&model) {
+                            dropwise::model::bert::BertConfig::from_hf_json(&std::fs::read_to_string(model.join("config.json"))?)?.num_hidden_layers
+                        } else {
+                            dropwise::model::vit::VitConfig::from_hf_json(&std::fs::read_to_string(model.join("config.json"))?)?.num_hidden_layers
+                        };
+                        dropwise::encoder::depth::DropWhich::Count((f * n as f64).round() as usize)
+                    }
+                };
+                return encoder_cmd::run(&model, encoder_cmd::Job::Drop(which), calib.encoder()?, encoder_cmd::Out { path: &out.output, json: out.json });
+            }
+            calib.decoder_only()?;
             let metric = dropwise::structural::LayerMetric::parse(&metric)?;
             let part = dropwise::structural::Part::parse(&part)?;
             let step = DropLayersStep::new(which, metric, part, learned, calib.spec(DEFAULT_WINDOWS))?;
@@ -713,6 +787,18 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
         Cmd::Shrink { model, heads, neurons, importance, allocation, head_unit, neuron_multiple, calib, out } => {
             use dropwise::pipeline::steps::shrink::{ShrinkStep, DEFAULT_WINDOWS};
             use dropwise::structural::width::{check_options, HeadUnit, Importance, ShrinkOptions, WidthAllocation};
+            if encoder_cmd::is_encoder(&model) {
+                if importance != "activation" || head_unit != "query" {
+                    bail!("an encoder or a vision model is shrunk by activation importance, one head at a time: --importance activation --head-unit query");
+                }
+                if out.print_recipe || !matches!(out.dtype, DTypeArg::F32) {
+                    bail!("--print-recipe and --dtype apply to language models; an encoder or a vision model is written as an f32 folder");
+                }
+                let opts = dropwise::encoder::width::EncoderShrinkOptions { heads, neurons, allocation: WidthAllocation::parse(&allocation)?, neuron_multiple };
+                dropwise::encoder::width::check_options(&opts)?;
+                return encoder_cmd::run(&model, encoder_cmd::Job::Shrink(opts), calib.encoder()?, encoder_cmd::Out { path: &out.output, json: out.json });
+            }
+            calib.decoder_only()?;
             let opts = ShrinkOptions {
                 heads,
                 neurons,
@@ -727,12 +813,14 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
         }
         Cmd::Quantize { model, bpw, importance, imatrix, uniform, embed_type, reuse_scores, calib, output, json, print_recipe } => {
             use dropwise::pipeline::steps::quantize::{QuantizeStep, DEFAULT_WINDOWS};
+            calib.decoder_only()?;
             let step = QuantizeStep::new(bpw, &importance, imatrix, uniform.as_deref(), &embed_type, reuse_scores, calib.spec(DEFAULT_WINDOWS))?;
             let out = pipeline_cmd::Output { path: &output, dtype: WriteDType::F32, json, print_recipe };
             pipeline_cmd::one_step(&model, Box::new(step), out, calib.seq_len, &mut pipeline_cmd::written_json)
         }
         Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, embed_types, check, check_data, check_windows, costs, keep_checked, dry_run, report, calib, output, json } => {
             use dropwise::pipeline::fit::{FitOptions, Target};
+            calib.decoder_only()?;
             let target = match (target_size, target_speedup, target_kl) {
                 (Some(mb), _, _) if mb.is_finite() && mb > 0.0 && mb < 1e9 => Target::Bytes((mb * 1e6) as u64),
                 (Some(mb), _, _) => bail!("--target-size must be a positive number of MB, not {mb}"),
@@ -766,12 +854,8 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
-        Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, tome, hired, hired_layers, diffrate, calib, calib_sentences, json } => {
-            let reduction = match (tome, hired) {
-                (Some(r), _) => dropwise::model::token_reduction::TokenReduction::Merge { ratio: r },
-                (_, Some(keep)) => dropwise::model::token_reduction::TokenReduction::Drop { keep, layers: hired_layers },
-                _ => dropwise::model::token_reduction::TokenReduction::None,
-            };
+        Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, reduce, diffrate, calib, calib_sentences, json } => {
+            let reduction = reduce.reduction().unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
             embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, reference, neighbours, reduction, diffrate, calib, calib_sentences, json })
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),

@@ -252,15 +252,7 @@ pub fn cmd_eval_vit(models: &[PathBuf], mut a: EvalVitArgs) -> Result<()> {
         }
         let train_set = idx::read_split(dir, Split::Train)?;
         // A seeded sample of the training images: calibration never sees the test set.
-        let mut rng = dropwise::data::SplitMix64(0xD1FF);
-        let pick: Vec<usize> = train::permutation(train_set.len(), &mut rng).into_iter().take(a.calib_images).collect();
-        let plane = train_set.rows * train_set.cols;
-        let calib = idx::ImageSet {
-            rows: train_set.rows,
-            cols: train_set.cols,
-            pixels: pick.iter().flat_map(|&i| train_set.pixels[i * plane..(i + 1) * plane].iter().copied()).collect(),
-            labels: pick.iter().map(|&i| train_set.labels[i]).collect(),
-        };
+        let calib = train_set.sample(a.calib_images, 0xD1FF);
         let pb = ProgressBar::new_spinner();
         pb.set_message("searching per-layer rates");
         let t0 = std::time::Instant::now();

@@ -76,6 +76,26 @@ fn train_eval_and_forget_run_end_to_end() {
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["forget_images"], 16);
     assert!(forgot.join("model.safetensors").exists());
+    // The importances are saved once and reused for another α.
+    let imp = d.path().join("imp.safetensors");
+    for (alpha, reused) in [("10", false), ("2", true)] {
+        let out = d.path().join(format!("ssd-{alpha}"));
+        let o = dropwise(["forget", s(&vit), "--forget", "2", "--retain", s(&data), "--alpha", alpha, "--importances", s(&imp), "-o", s(&out), "--json"]);
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        assert_eq!(v["importances_reused"], reused, "alpha {alpha}");
+    }
+    // Another class does not reuse them.
+    let o = dropwise(["forget", s(&vit), "--forget", "1", "--retain", s(&data), "--importances", s(&imp), "-o", s(&d.path().join("ssd-c1")), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["importances_reused"], false);
+    // Per-layer rates searched for 0.9 of the FLOPs (one layer: its attention and the patch
+    // projection are never reduced), then evaluated.
+    let o = dropwise(["eval", s(&vit), "--data", s(&data), "--reference", s(&vit), "--diffrate", "0.9", "--calib-images", "32", "--json"]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["rate_search"]["flops_ratio"].as_f64().unwrap() <= 0.9);
+    assert!(v["results"][0]["flops_ratio"].as_f64().unwrap() <= 0.9 + 1e-9);
     // Fine-tuning from the model without a class.
     let tuned = d.path().join("tuned");
     let o = dropwise(["train-vit", "--data", s(&data), "--init", s(&vit), "--exclude-class", "2", "--epochs", "1", "--no-flip", "-o", s(&tuned)]);
@@ -156,6 +176,8 @@ fn broken_vit_folders_and_bad_arguments_are_refused() {
     assert_clean_error("hired layers", &eval(&vit, &["--hired", "0.5", "--hired-layers", "9"]), &["dropped in 1 to 1 layers"]);
     assert_clean_error("two data folders", &eval(&vit, &["--data", s(&data)]), &["one image folder"]);
     assert_clean_error("zero batch", &eval(&vit, &["--batch", "0"]), &["--batch"]);
+    assert_clean_error("diffrate budget", &eval(&vit, &["--diffrate", "1.5"]), &["FLOPs budget"]);
+    assert_clean_error("diffrate unreachable", &eval(&vit, &["--diffrate", "0.01", "--calib-images", "8"]), &["no schedule"]);
     assert_clean_error("unknown class", &dropwise(["forget", s(&vit), "--forget", "Hat", "--retain", s(&data), "-o", s(&d.path().join("x"))]), &["not one of the model's classes"]);
     assert_clean_error("negative alpha", &dropwise(["forget", s(&vit), "--forget", "1", "--retain", s(&data), "--alpha=-1", "-o", s(&d.path().join("x"))]), &["--alpha"]);
     assert_clean_error("zero epochs", &dropwise(["train-vit", "--data", s(&data), "--epochs", "0", "-o", s(&d.path().join("y"))]), &["--epochs"]);

@@ -14,6 +14,7 @@ pub mod calibrate;
 pub mod config;
 pub mod data;
 pub mod embed_eval;
+pub mod encoder;
 pub mod eval;
 pub mod formats;
 pub mod fuzzing;

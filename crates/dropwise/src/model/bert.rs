@@ -8,11 +8,13 @@
 //! Written with candle's elementary ops only (no fused softmax or layer norm), so the graph
 //! carries gradients for the methods that need them.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::encoder::{gather_rows, real_rows, EncRole, Encoder, EncoderHooks, NoEncoderHooks, Site};
 use super::token_reduction::{self, TokenReduction};
 use crate::tokenizer::Tokenizer;
 
@@ -38,6 +40,8 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     pub hidden_act: BertActivation,
     pub pad_token_id: u32,
+    /// Heads removed from each layer (transformers' `pruned_heads`), sorted.
+    pub pruned_heads: BTreeMap<usize, Vec<usize>>,
 }
 
 /// Model types this file reads.
@@ -71,17 +75,19 @@ impl BertConfig {
             "relu" => BertActivation::Relu,
             other => bail!("config.json: hidden_act {other:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu)"),
         };
+        let (layers, heads) = (size("num_hidden_layers")?, size("num_attention_heads")?);
         let c = Self {
             vocab_size: size("vocab_size")?,
             hidden_size: size("hidden_size")?,
-            num_hidden_layers: size("num_hidden_layers")?,
-            num_attention_heads: size("num_attention_heads")?,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
             intermediate_size: size("intermediate_size")?,
             max_position_embeddings: size("max_position_embeddings")?,
             type_vocab_size: v.get("type_vocab_size").and_then(|x| x.as_u64()).unwrap_or(2).max(1) as usize,
             layer_norm_eps: v.get("layer_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-12),
             hidden_act: act,
             pad_token_id: v.get("pad_token_id").and_then(|x| x.as_u64()).unwrap_or(0) as u32,
+            pruned_heads: super::encoder::parse_pruned_heads(&v, layers, heads)?,
         };
         if c.hidden_size % c.num_attention_heads != 0 {
             bail!("config.json: hidden_size {} is not a multiple of num_attention_heads {}", c.hidden_size, c.num_attention_heads);
@@ -91,6 +97,11 @@ impl BertConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Heads layer `l` keeps.
+    pub fn heads_in(&self, l: usize) -> usize {
+        self.num_attention_heads - self.pruned_heads.get(&l).map_or(0, Vec::len)
     }
 }
 
@@ -165,6 +176,15 @@ pub struct Bert {
     /// `max_seq_length`, else the position table's length).
     pub max_seq_len: usize,
     pub tokenizer: Tokenizer,
+    /// The folder it was read from (its tokenizer and sentence-transformers files are copied
+    /// when the model is written).
+    pub source: PathBuf,
+    /// config.json as read, rewritten with the sizes that change when the model is written.
+    pub config_json: serde_json::Value,
+    /// What the tensor names carry before `embeddings.` (`bert.` in BertForMaskedLM folders).
+    pub prefix: String,
+    /// Tensors carried through unchanged (the pooler).
+    pub extra: Vec<(String, Tensor)>,
 }
 
 /// The folder's tensors, taken one by one with their shapes checked.
@@ -235,6 +255,7 @@ impl Bert {
         }
         let (raw, _) = crate::formats::safetensors::read_folder(dir)?;
         // BertForMaskedLM and friends prefix the encoder's names with `bert.`.
+        let prefix = if raw.keys().any(|k| k.starts_with("bert.")) { "bert." } else { "" }.to_string();
         let mut w = Weights { dir, t: raw.into_iter().map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v)).collect() };
         let (h, ff) = (config.hidden_size, config.intermediate_size);
         let eps = config.layer_norm_eps;
@@ -245,11 +266,12 @@ impl Bert {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
+            let inner = config.heads_in(i) * config.head_dim();
             layers.push(EncoderLayer {
-                query: w.dense(&format!("{p}.attention.self.query"), h, h)?,
-                key: w.dense(&format!("{p}.attention.self.key"), h, h)?,
-                value: w.dense(&format!("{p}.attention.self.value"), h, h)?,
-                attn_out: w.dense(&format!("{p}.attention.output.dense"), h, h)?,
+                query: w.dense(&format!("{p}.attention.self.query"), inner, h)?,
+                key: w.dense(&format!("{p}.attention.self.key"), inner, h)?,
+                value: w.dense(&format!("{p}.attention.self.value"), inner, h)?,
+                attn_out: w.dense(&format!("{p}.attention.output.dense"), h, inner)?,
                 attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
                 up: w.dense(&format!("{p}.intermediate.dense"), ff, h)?,
                 down: w.dense(&format!("{p}.output.dense"), h, ff)?,
@@ -257,11 +279,21 @@ impl Bert {
             });
         }
         let mut t2 = w.t;
-        // The pooler (a tanh layer on [CLS]) is not part of a sentence embedding.
-        t2.retain(|k, _| !k.starts_with("pooler."));
+        // The pooler (a tanh layer on [CLS]) is not part of a sentence embedding; it is carried
+        // through to what is written.
+        let mut extra: Vec<(String, Tensor)> = Vec::new();
+        t2.retain(|k, v| {
+            if k.starts_with("pooler.") {
+                extra.push((k.clone(), v.clone()));
+                return false;
+            }
+            true
+        });
+        extra.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(extra) = t2.keys().min() {
             bail!("{}: unexpected tensor {extra} for a bert model", dir.display());
         }
+        let config_json: serde_json::Value = serde_json::from_str(&cfg_text)?;
         let pooling = match read_json(&dir.join("1_Pooling/config.json"))? {
             Some(p) if p.get("pooling_mode_cls_token").and_then(|x| x.as_bool()) == Some(true) => Pooling::Cls,
             Some(p) if p.get("pooling_mode_mean_tokens").and_then(|x| x.as_bool()) == Some(false) => {
@@ -280,7 +312,7 @@ impl Bert {
             .map(|n| n as usize)
             .unwrap_or(config.max_position_embeddings)
             .clamp(3, config.max_position_embeddings);
-        Ok(Self { config, word, position, token_type, embed_norm, layers, pooling, normalize, max_seq_len, tokenizer })
+        Ok(Self { config, word, position, token_type, embed_norm, layers, pooling, normalize, max_seq_len, tokenizer, source: dir.to_path_buf(), config_json, prefix, extra })
     }
 
     /// Token ids of `text` as sentence-transformers feeds them: `[CLS] … [SEP]`, at most
@@ -300,7 +332,14 @@ impl Bert {
     /// As [`Self::forward`] with `reduction` applied inside: the states that are left and their
     /// sizes (how many input tokens each stands for), and the FLOPs spent on the real tokens.
     pub fn forward_reduced(&self, ids: &[Vec<u32>], reduction: &TokenReduction) -> Result<Reduced> {
+        self.forward_hooked(ids, reduction, &mut NoEncoderHooks)
+    }
+
+    /// As [`Self::forward_reduced`], calling `hooks` on every linear's input and every block's
+    /// input and output (real tokens only).
+    pub fn forward_hooked(&self, ids: &[Vec<u32>], reduction: &TokenReduction, hooks: &mut dyn EncoderHooks) -> Result<Reduced> {
         let c = &self.config;
+        let hooked = hooks.active();
         reduction.check(c.num_hidden_layers)?;
         let b = ids.len();
         let mut t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -328,10 +367,21 @@ impl Bert {
         let x = self.word.index_select(&idx, 0)?.reshape((b, t, h))?;
         let x = x.broadcast_add(&self.position.narrow(0, 0, t)?)?.broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
         let mut x = self.embed_norm.forward(&x)?.reshape((b * t, h))?;
-        let (nh, hd, ff) = (c.num_attention_heads, c.head_dim(), c.intermediate_size);
+        let hd = c.head_dim();
         let scale = 1.0 / (hd as f64).sqrt();
         let mut flops = 0.0f64;
         for (l, layer) in self.layers.iter().enumerate() {
+            let (nh, inner) = (c.heads_in(l), c.heads_in(l) * hd);
+            let ff = layer.up.weight_t.dim(1)?;
+            // The real rows, for the hooks (padding is not calibration data).
+            let rows = if hooked { real_rows(&sizes)? } else { None };
+            let hook = |hooks: &mut dyn EncoderHooks, site: Site, x: &Tensor| -> Result<()> {
+                if hooked {
+                    hooks.input(l, site, &gather_rows(x, rows.as_ref())?)?;
+                }
+                Ok(())
+            };
+            hook(hooks, Site::AttnIn, &x)?;
             // ln(size) on every key: proportional attention for merged tokens, −∞ (masked)
             // for padding, 0 for a plain token.
             let bias: Vec<f32> = sizes.iter().map(|&s| s.ln()).collect();
@@ -340,9 +390,10 @@ impl Bert {
             let (q, k, v) = (heads(&layer.query)?, heads(&layer.key)?, heads(&layer.value)?);
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             let probs = softmax_last(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, h))?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, inner))?;
+            hook(hooks, Site::Context, &ctx)?;
             let mut a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            flops += counts.iter().map(|&n| 2.0 * n as f64 * 4.0 * (h * h) as f64 + 4.0 * (n * n * h) as f64).sum::<f64>();
+            flops += counts.iter().map(|&n| 2.0 * n as f64 * 4.0 * (h * inner) as f64 + 4.0 * (n * n * inner) as f64).sum::<f64>();
             let plans: Option<Vec<token_reduction::Plan>> = if reduction.acts_at(l) {
                 let keys = if reduction.needs_keys(l) { Some(k.mean(1)?.to_vec3::<f32>()?) } else { None };
                 // Attention each key receives: summed over heads and over the queries, each
@@ -369,13 +420,24 @@ impl Bert {
                 (a, sizes, t) = token_reduction::regroup(&a, &sizes, t, h, &plans)?;
                 counts = plans.iter().map(|p| p.groups.len()).collect();
             }
+            let block_in = x.dim(0)? == a.dim(0)?;
             let up = layer.up.forward(&a)?;
             let up = match c.hidden_act {
                 BertActivation::GeluErf => up.gelu_erf()?,
                 BertActivation::GeluTanh => up.gelu()?,
                 BertActivation::Relu => up.relu()?,
             };
-            x = layer.out_norm.forward(&(layer.down.forward(&up)? + &a)?)?;
+            let out = layer.out_norm.forward(&(layer.down.forward(&up)? + &a)?)?;
+            if hooked {
+                // Rows after a reduction inside this block are not the block input's.
+                let rows = real_rows(&sizes)?;
+                hooks.input(l, Site::MlpIn, &gather_rows(&a, rows.as_ref())?)?;
+                hooks.input(l, Site::MlpHidden, &gather_rows(&up, rows.as_ref())?)?;
+                if block_in {
+                    hooks.block(l, &gather_rows(&x, rows.as_ref())?, &gather_rows(&out, rows.as_ref())?)?;
+                }
+            }
+            x = out;
             flops += counts.iter().map(|&n| 2.0 * n as f64 * 2.0 * (h * ff) as f64).sum::<f64>();
         }
         Ok(Reduced { states: x.reshape((b, t, h))?, sizes: Tensor::from_vec(sizes, (b, t), &dev)?, flops })
@@ -448,8 +510,12 @@ impl Bert {
     pub fn flops(&self, len: usize) -> f64 {
         let c = &self.config;
         let (h, ff, t) = (c.hidden_size as f64, c.intermediate_size as f64, len as f64);
-        let per_layer = 2.0 * t * (4.0 * h * h + 2.0 * h * ff) + 2.0 * 2.0 * t * t * h;
-        per_layer * c.num_hidden_layers as f64
+        (0..c.num_hidden_layers)
+            .map(|l| {
+                let inner = (c.heads_in(l) * c.head_dim()) as f64;
+                2.0 * t * (4.0 * h * inner + 2.0 * h * ff) + 2.0 * 2.0 * t * t * inner
+            })
+            .sum()
     }
 }
 
@@ -476,4 +542,150 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+impl Bert {
+    fn dense_of(&self, layer: usize, role: EncRole) -> Result<&Dense> {
+        let l = self.layers.get(layer).with_context(|| format!("the model has no block {layer}"))?;
+        Ok(match role {
+            EncRole::Query => &l.query,
+            EncRole::Key => &l.key,
+            EncRole::Value => &l.value,
+            EncRole::AttnOut => &l.attn_out,
+            EncRole::Up => &l.up,
+            EncRole::Down => &l.down,
+        })
+    }
+
+    /// Every tensor under its name in the folder (with the folder's prefix), weights `[out, in]`.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let p = &self.prefix;
+        let mut out: Vec<(String, Tensor)> = vec![
+            (format!("{p}embeddings.word_embeddings.weight"), self.word.clone()),
+            (format!("{p}embeddings.position_embeddings.weight"), self.position.clone()),
+            (format!("{p}embeddings.token_type_embeddings.weight"), self.token_type.clone()),
+            (format!("{p}embeddings.LayerNorm.weight"), self.embed_norm.weight.clone()),
+            (format!("{p}embeddings.LayerNorm.bias"), self.embed_norm.bias.clone()),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let q = format!("{p}encoder.layer.{i}");
+            let mut dense = |name: &str, d: &Dense| -> Result<()> {
+                out.push((format!("{q}.{name}.weight"), d.weight_t.t()?.contiguous()?));
+                out.push((format!("{q}.{name}.bias"), d.bias.clone()));
+                Ok(())
+            };
+            dense("attention.self.query", &l.query)?;
+            dense("attention.self.key", &l.key)?;
+            dense("attention.self.value", &l.value)?;
+            dense("attention.output.dense", &l.attn_out)?;
+            dense("intermediate.dense", &l.up)?;
+            dense("output.dense", &l.down)?;
+            out.push((format!("{q}.attention.output.LayerNorm.weight"), l.attn_norm.weight.clone()));
+            out.push((format!("{q}.attention.output.LayerNorm.bias"), l.attn_norm.bias.clone()));
+            out.push((format!("{q}.output.LayerNorm.weight"), l.out_norm.weight.clone()));
+            out.push((format!("{q}.output.LayerNorm.bias"), l.out_norm.bias.clone()));
+        }
+        out.extend(self.extra.iter().map(|(n, t)| (format!("{p}{n}"), t.clone())));
+        Ok(out)
+    }
+}
+
+/// Files of a sentence-transformers folder that hold weights (not copied beside new weights).
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth"].iter().any(|e| name.ends_with(e))
+}
+
+/// Copies the small files of `from` into `to` (config files, tokenizer, vocab, the modules'
+/// folders such as `1_Pooling/`), leaving out weights and config.json.
+fn copy_side_files(from: &Path, to: &Path, depth: usize) -> Result<()> {
+    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let kind = entry.file_type()?;
+        if kind.is_dir() && depth == 0 && name.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            std::fs::create_dir_all(to.join(&name))?;
+            copy_side_files(&entry.path(), &to.join(&name), depth + 1)?;
+        } else if kind.is_file() && !is_weight_file(&name) && !(depth == 0 && name == "config.json") && entry.metadata()?.len() < 64 << 20 {
+            std::fs::copy(entry.path(), to.join(&name)).with_context(|| format!("cannot copy {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+impl Encoder for Bert {
+    type Batch = Vec<Vec<u32>>;
+
+    fn kind(&self) -> &'static str {
+        "bert"
+    }
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    fn head_count(&self) -> usize {
+        self.config.num_attention_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.config.head_dim()
+    }
+    fn pruned_heads(&self, layer: usize) -> Vec<usize> {
+        self.config.pruned_heads.get(&layer).cloned().unwrap_or_default()
+    }
+    fn set_pruned_heads(&mut self, layer: usize, heads: Vec<usize>) {
+        self.config.pruned_heads.insert(layer, heads);
+    }
+    fn linear(&self, layer: usize, role: EncRole) -> Result<(Tensor, Tensor)> {
+        let d = self.dense_of(layer, role)?;
+        Ok((d.weight_t.t()?.contiguous()?, d.bias.clone()))
+    }
+    fn set_linear(&mut self, layer: usize, role: EncRole, weight: Tensor, bias: Tensor) -> Result<()> {
+        let l = self.layers.get_mut(layer).with_context(|| format!("the model has no block {layer}"))?;
+        let d = match role {
+            EncRole::Query => &mut l.query,
+            EncRole::Key => &mut l.key,
+            EncRole::Value => &mut l.value,
+            EncRole::AttnOut => &mut l.attn_out,
+            EncRole::Up => &mut l.up,
+            EncRole::Down => &mut l.down,
+        };
+        *d = Dense::new(weight, bias)?;
+        Ok(())
+    }
+    fn set_intermediate_size(&mut self, n: usize) {
+        self.config.intermediate_size = n;
+    }
+    fn retain_layers(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= self.layers.len()) {
+            bail!("blocks to keep must be ascending, distinct, at least one and below {}", self.layers.len());
+        }
+        self.layers = keep.iter().map(|&l| self.layers[l].clone()).collect();
+        self.config.pruned_heads = super::encoder::renumber_pruned_heads(&self.config.pruned_heads, keep);
+        self.config.num_hidden_layers = keep.len();
+        Ok(())
+    }
+    fn run_hooked(&self, batch: &Vec<Vec<u32>>, hooks: &mut dyn EncoderHooks) -> Result<()> {
+        self.forward_hooked(batch, &TokenReduction::None, hooks)?;
+        Ok(())
+    }
+    fn param_count(&self) -> usize {
+        Bert::param_count(self)
+    }
+    /// Writes an HF folder transformers (4.x, which honours `pruned_heads`) and
+    /// sentence-transformers load: config.json with the new sizes, model.safetensors (f32), and
+    /// the source folder's tokenizer and module files; atomically.
+    fn save(&self, dir: &Path) -> Result<()> {
+        let c = &self.config;
+        let mut cfg = self.config_json.clone();
+        let obj = cfg.as_object_mut().context("config.json is not an object")?;
+        obj.insert("num_hidden_layers".into(), c.num_hidden_layers.into());
+        obj.insert("intermediate_size".into(), c.intermediate_size.into());
+        obj.insert("pruned_heads".into(), super::encoder::pruned_heads_json(&c.pruned_heads));
+        let tensors = self.named_tensors()?;
+        let text = serde_json::to_string_pretty(&cfg)? + "\n";
+        crate::util::write_dir_atomically(dir, |tmp| {
+            copy_side_files(&self.source, tmp, 0)?;
+            std::fs::write(tmp.join("config.json"), &text)?;
+            let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+            crate::formats::safetensors::write_file(&tmp.join("model.safetensors"), &tensors, crate::formats::gguf::WriteDType::F32, &meta)
+        })
+    }
 }

@@ -1,6 +1,7 @@
 //! The model dropwise owns, its hooks, and loading/saving in GGUF and HF formats.
 pub mod arch;
 pub mod bert;
+pub mod encoder;
 pub mod hooks;
 pub mod io;
 pub mod grad_kernels;

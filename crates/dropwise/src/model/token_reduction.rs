@@ -248,7 +248,9 @@ pub struct RateSearch {
 /// masks: from no reduction, each round raises one layer's prune or merge rate by `step` —
 /// the move with the least calibration loss added per FLOP saved — until the FLOPs are at most
 /// `budget` × the dense model's. `eval` gives a schedule's calibration loss and FLOPs ratio.
-/// Prune rates stop at 0.9, merge rates at 0.5 (bipartite matching pairs at most half).
+/// Prune rates stop at 0.9, merge rates at 0.5 (bipartite matching pairs at most half). When no
+/// move saves FLOPs (a step rounds to no token on short sequences), the least harmful one is
+/// taken anyway; rates only rise, so the search ends.
 pub fn search_rates(layers: usize, budget: f64, step: f64, eval: &mut dyn FnMut(&TokenReduction) -> Result<(f64, f64)>) -> Result<RateSearch> {
     if !(budget.is_finite() && budget > 0.0 && budget < 1.0) {
         bail!("a FLOPs budget is a fraction of the dense model's in (0, 1), not {budget}");
@@ -262,6 +264,7 @@ pub fn search_rates(layers: usize, budget: f64, step: f64, eval: &mut dyn FnMut(
     let mut evaluations = 1;
     while flops > budget {
         let mut best: Option<(f64, Vec<f64>, Vec<f64>, f64, f64)> = None;
+        let mut stalled: Option<(f64, Vec<f64>, Vec<f64>, f64, f64)> = None;
         for l in 0..layers {
             for kind in 0..2 {
                 let (mut p, mut m) = (prune.clone(), merge.clone());
@@ -275,6 +278,11 @@ pub fn search_rates(layers: usize, budget: f64, step: f64, eval: &mut dyn FnMut(
                 let (cl, cf) = eval(&cand)?;
                 evaluations += 1;
                 if cf >= flops - 1e-12 {
+                    // On few tokens one step may round to no token at all: such a move saves
+                    // nothing yet, but is where the search goes when no move saves anything.
+                    if stalled.as_ref().is_none_or(|b: &(f64, Vec<f64>, Vec<f64>, f64, f64)| cl < b.0) {
+                        stalled = Some((cl, p, m, cl, cf));
+                    }
                     continue;
                 }
                 let score = (cl - loss).max(0.0) / (flops - cf);
@@ -283,7 +291,7 @@ pub fn search_rates(layers: usize, budget: f64, step: f64, eval: &mut dyn FnMut(
                 }
             }
         }
-        let Some((_, p, m, cl, cf)) = best else { bail!("no schedule within the rate limits reaches {budget} of the dense FLOPs (reached {flops:.3})") };
+        let Some((_, p, m, cl, cf)) = best.or(stalled) else { bail!("no schedule within the rate limits reaches {budget} of the dense FLOPs (reached {flops:.3})") };
         (prune, merge, loss, flops) = (p, m, cl, cf);
         schedule = TokenReduction::Schedule { prune: prune.clone(), merge: merge.clone() };
     }

@@ -15,6 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 
+use super::encoder::{EncRole, Encoder, EncoderHooks, NoEncoderHooks, Site};
 use super::grad_kernels as gk;
 use super::token_reduction::{self, TokenReduction};
 use crate::data::SplitMix64;
@@ -79,19 +80,7 @@ impl VitConfig {
             }
             None => (0..v.get("num_labels").and_then(|x| x.as_u64()).unwrap_or(2).clamp(1, MAX_DIM as u64)).map(|i| format!("LABEL_{i}")).collect(),
         };
-        let mut pruned_heads = BTreeMap::new();
-        if let Some(m) = v.get("pruned_heads").and_then(|x| x.as_object()) {
-            for (k, hs) in m {
-                let l: usize = k.parse().ok().filter(|&l| l < layers).with_context(|| format!("config.json: pruned_heads names layer {k:?} of {layers}"))?;
-                let mut list: Vec<usize> = hs.as_array().context("config.json: pruned_heads holds lists of heads")?.iter().map(|h| h.as_u64().map(|h| h as usize).filter(|&h| h < heads)).collect::<Option<_>>().with_context(|| format!("config.json: pruned_heads of layer {l} names heads outside 0..{heads}"))?;
-                list.sort_unstable();
-                list.dedup();
-                if list.len() >= heads {
-                    bail!("config.json: pruned_heads removes every head of layer {l}");
-                }
-                pruned_heads.insert(l, list);
-            }
-        }
+        let pruned_heads = super::encoder::parse_pruned_heads(&v, layers, heads)?;
         let c = Self {
             hidden_size: size("hidden_size")?,
             num_hidden_layers: layers,
@@ -120,7 +109,7 @@ impl VitConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let id2label: serde_json::Map<String, serde_json::Value> = self.labels.iter().enumerate().map(|(i, n)| (i.to_string(), n.clone().into())).collect();
         let label2id: serde_json::Map<String, serde_json::Value> = self.labels.iter().enumerate().map(|(i, n)| (n.clone(), i.into())).collect();
-        let pruned: serde_json::Map<String, serde_json::Value> = self.pruned_heads.iter().filter(|(_, h)| !h.is_empty()).map(|(l, h)| (l.to_string(), serde_json::json!(h))).collect();
+        let pruned = super::encoder::pruned_heads_json(&self.pruned_heads);
         serde_json::json!({
             "architectures": ["ViTForImageClassification"],
             "model_type": "vit",
@@ -455,7 +444,14 @@ impl Vit {
     /// The classifier's features for `batch` images given as patch rows ([`Self::patchify`]),
     /// with `reduction` applied between attention and MLP.
     pub fn forward(&self, patches: &Tensor, batch: usize, reduction: &TokenReduction) -> Result<VitOutput> {
+        self.forward_hooked(patches, batch, reduction, &mut NoEncoderHooks)
+    }
+
+    /// As [`Self::forward`], calling `hooks` on every linear's input and every block's input and
+    /// output (all tokens are real in a ViT).
+    pub fn forward_hooked(&self, patches: &Tensor, batch: usize, reduction: &TokenReduction, hooks: &mut dyn EncoderHooks) -> Result<VitOutput> {
         let c = &self.config;
+        let hooked = hooks.active();
         reduction.check(c.num_hidden_layers)?;
         let (h, hd, ff) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let eps = c.layer_norm_eps;
@@ -472,6 +468,9 @@ impl Vit {
         for (l, layer) in self.layers.iter().enumerate() {
             let nh = c.heads_in(l);
             let y = gk::layer_norm(&x, &layer.norm_before.weight, &layer.norm_before.bias, eps)?;
+            if hooked {
+                hooks.input(l, Site::AttnIn, &y)?;
+            }
             // One product for queries, keys and values (weights concatenated, gradients split
             // back by the concatenation), attention read straight from its rows.
             let wqkv = Tensor::cat(&[&layer.query.weight, &layer.key.weight, &layer.value.weight], 0)?;
@@ -480,6 +479,9 @@ impl Vit {
             // ln(size) on every key: proportional attention (ToMe), −∞ for padding.
             let key_bias: Option<Vec<f32>> = sizes.as_ref().map(|s| s.iter().map(|&v| v.ln()).collect());
             let ctx = gk::attention(&qkv, batch, t, nh, scale, key_bias.clone())?;
+            if hooked {
+                hooks.input(l, Site::Context, &ctx)?;
+            }
             let mut a = (layer.attn_out.forward(&ctx)? + &x)?;
             let inner = (nh * hd) as f64;
             flops += counts.iter().map(|&n| 2.0 * n as f64 * (3.0 * h as f64 * inner + inner * h as f64) + 4.0 * (n * n) as f64 * inner).sum::<f64>();
@@ -510,7 +512,16 @@ impl Vit {
             }
             let y = gk::layer_norm(&a, &layer.norm_after.weight, &layer.norm_after.bias, eps)?;
             let up = gk::gelu_erf(&layer.up.forward(&y)?)?;
-            x = (layer.down.forward(&up)? + &a)?;
+            let out = (layer.down.forward(&up)? + &a)?;
+            if hooked {
+                hooks.input(l, Site::MlpIn, &y)?;
+                hooks.input(l, Site::MlpHidden, &up)?;
+                // Token reduction inside the block changes the row count: no block pair then.
+                if out.dim(0)? == x.dim(0)? {
+                    hooks.block(l, &x, &out)?;
+                }
+            }
+            x = out;
             flops += counts.iter().map(|&n| 2.0 * n as f64 * 2.0 * (h * ff) as f64).sum::<f64>();
         }
         let first = x.reshape((batch, t, h))?.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
@@ -601,4 +612,87 @@ fn read_preprocess(dir: &Path, channels: usize) -> Result<Preprocess> {
         bail!("{}: image_std must be positive", path.display());
     }
     Ok(p)
+}
+
+/// Grey-level images (0..=255, `[count, channels, side, side]`) for a calibration pass.
+pub struct ImageBatch {
+    pub pixels: Vec<u8>,
+    pub count: usize,
+}
+
+impl Vit {
+    fn affine_of(&self, layer: usize, role: EncRole) -> Result<&Affine> {
+        let l = self.layers.get(layer).with_context(|| format!("the model has no block {layer}"))?;
+        Ok(match role {
+            EncRole::Query => &l.query,
+            EncRole::Key => &l.key,
+            EncRole::Value => &l.value,
+            EncRole::AttnOut => &l.attn_out,
+            EncRole::Up => &l.up,
+            EncRole::Down => &l.down,
+        })
+    }
+}
+
+impl Encoder for Vit {
+    type Batch = ImageBatch;
+
+    fn kind(&self) -> &'static str {
+        "vit"
+    }
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    fn head_count(&self) -> usize {
+        self.config.num_attention_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.config.head_dim()
+    }
+    fn pruned_heads(&self, layer: usize) -> Vec<usize> {
+        self.config.pruned_heads.get(&layer).cloned().unwrap_or_default()
+    }
+    fn set_pruned_heads(&mut self, layer: usize, heads: Vec<usize>) {
+        self.config.pruned_heads.insert(layer, heads);
+    }
+    fn linear(&self, layer: usize, role: EncRole) -> Result<(Tensor, Tensor)> {
+        let a = self.affine_of(layer, role)?;
+        Ok((a.weight.clone(), a.bias.clone()))
+    }
+    fn set_linear(&mut self, layer: usize, role: EncRole, weight: Tensor, bias: Tensor) -> Result<()> {
+        let l = self.layers.get_mut(layer).with_context(|| format!("the model has no block {layer}"))?;
+        let a = match role {
+            EncRole::Query => &mut l.query,
+            EncRole::Key => &mut l.key,
+            EncRole::Value => &mut l.value,
+            EncRole::AttnOut => &mut l.attn_out,
+            EncRole::Up => &mut l.up,
+            EncRole::Down => &mut l.down,
+        };
+        *a = Affine { weight: weight.contiguous()?, bias: bias.contiguous()? };
+        Ok(())
+    }
+    fn set_intermediate_size(&mut self, n: usize) {
+        self.config.intermediate_size = n;
+    }
+    fn retain_layers(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= self.layers.len()) {
+            bail!("blocks to keep must be ascending, distinct, at least one and below {}", self.layers.len());
+        }
+        self.layers = keep.iter().map(|&l| self.layers[l].clone()).collect();
+        self.config.pruned_heads = super::encoder::renumber_pruned_heads(&self.config.pruned_heads, keep);
+        self.config.num_hidden_layers = keep.len();
+        Ok(())
+    }
+    fn run_hooked(&self, batch: &ImageBatch, hooks: &mut dyn EncoderHooks) -> Result<()> {
+        let x = self.patchify(&self.normalize(&batch.pixels), batch.count)?;
+        self.forward_hooked(&x, batch.count, &TokenReduction::None, hooks)?;
+        Ok(())
+    }
+    fn param_count(&self) -> usize {
+        Vit::param_count(self)
+    }
+    fn save(&self, dir: &Path) -> Result<()> {
+        Vit::save(self, dir)
+    }
 }

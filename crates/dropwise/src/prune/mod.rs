@@ -126,7 +126,7 @@ fn weight_vec(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
 }
 
 /// Prunes a `rows × cols` weight matrix in place by `method`, from its input statistics.
-fn prune_matrix(w: &mut [f32], rows: usize, cols: usize, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<()> {
+pub fn prune_matrix(w: &mut [f32], rows: usize, cols: usize, stats: Option<&InputStats>, method: Method, pattern: Pattern) -> Result<()> {
     pattern.check_cols(cols)?;
     match method {
         Method::Magnitude | Method::Wanda => {

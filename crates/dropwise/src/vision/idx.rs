@@ -49,6 +49,18 @@ impl ImageSet {
         out
     }
 
+    /// The images at `picks`, in that order.
+    pub fn pick(&self, picks: &[usize]) -> ImageSet {
+        ImageSet { rows: self.rows, cols: self.cols, pixels: picks.iter().flat_map(|&i| self.image(i).iter().copied()).collect(), labels: picks.iter().map(|&i| self.labels[i]).collect() }
+    }
+
+    /// A seeded sample of `n` images (calibration draws from the training images this way).
+    pub fn sample(&self, n: usize, seed: u64) -> ImageSet {
+        let mut rng = crate::data::SplitMix64(seed);
+        let picks: Vec<usize> = crate::vision::train::permutation(self.len(), &mut rng).into_iter().take(n).collect();
+        self.pick(&picks)
+    }
+
     /// The first `n` images (all when fewer).
     pub fn truncate(&mut self, n: usize) {
         if n < self.len() {
