@@ -347,9 +347,9 @@ enum Cmd {
         /// Exactly these blocks (comma-separated, from 0), no scoring.
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
-        /// bi, additive, ppl or learned.
-        #[arg(long, default_value = "additive")]
-        metric: String,
+        /// bi, additive, ppl or learned (default additive; an encoder or a vision model: bi).
+        #[arg(long)]
+        metric: Option<String>,
         /// What to remove from each chosen block: block, attn or mlp.
         #[arg(long, default_value = "block")]
         part: String,
@@ -751,6 +751,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
                 _ => Which::Count(0),
             };
             if encoder_cmd::is_encoder(&model) {
+                let metric = metric.as_deref().unwrap_or("bi");
                 if metric != "bi" || part != "block" {
                     bail!("an encoder or a vision model drops whole blocks by Block Influence: --metric bi --part block, not --metric {metric} --part {part}");
                 }
@@ -775,7 +776,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
                 return encoder_cmd::run(&model, encoder_cmd::Job::Drop(which), calib.encoder()?, encoder_cmd::Out { path: &out.output, json: out.json });
             }
             calib.decoder_only()?;
-            let metric = dropwise::structural::LayerMetric::parse(&metric)?;
+            let metric = dropwise::structural::LayerMetric::parse(metric.as_deref().unwrap_or("additive"))?;
             let part = dropwise::structural::Part::parse(&part)?;
             let step = DropLayersStep::new(which, metric, part, learned, calib.spec(DEFAULT_WINDOWS))?;
             if step.trains() && !out.print_recipe {
