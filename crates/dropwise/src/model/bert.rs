@@ -547,14 +547,7 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 impl Bert {
     fn dense_of(&self, layer: usize, role: EncRole) -> Result<&Dense> {
         let l = self.layers.get(layer).with_context(|| format!("the model has no block {layer}"))?;
-        Ok(match role {
-            EncRole::Query => &l.query,
-            EncRole::Key => &l.key,
-            EncRole::Value => &l.value,
-            EncRole::AttnOut => &l.attn_out,
-            EncRole::Up => &l.up,
-            EncRole::Down => &l.down,
-        })
+        Ok(role.pick([&l.query, &l.key, &l.value, &l.attn_out, &l.up, &l.down]))
     }
 
     /// Every tensor under its name in the folder (with the folder's prefix), weights `[out, in]`.
@@ -639,14 +632,7 @@ impl Encoder for Bert {
     }
     fn set_linear(&mut self, layer: usize, role: EncRole, weight: Tensor, bias: Tensor) -> Result<()> {
         let l = self.layers.get_mut(layer).with_context(|| format!("the model has no block {layer}"))?;
-        let d = match role {
-            EncRole::Query => &mut l.query,
-            EncRole::Key => &mut l.key,
-            EncRole::Value => &mut l.value,
-            EncRole::AttnOut => &mut l.attn_out,
-            EncRole::Up => &mut l.up,
-            EncRole::Down => &mut l.down,
-        };
+        let d = role.pick([&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.up, &mut l.down]);
         *d = Dense::new(weight, bias)?;
         Ok(())
     }
@@ -654,10 +640,7 @@ impl Encoder for Bert {
         self.config.intermediate_size = n;
     }
     fn retain_layers(&mut self, keep: &[usize]) -> Result<()> {
-        if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= self.layers.len()) {
-            bail!("blocks to keep must be ascending, distinct, at least one and below {}", self.layers.len());
-        }
-        self.layers = keep.iter().map(|&l| self.layers[l].clone()).collect();
+        self.layers = super::encoder::retained(&self.layers, keep)?;
         self.config.pruned_heads = super::encoder::renumber_pruned_heads(&self.config.pruned_heads, keep);
         self.config.num_hidden_layers = keep.len();
         Ok(())

@@ -35,6 +35,18 @@ impl EncRole {
         }
     }
 
+    /// The one of `[query, key, value, attn_out, up, down]` this role names.
+    pub fn pick<T>(self, [q, k, v, o, up, down]: [T; 6]) -> T {
+        match self {
+            EncRole::Query => q,
+            EncRole::Key => k,
+            EncRole::Value => v,
+            EncRole::AttnOut => o,
+            EncRole::Up => up,
+            EncRole::Down => down,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             EncRole::Query => "query",
@@ -186,4 +198,12 @@ pub fn pruned_heads_json(p: &std::collections::BTreeMap<usize, Vec<usize>>) -> s
 /// `pruned_heads` after keeping only the blocks `keep` (ascending): the kept blocks renumbered.
 pub fn renumber_pruned_heads(p: &std::collections::BTreeMap<usize, Vec<usize>>, keep: &[usize]) -> std::collections::BTreeMap<usize, Vec<usize>> {
     keep.iter().enumerate().filter_map(|(new, old)| p.get(old).map(|h| (new, h.clone()))).collect()
+}
+
+/// The blocks `keep` (ascending, distinct, at least one) of `blocks`.
+pub fn retained<T: Clone>(blocks: &[T], keep: &[usize]) -> Result<Vec<T>> {
+    if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= blocks.len()) {
+        anyhow::bail!("blocks to keep must be ascending, distinct, at least one and below {}", blocks.len());
+    }
+    Ok(keep.iter().map(|&l| blocks[l].clone()).collect())
 }
