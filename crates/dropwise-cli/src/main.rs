@@ -258,12 +258,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Selective Synaptic Dampening: make a vision model forget a class without retraining
-    /// (Fisher importances on the class's and on all training images; parameters far more
-    /// important to the class are scaled down).
+    /// Selective Synaptic Dampening: make a vision model forget a class, or listed training
+    /// images, without retraining (Fisher importances on the forget images and on all training
+    /// images; parameters far more important to the forget images are scaled down).
     Forget {
         model: PathBuf,
-        /// The class to forget (number or name).
+        /// The class to forget (number or name), or a text file listing the training images
+        /// to forget (0-based indices into --retain's training split, one per line).
         #[arg(long)]
         forget: String,
         /// The image folder whose training split is the data to keep serving (and whose test

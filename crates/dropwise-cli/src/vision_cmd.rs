@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use dropwise::model::token_reduction::TokenReduction;
 use dropwise::model::vit::Vit;
+use dropwise::vision::forget::{self, ForgetSet};
 use dropwise::vision::idx::{self, Split};
 use dropwise::vision::train::{self, TrainOptions, VitShape};
 use dropwise::vision::vit_eval;
@@ -140,6 +141,25 @@ pub struct ForgetArgs {
     pub json: bool,
 }
 
+/// Accuracy before or after dampening: for a class, on its test images (`forget`) and the other
+/// classes' (`retain`); for a list, on the listed training images, the other training images
+/// and the test set.
+struct Measured {
+    forget: f64,
+    retain: f64,
+    test: Option<f64>,
+}
+
+impl Measured {
+    fn json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"forget_accuracy": self.forget, "retain_accuracy": self.retain});
+        if let Some(t) = self.test {
+            v["test_accuracy"] = t.into();
+        }
+        v
+    }
+}
+
 /// Test accuracy on `class`'s images and on the others'.
 fn split_accuracy(vit: &Vit, test: &idx::ImageSet, class: usize) -> Result<(f64, f64)> {
     let a = vit_eval::accuracy(vit, test, 100, &TokenReduction::None)?;
@@ -163,17 +183,35 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
     dropwise::util::probe_writable(&a.out)?;
     crate::recover_cmd::keep_freed_memory();
     let mut vit = Vit::load(model)?;
-    let class = class_index(&vit, &a.forget)?;
     let train_set = idx::read_split(&a.retain, Split::Train)?;
     let test = idx::read_split(&a.retain, Split::Test)?;
-    let forget_set = train_set.filter(|l| l as usize == class);
+    // A value naming an existing file is a list of training images; anything else a class.
+    let target = if Path::new(&a.forget).is_file() {
+        ForgetSet::Samples(forget::read_sample_list(Path::new(&a.forget), train_set.len())?)
+    } else {
+        ForgetSet::Class(class_index(&vit, &a.forget)?)
+    };
+    let (forget_set, retained) = target.split(&train_set);
     if forget_set.is_empty() {
         bail!("{} holds no training image of class {}", a.retain.display(), a.forget);
     }
-    let (f0, r0) = split_accuracy(&vit, &test, class)?;
+    let measure = |vit: &Vit| -> Result<Measured> {
+        Ok(match &target {
+            ForgetSet::Class(c) => {
+                let (f, r) = split_accuracy(vit, &test, *c)?;
+                Measured { forget: f, retain: r, test: None }
+            }
+            ForgetSet::Samples(_) => Measured {
+                forget: vit_eval::accuracy(vit, &forget_set, 100, &TokenReduction::None)?.accuracy,
+                retain: vit_eval::accuracy(vit, &retained, 100, &TokenReduction::None)?.accuracy,
+                test: Some(vit_eval::accuracy(vit, &test, 100, &TokenReduction::None)?.accuracy),
+            },
+        })
+    };
+    let before = measure(&vit)?;
     let t0 = std::time::Instant::now();
     let cached = match &a.importances {
-        Some(p) => dropwise::vision::forget::load_importances(p, &vit, class)?,
+        Some(p) => forget::load_importances(p, &vit, &target)?,
         None => None,
     };
     let reused = cached.is_some();
@@ -181,37 +219,58 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
         Some(c) => c,
         None => {
             let pb = bar((forget_set.len() + train_set.len()) as u64, "forget [{bar:30}] {pos}/{len} images scored, {elapsed} elapsed, eta {eta}");
-            let f = dropwise::vision::forget::importance(&vit, &forget_set, a.batch, &mut |d| pb.set_position(d as u64))?;
+            let f = forget::importance(&vit, &forget_set, a.batch, &mut |d| pb.set_position(d as u64))?;
             let nf = forget_set.len() as u64;
-            let d = dropwise::vision::forget::importance(&vit, &train_set, a.batch, &mut |d| pb.set_position(nf + d as u64))?;
+            let d = forget::importance(&vit, &train_set, a.batch, &mut |d| pb.set_position(nf + d as u64))?;
             pb.finish_and_clear();
             if let Some(p) = &a.importances {
-                dropwise::vision::forget::save_importances(p, &vit, class, &f, &d)?;
+                forget::save_importances(p, &vit, &target, &f, &d)?;
             }
             (f, d)
         }
     };
-    let d = dropwise::vision::forget::dampen(&mut vit, &i_forget, &i_full, a.alpha, a.lambda)?;
+    let d = forget::dampen(&mut vit, &i_forget, &i_full, a.alpha, a.lambda)?;
     let seconds = t0.elapsed().as_secs_f64();
-    let (f1, r1) = split_accuracy(&vit, &test, class)?;
+    let after = measure(&vit)?;
     vit.save(&a.out)?;
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model.display().to_string(), "output": a.out.display().to_string(),
-        "forget_class": class, "forget_label": vit.config.labels[class], "forget_images": forget_set.len(), "train_images": train_set.len(),
+        "forget_images": forget_set.len(), "train_images": train_set.len(),
         "alpha": d.alpha, "lambda": d.lambda, "parameters": d.parameters, "dampened": d.selected, "mean_scale": d.mean_scale,
         "seconds": seconds, "importances_reused": reused,
-        "before": {"forget_accuracy": f0, "retain_accuracy": r0},
-        "after": {"forget_accuracy": f1, "retain_accuracy": r1},
+        "before": before.json(), "after": after.json(),
         "peak_memory_bytes": dropwise::util::peak_rss_bytes(),
     });
+    let what = match &target {
+        ForgetSet::Class(c) => {
+            v["forget_class"] = (*c).into();
+            v["forget_label"] = vit.config.labels[*c].clone().into();
+            format!("class {c} ({})", vit.config.labels[*c])
+        }
+        ForgetSet::Samples(ix) => {
+            v["forget_list"] = a.forget.clone().into();
+            format!("{} listed training images", ix.len())
+        }
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("forget class {class} ({}), α {} λ {}: {} of {} parameters dampened (mean scale {:.3}) in {seconds:.1}s", vit.config.labels[class], d.alpha, d.lambda, d.selected, d.parameters, d.mean_scale);
-    println!("{:<8} {:>14} {:>16}", "", "forget class", "other classes");
-    println!("{:<8} {:>13.2}% {:>15.2}%", "before", 100.0 * f0, 100.0 * r0);
-    println!("{:<8} {:>13.2}% {:>15.2}%", "after", 100.0 * f1, 100.0 * r1);
+    println!("forget {what}, α {} λ {}: {} of {} parameters dampened (mean scale {:.3}) in {seconds:.1}s", d.alpha, d.lambda, d.selected, d.parameters, d.mean_scale);
+    match &target {
+        ForgetSet::Class(_) => {
+            println!("{:<8} {:>14} {:>16}", "", "forget class", "other classes");
+            for (name, m) in [("before", &before), ("after", &after)] {
+                println!("{name:<8} {:>13.2}% {:>15.2}%", 100.0 * m.forget, 100.0 * m.retain);
+            }
+        }
+        ForgetSet::Samples(_) => {
+            println!("{:<8} {:>14} {:>16} {:>10}", "", "forget images", "other train", "test");
+            for (name, m) in [("before", &before), ("after", &after)] {
+                println!("{name:<8} {:>13.2}% {:>15.2}% {:>9.2}%", 100.0 * m.forget, 100.0 * m.retain, 100.0 * m.test.unwrap_or(0.0));
+            }
+        }
+    }
     println!("wrote {}", a.out.display());
     Ok(())
 }

@@ -89,6 +89,18 @@ fn train_eval_and_forget_run_end_to_end() {
     let o = dropwise(["forget", s(&vit), "--forget", "1", "--retain", s(&data), "--importances", s(&imp), "-o", s(&d.path().join("ssd-c1")), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["importances_reused"], false);
+    // A list of training images instead of a class: measured on them, the other training
+    // images and the test set; its importances are keyed by the list, not reused for a class.
+    let list = d.path().join("forget.txt");
+    std::fs::write(&list, "# three images\n3\n10\n41\n").unwrap();
+    let o = dropwise(["forget", s(&vit), "--forget", s(&list), "--retain", s(&data), "--importances", s(&imp), "-o", s(&d.path().join("ssd-list")), "--json"]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!((v["forget_images"].as_u64(), v["importances_reused"].as_bool()), (Some(3), Some(false)));
+    assert!(v["after"]["test_accuracy"].is_number() && v["before"]["retain_accuracy"].is_number());
+    let o = dropwise(["forget", s(&vit), "--forget", s(&list), "--retain", s(&data), "--importances", s(&imp), "-o", s(&d.path().join("ssd-list2")), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["importances_reused"], true);
     // Per-layer rates searched for 0.9 of the FLOPs (one layer: its attention and the patch
     // projection are never reduced), then evaluated.
     let o = dropwise(["eval", s(&vit), "--data", s(&data), "--reference", s(&vit), "--diffrate", "0.9", "--calib-images", "32", "--json"]);
@@ -179,6 +191,9 @@ fn broken_vit_folders_and_bad_arguments_are_refused() {
     assert_clean_error("diffrate budget", &eval(&vit, &["--diffrate", "1.5"]), &["FLOPs budget"]);
     assert_clean_error("diffrate unreachable", &eval(&vit, &["--diffrate", "0.01", "--calib-images", "8"]), &["no schedule"]);
     assert_clean_error("unknown class", &dropwise(["forget", s(&vit), "--forget", "Hat", "--retain", s(&data), "-o", s(&d.path().join("x"))]), &["not one of the model's classes"]);
+    let bad_list = d.path().join("bad-list.txt");
+    std::fs::write(&bad_list, "3\n64\n").unwrap();
+    assert_clean_error("index past the training images", &dropwise(["forget", s(&vit), "--forget", s(&bad_list), "--retain", s(&data), "-o", s(&d.path().join("x"))]), &["line 2", "past the 64"]);
     assert_clean_error("negative alpha", &dropwise(["forget", s(&vit), "--forget", "1", "--retain", s(&data), "--alpha=-1", "-o", s(&d.path().join("x"))]), &["--alpha"]);
     assert_clean_error("zero epochs", &dropwise(["train-vit", "--data", s(&data), "--epochs", "0", "-o", s(&d.path().join("y"))]), &["--epochs"]);
     assert_clean_error("cutmix probability", &train(&data, &d.path().join("y"), &["--cutmix", "1.5"]), &["--cutmix"]);

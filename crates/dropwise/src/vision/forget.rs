@@ -119,28 +119,107 @@ pub fn fingerprint(vit: &Vit) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
+/// What is forgotten: every training image of one class, or the training images a list names
+/// (SSD's sub-class and random forgetting: a forget set inside the training data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForgetSet {
+    Class(usize),
+    /// 0-based indices into the training split, ascending, no repeats.
+    Samples(Vec<usize>),
+}
+
+impl ForgetSet {
+    /// The key saved importances are tagged with: the class, or a fingerprint of the list.
+    pub fn key(&self) -> String {
+        match self {
+            ForgetSet::Class(c) => c.to_string(),
+            ForgetSet::Samples(ix) => {
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for i in ix {
+                    for b in (*i as u64).to_le_bytes() {
+                        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+                    }
+                }
+                format!("samples:{}:{h:016x}", ix.len())
+            }
+        }
+    }
+
+    /// The forget images of `train` and the rest.
+    pub fn split(&self, train: &ImageSet) -> (ImageSet, ImageSet) {
+        match self {
+            ForgetSet::Class(c) => (train.filter(|l| l as usize == *c), train.filter(|l| l as usize != *c)),
+            ForgetSet::Samples(ix) => {
+                let mut inside = vec![false; train.len()];
+                ix.iter().for_each(|&i| inside[i] = true);
+                let rest: Vec<usize> = (0..train.len()).filter(|&i| !inside[i]).collect();
+                (train.pick(ix), train.pick(&rest))
+            }
+        }
+    }
+}
+
+/// Largest sample list read (a list holds at most one line per training image).
+const MAX_LIST_BYTES: u64 = 64 << 20;
+
+/// Reads a list of training-image indices: one 0-based index per line, `#` starts a comment,
+/// blank lines are skipped. Every index must be below `train_len` and appear once.
+pub fn read_sample_list(path: &std::path::Path, train_len: usize) -> Result<Vec<usize>> {
+    let shown = path.display();
+    let size = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?.len();
+    if size > MAX_LIST_BYTES {
+        bail!("{shown}: {size} bytes is too large for a list of image indices (at most {MAX_LIST_BYTES})");
+    }
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {shown}: {e}"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("{shown}: not text (a list of training-image indices, one per line)"))?;
+    let mut seen = vec![false; train_len];
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let item = line.split('#').next().unwrap_or("").trim();
+        if item.is_empty() {
+            continue;
+        }
+        let Ok(i) = item.parse::<usize>() else { bail!("{shown} line {}: {item:?} is not an image index (0-based, one per line)", n + 1) };
+        if i >= train_len {
+            bail!("{shown} line {}: index {i} is past the {train_len} training images", n + 1);
+        }
+        if std::mem::replace(&mut seen[i], true) {
+            bail!("{shown} line {}: index {i} is listed twice", n + 1);
+        }
+        out.push(i);
+    }
+    if out.is_empty() {
+        bail!("{shown}: lists no image index");
+    }
+    if out.len() == train_len {
+        bail!("{shown}: lists every training image; nothing would be left to retain");
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Writes both importances to one safetensors file (`forget.<name>`, `train.<name>`), tagged
-/// with the model's fingerprint and the class.
-pub fn save_importances(path: &std::path::Path, vit: &Vit, class: usize, forget: &Importance, full: &Importance) -> Result<()> {
+/// with the model's fingerprint and the forget set's key.
+pub fn save_importances(path: &std::path::Path, vit: &Vit, target: &ForgetSet, forget: &Importance, full: &Importance) -> Result<()> {
     let mut tensors = Vec::new();
     for (prefix, imp) in [("forget", forget), ("train", full)] {
         for (name, v) in imp {
             tensors.push((format!("{prefix}.{name}"), Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?));
         }
     }
-    let meta = BTreeMap::from([("model".to_string(), fingerprint(vit)?), ("class".to_string(), class.to_string())]);
+    let meta = BTreeMap::from([("model".to_string(), fingerprint(vit)?), ("class".to_string(), target.key())]);
     crate::formats::safetensors::write_file(path, &tensors, crate::formats::gguf::WriteDType::F32, &meta)
 }
 
-/// Reads importances [`save_importances`] wrote, if they are for this model and class.
-pub fn load_importances(path: &std::path::Path, vit: &Vit, class: usize) -> Result<Option<(Importance, Importance)>> {
+/// Reads importances [`save_importances`] wrote, if they are for this model and forget set.
+pub fn load_importances(path: &std::path::Path, vit: &Vit, target: &ForgetSet) -> Result<Option<(Importance, Importance)>> {
     if !path.exists() {
         return Ok(None);
     }
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not an importance file ({e})", path.display()))?;
     let m = meta.metadata().clone().unwrap_or_default();
-    if m.get("model") != Some(&fingerprint(vit)?) || m.get("class") != Some(&class.to_string()) {
+    if m.get("model") != Some(&fingerprint(vit)?) || m.get("class") != Some(&target.key()) {
         return Ok(None);
     }
     let mut raw = std::collections::HashMap::new();
@@ -157,4 +236,43 @@ pub fn load_importances(path: &std::path::Path, vit: &Vit, class: usize) -> Resu
         }
     }
     Ok(Some((forget, full)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(text: &str, n: usize) -> Result<Vec<usize>> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("list.txt");
+        std::fs::write(&p, text).unwrap();
+        read_sample_list(&p, n)
+    }
+
+    #[test]
+    fn sample_lists_are_read_and_refused() {
+        assert_eq!(list("5\n# a comment\n\n 2 # trailing\n0\n", 8).unwrap(), vec![0, 2, 5]);
+        let err = |t: &str| list(t, 8).unwrap_err().to_string();
+        assert!(err("1\nx\n").contains("line 2"));
+        assert!(err("-1\n").contains("not an image index"));
+        assert!(err("8\n").contains("past the 8"));
+        assert!(err("3\n3\n").contains("twice"));
+        assert!(err("# nothing\n").contains("no image index"));
+        assert!(err("0\n1\n2\n3\n4\n5\n6\n7\n").contains("every training image"));
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bin");
+        std::fs::write(&p, [0xff, 0xfe, 0x00]).unwrap();
+        assert!(read_sample_list(&p, 8).unwrap_err().to_string().contains("not text"));
+    }
+
+    #[test]
+    fn forget_sets_split_the_training_images() {
+        let set = ImageSet { rows: 1, cols: 1, pixels: (0..6).collect(), labels: vec![0, 1, 0, 1, 2, 0] };
+        let (f, r) = ForgetSet::Class(0).split(&set);
+        assert_eq!((f.pixels, r.pixels), (vec![0, 2, 5], vec![1, 3, 4]));
+        let (f, r) = ForgetSet::Samples(vec![1, 4]).split(&set);
+        assert_eq!((f.pixels, f.labels, r.pixels), (vec![1, 4], vec![1, 2], vec![0, 2, 3, 5]));
+        assert_ne!(ForgetSet::Samples(vec![1, 4]).key(), ForgetSet::Samples(vec![1, 5]).key());
+        assert_ne!(ForgetSet::Class(1).key(), ForgetSet::Samples(vec![1]).key());
+    }
 }
