@@ -79,12 +79,12 @@ pub fn cmd_embed(model: &Path, mut a: EmbedArgs) -> Result<()> {
     let texts = read_sentences(&a.data, a.split, a.limit)?;
     let ids = texts.iter().map(|t| m.encode(t)).collect::<Result<Vec<_>>>()?;
     let mut search = None;
+    if a.calib_sentences == 0 || a.calib_sentences > 100_000 {
+        bail!("--calib-sentences must be in 1..=100000, not {}", a.calib_sentences);
+    }
     if let Some(budget) = a.diffrate {
         if a.calib.is_empty() {
             bail!("--diffrate searches on calibration sentences: pass --calib FILE (other text than --data)");
-        }
-        if a.calib_sentences == 0 || a.calib_sentences > 100_000 {
-            bail!("--calib-sentences must be in 1..=100000, not {}", a.calib_sentences);
         }
         let calib: Vec<Vec<u32>> = read_sentences(&a.calib, a.split, Some(a.calib_sentences))?.iter().map(|t| m.encode(t)).collect::<Result<_>>()?;
         let t0 = std::time::Instant::now();

@@ -135,13 +135,17 @@ struct TokenReductionArgs {
 
 impl TokenReductionArgs {
     /// The reduction asked for, if any.
-    fn reduction(&self) -> Option<dropwise::model::token_reduction::TokenReduction> {
+    fn reduction(&self) -> Result<Option<dropwise::model::token_reduction::TokenReduction>> {
         use dropwise::model::token_reduction::TokenReduction;
-        match (self.tome, self.hired) {
+        // Checked even without --hired: a bad value is a mistake whether or not it is used.
+        if self.hired_layers == 0 {
+            bail!("--hired-layers must be at least 1");
+        }
+        Ok(match (self.tome, self.hired) {
             (Some(ratio), _) => Some(TokenReduction::Merge { ratio }),
             (_, Some(keep)) => Some(TokenReduction::Drop { keep, layers: self.hired_layers }),
             _ => None,
-        }
+        })
     }
 }
 
@@ -694,7 +698,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model, seq_len, json } => cmd_inspect(model, seq_len, json),
         Cmd::Eval { model, data, seq_len, windows, reference, batch, quantized_matmul, reduce, diffrate, calib_images, limit, logits, json } => {
-            let reduction = reduce.reduction();
+            let reduction = reduce.reduction()?;
             if model.iter().any(|m| dropwise::model::vit::is_vit_folder(m)) {
                 let reduction = reduction.unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
                 return vision_cmd::cmd_eval_vit(&model, vision_cmd::EvalVitArgs { data, reference, reduction, batch, limit, diffrate, calib_images, logits, json });
@@ -857,7 +861,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
         Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, reduce, diffrate, calib, calib_sentences, json } => {
-            let reduction = reduce.reduction().unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
+            let reduction = reduce.reduction()?.unwrap_or(dropwise::model::token_reduction::TokenReduction::None);
             embed_cmd::cmd_embed(&model, embed_cmd::EmbedArgs { data, split, limit, batch, ids, reference, neighbours, reduction, diffrate, calib, calib_sentences, json })
         }
         Cmd::Bench { model, data, seq_len, windows, json } => cmd_bench(model, data, seq_len, windows, json, threads),

@@ -45,6 +45,9 @@ fn labels_for(classes: usize) -> Vec<String> {
 
 pub fn cmd_train_vit(a: TrainVitArgs) -> Result<()> {
     a.opts.check()?;
+    if let Some(init) = &a.init {
+        dropwise::pipeline::run::refuse_overwrite(init, &a.out)?;
+    }
     dropwise::util::probe_writable(&a.out)?;
     crate::recover_cmd::keep_freed_memory();
     let train_set = idx::read_split(&a.data, Split::Train)?;
@@ -177,9 +180,13 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
     if a.batch == 0 || a.batch > 65_536 {
         bail!("--batch must be in 1..=65536, not {}", a.batch);
     }
-    if !(a.alpha.is_finite() && a.alpha > 0.0) || !(a.lambda.is_finite() && a.lambda > 0.0) {
-        bail!("--alpha and --lambda must be positive numbers");
+    // Beyond 1e6 neither selects or scales anything a float can tell apart from no change.
+    for (name, v) in [("--alpha", a.alpha), ("--lambda", a.lambda)] {
+        if !(v.is_finite() && v > 0.0 && v <= 1e6) {
+            bail!("{name} must be in (0, 1e6], not {v}");
+        }
     }
+    dropwise::pipeline::run::refuse_overwrite(model, &a.out)?;
     dropwise::util::probe_writable(&a.out)?;
     crate::recover_cmd::keep_freed_memory();
     let mut vit = Vit::load(model)?;
@@ -290,6 +297,9 @@ pub fn cmd_eval_vit(models: &[PathBuf], mut a: EvalVitArgs) -> Result<()> {
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
+    if a.calib_images == 0 || a.calib_images > 60_000 {
+        bail!("--calib-images must be in 1..=60000, not {}", a.calib_images);
+    }
     let dir = image_dir(&a.data)?.to_path_buf();
     let dir = dir.as_path();
     let vits: Vec<Vit> = models.iter().map(|m| Vit::load(m)).collect::<Result<_>>()?;
@@ -305,9 +315,6 @@ pub fn cmd_eval_vit(models: &[PathBuf], mut a: EvalVitArgs) -> Result<()> {
     if let Some(budget) = a.diffrate {
         if vits.len() != 1 {
             bail!("--diffrate searches rates for one model; pass one model");
-        }
-        if a.calib_images == 0 || a.calib_images > 60_000 {
-            bail!("--calib-images must be in 1..=60000, not {}", a.calib_images);
         }
         let train_set = idx::read_split(dir, Split::Train)?;
         // A seeded sample of the training images: calibration never sees the test set.

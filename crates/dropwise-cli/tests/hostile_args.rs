@@ -27,6 +27,8 @@ enum Kind {
     Positive,
     /// A real ≥ 0.
     NonNegative,
+    /// A probability in [0, 1].
+    Probability,
     /// One name from a fixed list.
     Choice,
 }
@@ -39,6 +41,7 @@ fn hostile_values(kind: Kind) -> &'static [&'static str] {
         Kind::Fraction => &["-0.1", "1", "1.5", "nan", "inf", "-inf", "1e30", "", "abc"],
         Kind::Positive => &["0", "-1", "nan", "inf", "-inf", "1e30", "", "abc"],
         Kind::NonNegative => &["-1", "nan", "inf", "-inf", "", "abc"],
+        Kind::Probability => &["-0.1", "1.5", "nan", "inf", "-inf", "", "abc"],
         Kind::Choice => &["", "bogus", "0"],
     }
 }
@@ -189,6 +192,84 @@ const COMMANDS: &[Command] = &[
         writes: true,
     },
     Command { name: "tokenize", positional: &["MODEL"], valid: &[("--data", "DATA")], flags: &[("--threads", Kind::Count)], writes: false },
+    // Encoders and vision models (tiny folders; their `-o` cases are in SPECIAL, since the
+    // generated ones name the GGUF as the input).
+    Command {
+        name: "embed",
+        positional: &["ENCODER"],
+        valid: &[("--data", "DATA"), ("--limit", "8"), ("--calib", "CALIB")],
+        flags: &[
+            ("--limit", Kind::Count),
+            ("--batch", Kind::Count),
+            ("--split", Kind::Choice),
+            ("--neighbours", Kind::Count),
+            ("--tome", Kind::Fraction),
+            ("--hired", Kind::Fraction),
+            ("--hired-layers", Kind::Count),
+            ("--diffrate", Kind::Fraction),
+            ("--calib-sentences", Kind::Count),
+            ("--threads", Kind::Count),
+        ],
+        writes: false,
+    },
+    Command {
+        name: "eval",
+        positional: &["VIT"],
+        valid: &[("--data", "IMAGES")],
+        flags: &[("--tome", Kind::Fraction), ("--hired", Kind::Fraction), ("--hired-layers", Kind::Count), ("--diffrate", Kind::Fraction), ("--calib-images", Kind::Count), ("--limit", Kind::Count), ("--batch", Kind::Count)],
+        writes: false,
+    },
+    Command {
+        name: "train-vit",
+        positional: &[],
+        valid: &[("--data", "IMAGES"), ("--epochs", "1"), ("--hidden", "8"), ("--layers", "1"), ("--heads", "2"), ("--intermediate", "8"), ("--patch", "4"), ("-o", "OUTDIR")],
+        flags: &[
+            ("--epochs", Kind::Count),
+            ("--batch", Kind::Count),
+            ("--lr", Kind::Positive),
+            ("--weight-decay", Kind::Fraction),
+            ("--cutmix", Kind::Probability),
+            ("--multi-sample-dropout", Kind::Natural),
+            ("--dropout", Kind::Fraction),
+            ("--seed", Kind::Natural),
+            ("--limit", Kind::Count),
+            ("--exclude-class", Kind::Natural),
+            ("--hidden", Kind::Count),
+            ("--layers", Kind::Count),
+            ("--heads", Kind::Count),
+            ("--intermediate", Kind::Count),
+            ("--patch", Kind::Count),
+        ],
+        writes: false,
+    },
+    Command {
+        name: "forget",
+        positional: &["VIT"],
+        valid: &[("--forget", "1"), ("--retain", "IMAGES"), ("-o", "OUTDIR")],
+        flags: &[("--alpha", Kind::Positive), ("--lambda", Kind::Positive), ("--batch", Kind::Count)],
+        writes: false,
+    },
+    Command {
+        name: "prune",
+        positional: &["ENCODER"],
+        valid: &[("--method", "wanda"), ("--sparsity", "0.5"), ("--calib", "CALIB"), ("--calib-samples", "4"), ("-o", "OUTDIR")],
+        flags: &[("--sparsity", Kind::Fraction), ("--calib-samples", Kind::Count), ("--method", Kind::Choice), ("--seed", Kind::Natural)],
+        writes: false,
+    },
+    Command {
+        name: "shrink",
+        positional: &["VIT"],
+        valid: &[("--heads", "0.25"), ("--calib", "IMAGES"), ("--calib-samples", "4"), ("-o", "OUTDIR")],
+        flags: &[("--heads", Kind::Fraction), ("--neurons", Kind::Fraction), ("--neuron-multiple", Kind::Count), ("--calib-samples", Kind::Count), ("--allocation", Kind::Choice)],
+        writes: false,
+    },
+    Command {
+        name: "drop-layers",
+        positional: &["ENCODER"],
+        valid: &[("--count", "1"), ("--calib", "CALIB"), ("--calib-samples", "4"), ("-o", "OUTDIR")],
+        flags: &[("--count", Kind::Count), ("--calib-samples", Kind::Count), ("--metric", Kind::Choice)],
+        writes: false,
+    },
 ];
 
 /// Cases beyond the generated ones: malformed lists and patterns, conflicts, values that parse
@@ -274,6 +355,47 @@ const SPECIAL: &[Special] = &[
     ("recover", &[("--lora-rank", Some("5000"))], "1..=4096"),
     ("recover", &[("--feature-weight", Some("1e30"))], "[0, 1e6]"),
     ("recover", &[("--loss", Some("local"))], "no block changed"),
+    ("embed ENCODER", &[("--tome", Some("0.2")), ("--hired", Some("0.5"))], ""),
+    ("embed ENCODER", &[("--reference", Some("MISSING"))], ""),
+    ("embed ENCODER", &[("--data", Some("MISSING"))], "missing"),
+    ("embed ENCODER", &[("--hired", Some("0.5")), ("--hired-layers", Some("100"))], "layers"),
+    ("embed ENCODER", &[("--diffrate", Some("0.5")), ("--calib", None)], "--calib"),
+    ("eval VIT", &[("--data", Some("CALIB"))], "not a folder"),
+    ("eval VIT", &[("--tome", Some("0.2")), ("--hired", Some("0.5"))], ""),
+    ("eval VIT", &[("--logits", Some("FOLDER"))], ""),
+    ("eval VIT", &[("--reference", Some("ENCODER"))], ""),
+    ("train-vit", &[("-o", Some("IMAGES"))], ""),
+    ("train-vit", &[("-o", Some(""))], ""),
+    ("train-vit", &[("-o", Some("NOWHERE/vit"))], "does not exist"),
+    ("train-vit", &[("--heads", Some("3"))], "multiple of --heads"),
+    ("train-vit", &[("--patch", Some("5"))], "--patch 5"),
+    ("train-vit", &[("--exclude-class", Some("9"))], ""),
+    ("train-vit", &[("--init", Some("MISSING"))], ""),
+    ("train-vit", &[("--init", Some("ENCODER"))], ""),
+    ("train-vit", &[("--data", Some("FOLDER"))], "no train-images"),
+    ("forget VIT", &[("-o", Some("VIT"))], "input"),
+    ("forget VIT", &[("-o", Some("IMAGES"))], ""),
+    ("forget VIT", &[("--forget", Some("99"))], "not one of the model's classes"),
+    ("forget VIT", &[("--forget", Some(""))], "not one of the model's classes"),
+    ("forget VIT", &[("--forget", Some("FOLDER"))], "not one of the model's classes"),
+    ("train-vit", &[("--init", Some("VIT")), ("-o", Some("VIT"))], "input"),
+    ("train-vit", &[("--multi-sample-dropout", Some("65"))], "0..=64"),
+    ("forget VIT", &[("--forget", Some("CALIB"))], "not an image index"),
+    ("forget VIT", &[("--retain", Some("CALIB"))], "not a folder"),
+    ("forget VIT", &[("--importances", Some("CALIB"))], "not an importance file"),
+    ("prune ENCODER", &[("-o", Some("ENCODER"))], "input"),
+    ("prune ENCODER", &[("--calib-windows", Some("2"))], ""),
+    ("prune ENCODER", &[("--calib", Some("IMAGES"))], ""),
+    ("prune ENCODER", &[("--sparsity", None), ("--pattern", Some("4:2"))], "4:2"),
+    ("prune ENCODER", &[("--allocation", Some("owl"))], ""),
+    ("prune ENCODER", &[("--calib-samples", Some("100000000"))], ""),
+    ("shrink VIT", &[("-o", Some("VIT"))], "input"),
+    ("shrink VIT", &[("--calib", Some("CALIB"))], ""),
+    ("shrink VIT", &[("--head-unit", Some("group"))], ""),
+    ("drop-layers ENCODER", &[("--count", Some("3"))], ""),
+    ("drop-layers ENCODER", &[("--metric", Some("learned"))], ""),
+    ("drop-layers ENCODER", &[("--part", Some("attn"))], ""),
+    ("drop-layers ENCODER", &[("-o", Some("ENCODER"))], "input"),
 ];
 
 /// Output paths that must be refused, for every command that writes one: the input itself, an
@@ -335,14 +457,26 @@ fn is_switch(flag: &str) -> bool {
     matches!(flag, "--imatrix" | "--chat" | "--one-shot" | "--json" | "--quantized-matmul")
 }
 
+/// A command's name in the table: with its first positional when that is not a decoder model.
+fn label(cmd: &Command) -> String {
+    match cmd.positional.first() {
+        Some(&p) if p != "MODEL" => format!("{} {p}", cmd.name),
+        _ => cmd.name.to_string(),
+    }
+}
+
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
-    let find = |name: &str| COMMANDS.iter().find(|c| c.name == name).unwrap();
+    // "embed ENCODER": a command by name and first positional (one name may appear twice).
+    let find = |key: &str| {
+        let (name, first) = key.split_once(' ').unwrap_or((key, "MODEL"));
+        COMMANDS.iter().find(|c| c.name == name && c.positional.first().copied().unwrap_or("MODEL") == first).unwrap_or_else(|| panic!("no command {key}"))
+    };
     for cmd in COMMANDS {
         for &(flag, kind) in cmd.flags {
             for v in hostile_values(kind) {
                 let args = build(cmd, &[(flag, Some(v))]);
-                out.push(Case { name: format!("{} {flag}={v:?}", cmd.name), args, needle: String::new() });
+                out.push(Case { name: format!("{} {flag}={v:?}", label(cmd)), args, needle: String::new() });
             }
         }
         if cmd.writes {
@@ -374,6 +508,30 @@ impl Inputs {
         std::fs::write(dir.path().join("data.txt"), &text).unwrap();
         std::fs::create_dir(dir.path().join("folder")).unwrap();
         std::fs::write(dir.path().join("folder").join("notes.txt"), "keep me").unwrap();
+        // A tiny BERT and a tiny ViT (the golden folders transformers wrote) and 12×12 images
+        // of 5 classes for them.
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden");
+        for (from, to) in [("tiny-bert-pruned", "encoder"), ("tiny-vit-pruned", "vit")] {
+            std::fs::create_dir(dir.path().join(to)).unwrap();
+            for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
+                let src = golden.join(from).join(f);
+                if src.exists() {
+                    std::fs::copy(&src, dir.path().join(to).join(f)).unwrap();
+                }
+            }
+        }
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        for (stem, count) in [("train", 20u32), ("t10k", 10)] {
+            let mut px = vec![0, 0, 8, 3];
+            [count, 12, 12].iter().for_each(|d| px.extend_from_slice(&d.to_be_bytes()));
+            px.extend((0..count as usize * 144).map(|i| ((i * 37 + i / 144 * 11) % 256) as u8));
+            let mut labels = vec![0, 0, 8, 1];
+            labels.extend_from_slice(&count.to_be_bytes());
+            labels.extend((0..count).map(|i| (i % 5) as u8));
+            std::fs::write(images.join(format!("{stem}-images-idx3-ubyte")), px).unwrap();
+            std::fs::write(images.join(format!("{stem}-labels-idx1-ubyte")), labels).unwrap();
+        }
         Inputs { dir }
     }
 
@@ -386,6 +544,10 @@ impl Inputs {
                 .replace("FOLDER", &p.join("folder").display().to_string())
                 .replace("NOWHERE", &p.join("nowhere").display().to_string())
                 .replace("MISSING", &p.join("missing.txt").display().to_string())
+                .replace("ENCODER", &p.join("encoder").display().to_string())
+                .replace("VIT", &p.join("vit").display().to_string())
+                .replace("IMAGES", &p.join("images").display().to_string())
+                .replace("OUTDIR", &p.join("out-folder").display().to_string())
                 .replace("OUT", &p.join("out.gguf").display().to_string())
         };
         OsString::from(sub(arg))

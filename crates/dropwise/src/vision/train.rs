@@ -79,6 +79,9 @@ impl TrainOptions {
         if !(self.cutmix.is_finite() && (0.0..=1.0).contains(&self.cutmix)) {
             bail!("--cutmix is a probability in [0, 1], not {}", self.cutmix);
         }
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1");
+        }
         if self.multi_sample_dropout > 64 {
             bail!("--multi-sample-dropout is 0..=64 samples, not {}", self.multi_sample_dropout);
         }
