@@ -94,7 +94,8 @@ fn bad_embed_arguments_are_refused() {
     assert_clean_error("tome past half", &embed(&m, &t, &["--tome", "0.9"]), &["--tome", "(0, 0.5]"]);
     assert_clean_error("tome nan", &embed(&m, &t, &["--tome", "nan"]), &["--tome"]);
     assert_clean_error("hired keep 1.5", &embed(&m, &t, &["--hired", "1.5"]), &["--hired", "(0, 1)"]);
-    assert_clean_error("hired in 0 layers", &embed(&m, &t, &["--hired", "0.5", "--hired-layers", "0"]), &["--hired", "1 to 6 layers"]);
+    assert_clean_error("hired in 0 layers", &embed(&m, &t, &["--hired", "0.5", "--hired-layers", "0"]), &["--hired-layers must be at least 1"]);
+    assert_clean_error("hired in 9 of 6 layers", &embed(&m, &t, &["--hired", "0.5", "--hired-layers", "9"]), &["--hired", "1 to 6 layers"]);
     assert_clean_error("tome and hired", &embed(&m, &t, &["--tome", "0.1", "--hired", "0.5"]), &["--tome", "--hired"]);
     assert_clean_error("reference missing", &embed(&m, &t, &["--reference", d.path().join("none").to_str().unwrap()]), &["none"]);
     assert_clean_error("no data", &dropwise(["embed", m.to_str().unwrap()]), &["--data"]);
