@@ -196,7 +196,7 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
     let target = if Path::new(&a.forget).is_file() {
         ForgetSet::Samples(forget::read_sample_list(Path::new(&a.forget), train_set.len())?)
     } else {
-        ForgetSet::Class(class_index(&vit, &a.forget)?)
+        ForgetSet::Class(class_index(&vit, &a.forget).map_err(|e| anyhow::anyhow!("{e}; nor is it a file listing training images"))?)
     };
     let (forget_set, retained) = target.split(&train_set);
     if forget_set.is_empty() {
