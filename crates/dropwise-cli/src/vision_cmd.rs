@@ -198,7 +198,7 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
     } else {
         ForgetSet::Class(class_index(&vit, &a.forget).map_err(|e| anyhow::anyhow!("{e}; nor is it a file listing training images"))?)
     };
-    let (forget_set, retained) = target.split(&train_set);
+    let forget_set = target.images(&train_set);
     if forget_set.is_empty() {
         bail!("{} holds no training image of class {}", a.retain.display(), a.forget);
     }
@@ -210,7 +210,9 @@ pub fn cmd_forget(model: &Path, a: ForgetArgs) -> Result<()> {
             }
             ForgetSet::Samples(_) => Measured {
                 forget: vit_eval::accuracy(vit, &forget_set, 100, &TokenReduction::None)?.accuracy,
-                retain: vit_eval::accuracy(vit, &retained, 100, &TokenReduction::None)?.accuracy,
+                // Only a list is measured on the other training images (a class on the test
+                // split), so only it gathers them.
+                retain: vit_eval::accuracy(vit, &target.others(&train_set), 100, &TokenReduction::None)?.accuracy,
                 test: Some(vit_eval::accuracy(vit, &test, 100, &TokenReduction::None)?.accuracy),
             },
         })

@@ -102,18 +102,16 @@ pub struct RecoverOptions {
 /// What makes two runs the same run: every option that changes the arithmetic, and a digest of
 /// the training windows (FNV-1a over their token ids).
 fn recipe(opts: &RecoverOptions, train: &[Vec<u32>]) -> Result<String> {
-    let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut digest = crate::util::Fnv1a::new();
     for id in train.iter().flatten() {
-        for b in id.to_le_bytes() {
-            digest = (digest ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+        digest.eat(&id.to_le_bytes());
     }
     let mut v = serde_json::to_value(opts)?;
     for k in ["checkpoint", "checkpoint_every", "resume", "eval_every"] {
         v.as_object_mut().map(|o| o.remove(k));
     }
     v["windows"] = train.len().into();
-    v["windows_digest"] = format!("{digest:016x}").into();
+    v["windows_digest"] = digest.hex().into();
     Ok(v.to_string())
 }
 

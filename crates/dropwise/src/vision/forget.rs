@@ -106,17 +106,12 @@ pub fn dampen(vit: &mut Vit, forget: &Importance, full: &Importance, alpha: f64,
 /// A fingerprint of a model's weights (FNV-1a over every tensor's name and f32 bits), so saved
 /// importances are only reused for the model they were computed on.
 pub fn fingerprint(vit: &Vit) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: &[u8]| {
-        for &x in b {
-            h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    };
+    let mut h = crate::util::Fnv1a::new();
     for (name, t) in vit.named_tensors() {
-        eat(name.as_bytes());
-        with_f32_slice(&t, |v| v.iter().for_each(|x| eat(&x.to_bits().to_le_bytes())))?;
+        h.eat(name.as_bytes());
+        with_f32_slice(&t, |v| v.iter().for_each(|x| h.eat(&x.to_bits().to_le_bytes())))?;
     }
-    Ok(format!("{h:016x}"))
+    Ok(h.hex())
 }
 
 /// What is forgotten: every training image of one class, or the training images a list names
@@ -134,26 +129,29 @@ impl ForgetSet {
         match self {
             ForgetSet::Class(c) => c.to_string(),
             ForgetSet::Samples(ix) => {
-                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-                for i in ix {
-                    for b in (*i as u64).to_le_bytes() {
-                        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-                    }
-                }
-                format!("samples:{}:{h:016x}", ix.len())
+                let mut h = crate::util::Fnv1a::new();
+                ix.iter().for_each(|&i| h.eat(&(i as u64).to_le_bytes()));
+                format!("samples:{}:{}", ix.len(), h.hex())
             }
         }
     }
 
-    /// The forget images of `train` and the rest.
-    pub fn split(&self, train: &ImageSet) -> (ImageSet, ImageSet) {
+    /// The forget images of `train`.
+    pub fn images(&self, train: &ImageSet) -> ImageSet {
         match self {
-            ForgetSet::Class(c) => (train.filter(|l| l as usize == *c), train.filter(|l| l as usize != *c)),
+            ForgetSet::Class(c) => train.filter(|l| l as usize == *c),
+            ForgetSet::Samples(ix) => train.pick(ix),
+        }
+    }
+
+    /// The training images that are not forgotten.
+    pub fn others(&self, train: &ImageSet) -> ImageSet {
+        match self {
+            ForgetSet::Class(c) => train.filter(|l| l as usize != *c),
             ForgetSet::Samples(ix) => {
                 let mut inside = vec![false; train.len()];
                 ix.iter().for_each(|&i| inside[i] = true);
-                let rest: Vec<usize> = (0..train.len()).filter(|&i| !inside[i]).collect();
-                (train.pick(ix), train.pick(&rest))
+                train.pick(&(0..train.len()).filter(|&i| !inside[i]).collect::<Vec<_>>())
             }
         }
     }
@@ -268,9 +266,10 @@ mod tests {
     #[test]
     fn forget_sets_split_the_training_images() {
         let set = ImageSet { rows: 1, cols: 1, pixels: (0..6).collect(), labels: vec![0, 1, 0, 1, 2, 0] };
-        let (f, r) = ForgetSet::Class(0).split(&set);
+        let split = |s: ForgetSet| (s.images(&set), s.others(&set));
+        let (f, r) = split(ForgetSet::Class(0));
         assert_eq!((f.pixels, r.pixels), (vec![0, 2, 5], vec![1, 3, 4]));
-        let (f, r) = ForgetSet::Samples(vec![1, 4]).split(&set);
+        let (f, r) = split(ForgetSet::Samples(vec![1, 4]));
         assert_eq!((f.pixels, f.labels, r.pixels), (vec![1, 4], vec![1, 2], vec![0, 2, 3, 5]));
         assert_ne!(ForgetSet::Samples(vec![1, 4]).key(), ForgetSet::Samples(vec![1, 5]).key());
         assert_ne!(ForgetSet::Class(1).key(), ForgetSet::Samples(vec![1]).key());
