@@ -281,6 +281,29 @@ fn quantized_linear_paths_agree_for_every_type() {
     });
 }
 
+/// A quantized linear's forward on a long input (prefill: candle's int8 tiles for Q4_K/Q6_K on
+/// VNNI CPUs, decode + GEMM otherwise) is the product of the decode path on rounded activations,
+/// for every block type, at a width the tiles take and at one they refuse.
+#[test]
+fn quantized_linear_long_input_is_the_rounded_product() {
+    use candle_core::quantized::{GgmlDType as G, QTensor};
+    use dropwise::model::{kernels, qmatmul, Linear};
+    for (out, inp, rows) in [(64usize, 512usize, 72usize), (48, 768, 40), (40, 512, 33)] {
+        let w = Tensor::from_vec(data(out * inp, 21), (out, inp), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(data(rows * inp, 22).iter().map(|v| v * 20.0).collect::<Vec<_>>(), (rows, inp), &Device::Cpu).unwrap();
+        for dtype in [G::Q4_0, G::Q4_1, G::Q5_0, G::Q5_1, G::Q8_0, G::Q2K, G::Q3K, G::Q4K, G::Q5K, G::Q6K] {
+            let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let lin = Linear { weight: Linear::shape_only(out, inp).unwrap(), bias: None, quantized: Some(q.clone()), spilled: None, adapter: None };
+            let got = lin.forward(&x).unwrap();
+            let want = kernels::quantized_product(&x, &q).unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("[{out}x{inp}] {rows} rows {dtype:?} tiles={}: {:.2e} of the scale", qmatmul::tiles_on_long_path(&q), d / scale);
+            assert!(d <= 1e-4 * scale, "{dtype:?} [{out}x{inp}]: long input differs by {d} (scale {scale})");
+        }
+    }
+}
+
 /// Every kernel tier the short path can take agrees with the long path on this machine: the
 /// scalar (reference) and AVX2 dot products and the native tier in this process, and candle's
 /// repacked tiles forced down to their AVX-VNNI and AVX2 levels in child processes (candle reads

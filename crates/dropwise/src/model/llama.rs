@@ -75,7 +75,9 @@ impl Linear {
     /// * up to [`QMATMUL_MAX_ROWS`] input rows (token-by-token decoding): quantized dot products,
     ///   activations quantized to the type's 8-bit dot-product partner as llama.cpp does
     ///   ([`qmatmul::short_product`], on the kernel tier `DROPWISE_SIMD` picks);
-    /// * more rows (prefill, evaluation windows): the weight is decoded to f32 for this one
+    /// * more rows (prefill, evaluation windows) of a Q4_K/Q6_K weight on a VNNI CPU: candle's
+    ///   repacked int8 tiles, the same product ([`qmatmul::tiles_on_long_path`]);
+    /// * more rows of any other type: the weight is decoded to f32 for this one
     ///   product and dropped after it, and the activations are rounded to the same 8-bit partner
     ///   first ([`kernels::quantized_product`]), so both paths compute llama.cpp's product.
     ///   candle's quantized prefill path is a dot product per output, and for Q4_1/Q5_0/Q5_1 a
@@ -180,7 +182,9 @@ impl Linear {
             return self.on_rows(x, |x2| Ok(x2.matmul(&w.t()?)?));
         }
         self.on_rows(x, |x2| match (&self.quantized, &self.spilled) {
-            (Some(q), _) if x2.dim(0)? <= QMATMUL_MAX_ROWS => qmatmul::short_product(x2, q, qmatmul::simd_path()),
+            (Some(q), _) if x2.dim(0)? <= QMATMUL_MAX_ROWS || qmatmul::tiles_on_long_path(q) => {
+                qmatmul::short_product(x2, q, qmatmul::simd_path())
+            }
             (Some(q), _) => kernels::quantized_product(x2, q),
             (None, Some(s)) => kernels::f32_product(x2, &s.read()?),
             (None, None) => kernels::f32_product(x2, &self.weight),
@@ -1067,8 +1071,8 @@ impl Llama {
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, _) = h.dims3()?;
         let w = self.head_weight();
-        if let Some(q) = self.head_quantized.as_ref().filter(|_| b * t <= QMATMUL_MAX_ROWS && !self.differentiable && self.stored_product == StoredProduct::AsLlamaCpp) {
-            // The short quantized path rounds the input to the head type's partner itself.
+        if let Some(q) = self.head_quantized.as_ref().filter(|q| (b * t <= QMATMUL_MAX_ROWS || qmatmul::tiles_on_long_path(q)) && !self.differentiable && self.stored_product == StoredProduct::AsLlamaCpp) {
+            // The short quantized path (and the tiles) round the input to the head type's partner itself.
             let x = self.rms_norm(h, &self.final_norm)?.reshape((b * t, self.config.hidden_size))?;
             let logits = qmatmul::short_product(&x, q, qmatmul::simd_path())?;
             return Ok(logits.reshape((b, t, w.dims()[0]))?);

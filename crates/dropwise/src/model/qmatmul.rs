@@ -86,6 +86,34 @@ pub fn cpu_simd_features() -> String {
     f.join(" ")
 }
 
+/// Whether a product of more than a few rows (prefill, evaluation windows) multiplies `w` with
+/// candle's repacked int8 tiles instead of decoding it to f32 for an f32 GEMM: Q4_K and Q6_K
+/// weights whose shape fits the tiles (rows in 16s, columns in 256s), on the `native` tier, on
+/// CPUs with VNNI dot products (AVX512-VNNI or AVX-VNNI). The tiles round the activations to
+/// Q8_K as llama.cpp does for these types, so it is the same product as the decode path up to
+/// the order of the float sums (tested); measured on Qwen2.5-1.5B's shapes they are several
+/// times faster than decoding every weight per window (`examples/qprefill.rs`, docs/results.md).
+/// On AVX2-only CPUs the tiles use `maddubs` with no VNNI and are not measured here, so the
+/// decode path stays there, as do all other types (candle's long product for them is one dot
+/// product per output, slower than decode + GEMM).
+pub fn tiles_on_long_path(w: &QTensor) -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    let vnni = *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let forced_down = std::env::var("MISTRALRS_FORCE_AVX2").as_deref() == Ok("1");
+            let vnni512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni");
+            !forced_down && (vnni512 || std::is_x86_feature_detected!("avxvnni"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    });
+    let Ok((out, inp)) = w.shape().dims2() else { return false };
+    vnni && simd_path() == SimdPath::Native && matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && out % 16 == 0 && inp % 256 == 0
+}
+
 /// `x @ Wᵀ` for `x` `[rows, in]` (f32, few rows) and a quantized `W` `[out, in]`, on `path`.
 pub fn short_product(x: &Tensor, w: &Arc<QTensor>, path: SimdPath) -> Result<Tensor> {
     let dtype = w.dtype();
