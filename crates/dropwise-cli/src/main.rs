@@ -579,6 +579,20 @@ enum Cmd {
         /// Predict and print the plan and the front only: build and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Minutes of recovery training (kd from the start model, every parameter) spread over
+        /// the best structural candidates, which are then checked healed beside the one-shot ones.
+        #[arg(long)]
+        recover_budget: Option<f64>,
+        /// Recovery training text (default: the calibration files; it must differ from the
+        /// check text).
+        #[arg(long, num_args = 1.., requires = "recover_budget")]
+        recover_train: Vec<PathBuf>,
+        /// How many structural candidates the recovery budget heals.
+        #[arg(long, default_value_t = 2, requires = "recover_budget")]
+        heal: usize,
+        /// Peak learning rate of the recovery.
+        #[arg(long, default_value_t = 2e-4, requires = "recover_budget")]
+        recover_lr: f64,
         /// Write an HTML report (the checked candidates, predicted against measured KL, the
         /// front) into this folder.
         #[arg(long)]
@@ -824,7 +838,7 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             let out = pipeline_cmd::Output { path: &output, dtype: WriteDType::F32, json, print_recipe };
             pipeline_cmd::one_step(&model, Box::new(step), out, calib.seq_len, &mut pipeline_cmd::written_json)
         }
-        Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, embed_types, check, check_data, check_windows, costs, keep_checked, dry_run, report, calib, output, json } => {
+        Cmd::Fit { model, target_size, target_speedup, target_kl, max_depth, neurons, bpw, embed_types, check, check_data, check_windows, costs, keep_checked, dry_run, recover_budget, recover_train, heal, recover_lr, report, calib, output, json } => {
             use dropwise::pipeline::fit::{FitOptions, Target};
             calib.decoder_only()?;
             let target = match (target_size, target_speedup, target_kl) {
@@ -857,7 +871,13 @@ fn run(cli: Cli, threads: usize) -> Result<()> {
             if !check_data.is_empty() {
                 check_spec.files = check_data;
             }
-            let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked };
+            let recover = recover_budget.map(|minutes| dropwise::pipeline::fit::FitRecover {
+                minutes,
+                train: if recover_train.is_empty() { spec.files.clone() } else { recover_train },
+                heal,
+                lr: recover_lr,
+            });
+            let opts = FitOptions { target, calib: spec, check_data: check_spec, max_depth_fraction: max_depth, neuron_levels: neurons, bpw_levels: bpw, embed_levels, check, dry_run, costs, keep_checked, recover };
             pipeline_cmd::cmd_fit(&model, &opts, &output, report.as_deref(), json)
         }
         Cmd::Embed { model, data, split, limit, batch, ids, reference, neighbours, reduce, diffrate, calib, calib_sentences, json } => {

@@ -272,15 +272,16 @@ pub fn cmd_fit(model: &Path, opts: &dropwise::pipeline::fit::FitOptions, output:
     let row = |c: &dropwise::pipeline::fit::Candidate| {
         let m = c.measured.as_ref();
         format!(
-            "{:>7.1} MB  KL {:>7.4}  ×{:>4.2}  {:<16} drop {:<12} neurons {:>5.1} %  bpw {:<4} embed {:<5}{}",
+            "{:>7.1} MB  KL {:>7.4}  ×{:>4.2}  {:<24} drop {:<12} neurons {:>5.1} %  bpw {:<4} embed {:<5}{}{}",
             mb(c.predicted_bytes),
             c.predicted_kl,
             c.predicted_speedup,
-            c.family.name(),
+            c.label(),
             format!("{:?}", c.blocks),
             100.0 * c.neurons,
             c.bpw.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
             c.embed.as_deref().unwrap_or("-"),
+            c.healed.as_ref().map(|h| format!("  healed: {} tokens ({:.0}s at {:.0} tokens/s)", h.tokens, h.budget_seconds, h.probe_tokens_per_second)).unwrap_or_default(),
             m.map(|m| format!("  measured: {:.1} MB, KL {:.4}, ppl {:.3}, ×{:.2} ({:.0} tokens/s)", mb(m.bytes), m.kl, m.perplexity, m.speedup, m.tokens_per_second)).unwrap_or_default()
         )
     };

@@ -180,6 +180,7 @@ const COMMANDS: &[Command] = &[
         valid: &[("--target-size", "1"), ("--calib", "CALIB"), ("--seq-len", "16"), ("--calib-windows", "2"), ("--bpw", "6,8.5"), ("--neurons", "0.25"), ("--check", "1"), ("-o", "OUT")],
         flags: &[
             ("--target-size", Kind::Positive),
+            ("--recover-budget", Kind::Positive),
             ("--max-depth", Kind::Fraction),
             ("--check", Kind::Count),
             ("--check-windows", Kind::Count),

@@ -246,3 +246,56 @@ fn fit_meets_a_size_budget_and_records_a_runnable_recipe() {
     assert_eq!(v["checked"][v["chosen"].as_u64().unwrap() as usize]["family"], "start");
     assert!(std::fs::read(&model).unwrap() == std::fs::read(&same).unwrap(), "the start file chosen but not written as it is");
 }
+
+/// `fit --recover-budget` on the tiny model: the best structural candidate is also built healed
+/// (its share of the budget turned into whole training windows), measured beside the one-shot
+/// ones, and its file records a recipe with the recover step that `run` reproduces byte for
+/// byte. Training on the check text is refused before any measuring.
+#[test]
+fn fit_heals_structural_candidates_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = valid_gguf(d);
+    let calib = text(d);
+    let train = d.join("train.txt");
+    std::fs::write(&train, "the dog sat on the mat. the cat ran on. ".repeat(40)).unwrap();
+    let (m, c, t) = (model.to_str().unwrap(), calib.to_str().unwrap(), train.to_str().unwrap());
+    let out = d.join("fit.gguf");
+    let kept = d.join("kept");
+    let common = ["--calib", c, "--calib-windows", "2", "--seq-len", "16", "--bpw", "6,8.5", "--neurons", "0.25", "--max-depth", "0.34", "--check", "1", "--target-size", "1000"];
+    let o = dropwise([&["fit", m, "--recover-budget", "0.02", "-o", out.to_str().unwrap()][..], &common].concat());
+    assert_clean_error("fit healing on its check text", &o, &["both recovery training text and fit's check text"]);
+    assert!(!out.exists());
+    let r = ok(&[
+        &["fit", m, "--recover-budget", "0.02", "--recover-train", t, "--heal", "1", "--keep-checked", kept.to_str().unwrap(), "--json", "-o", out.to_str().unwrap()][..],
+        &common,
+    ]
+    .concat());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let checked = v["checked"].as_array().unwrap();
+    let healed: Vec<(usize, &serde_json::Value)> = checked.iter().enumerate().filter(|(_, c)| !c["healed"].is_null()).collect();
+    assert_eq!(healed.len(), 1, "one candidate healed: {checked:?}");
+    let (i, h) = healed[0];
+    let tokens = h["healed"]["tokens"].as_u64().unwrap();
+    assert!(tokens >= 16 && tokens % 16 == 0, "whole windows: {tokens}");
+    assert!(h["healed"]["probe_tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(h["blocks"].as_array().unwrap().len() + (h["neurons"].as_f64().unwrap() > 0.0) as usize > 0, "a structural candidate: {h}");
+    assert!(h["measured"]["kl"].as_f64().unwrap().is_finite());
+    let family = h["family"].as_str().unwrap();
+    let file = kept.join(format!("candidate-{i}-{family}+recover.gguf"));
+    let recipe = recipe_of(&file);
+    assert!(recipe.contains("kind = \"recover\"") && recipe.contains(&format!("tokens = {tokens}")), "{recipe}");
+    let rfile = d.join("healed.toml");
+    std::fs::write(&rfile, &recipe).unwrap();
+    let again = d.join("again.gguf");
+    ok(&["run", rfile.to_str().unwrap(), "-o", again.to_str().unwrap()]);
+    assert!(std::fs::read(&file).unwrap() == std::fs::read(&again).unwrap(), "run of the healed candidate's recipe writes other bytes");
+    let o_path = d.join("o.gguf");
+    let o = o_path.to_str().unwrap();
+    for (what, extra, needle) in [("budget 0", ["--recover-budget", "0"], "--recover-budget"), ("heal 0", ["--recover-budget", "1"], "--heal")] {
+        let heal = if what == "heal 0" { "0" } else { "1" };
+        let args = [&["fit", m, "--recover-train", t, "--heal", heal, "-o", o][..], &common, &extra[..]].concat();
+        assert_clean_error(what, &dropwise(args), &[needle]);
+        assert!(!o_path.exists());
+    }
+}

@@ -14,6 +14,10 @@
 //! (bits alone, depth + bits, width + bits), are then built (as recipes, through the same steps as
 //! the commands) and measured on check windows that are not the calibration windows; the best
 //! measured one is written.
+//! With `--recover-budget`, the best structural candidates (blocks or neurons removed) are also
+//! built healed: the cut, then `recover` (kd from the start model, all parameters) for a share of
+//! the budget, then the same bits; healed and one-shot candidates compete on the same check
+//! windows ([`FitRecover`]).
 //! Unstructured and N:M sparsity are not searched: GGUF stores zeros as weights, so they save
 //! neither bytes nor (in llama.cpp or here) time.
 
@@ -26,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::steps::drop_layers::{DropLayersStep, Which};
 use super::steps::quantize::QuantizeStep;
+use super::steps::recover::RecoverStep;
 use super::steps::shrink::ShrinkStep;
 use super::{CalibSpec, Progress, Session, Step};
 use crate::model::Llama;
@@ -71,7 +76,34 @@ pub struct FitOptions {
     /// A file the single-step costs are read from when it holds this model's and options', and
     /// written to when absent.
     pub costs: Option<PathBuf>,
+    /// Heal the best structural candidates within a training budget.
+    pub recover: Option<FitRecover>,
 }
+
+/// `--recover-budget`: minutes of training spread evenly over the `heal` best structural
+/// candidates. Each candidate's share becomes a token count from its training throughput,
+/// measured on a few windows first (the probe counts against the share), so the written file's
+/// recipe names tokens, not seconds, and reproduces byte for byte. Building, quantizing and
+/// measuring the healed candidates come on top of the budget.
+#[derive(Clone, Debug)]
+pub struct FitRecover {
+    pub minutes: f64,
+    /// Training text (never the evaluation texts of the protocol).
+    pub train: Vec<PathBuf>,
+    /// How many candidates are healed.
+    pub heal: usize,
+    /// Peak learning rate of the distillation.
+    pub lr: f64,
+}
+
+/// Windows of the throughput probe; the rate is taken over the ones after the first (its
+/// first-touch costs are not the steady rate).
+const PROBE_WINDOWS: usize = 3;
+
+/// Under a KL budget, structural candidates predicted up to this many times the budget are
+/// healed: recovery took a third to two thirds off the one-shot KL of SmolLM2's cuts within
+/// minutes (docs/results.md), so half is a cautious reach.
+const HEAL_REACH: f64 = 2.0;
 
 impl FitOptions {
     /// The check windows' default: the calibration files with the next seed, so the windows
@@ -124,12 +156,41 @@ pub struct Candidate {
     pub predicted_bytes: u64,
     /// Predicted speedup: its bit budget's measured speedup times the FLOPs saving of what it removes.
     pub predicted_speedup: f64,
+    /// Healed before its bits were applied (`--recover-budget`); its predicted KL is the
+    /// one-shot prediction.
+    pub healed: Option<Healed>,
     pub measured: Option<Measured>,
+}
+
+/// How a candidate was healed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Healed {
+    /// Training tokens (whole windows) its share of the budget bought.
+    pub tokens: usize,
+    /// Its share of the budget, in seconds.
+    pub budget_seconds: f64,
+    /// Training tokens/s the probe measured.
+    pub probe_tokens_per_second: f64,
+    pub probe_seconds: f64,
 }
 
 impl Candidate {
     fn same_plan(&self, o: &Candidate) -> bool {
-        self.blocks == o.blocks && self.neurons == o.neurons && self.bpw == o.bpw && self.embed == o.embed
+        self.blocks == o.blocks && self.neurons == o.neurons && self.bpw == o.bpw && self.embed == o.embed && self.healed.is_some() == o.healed.is_some()
+    }
+
+    /// Whether it removes blocks or neurons (what recovery heals).
+    pub fn structural(&self) -> bool {
+        !self.blocks.is_empty() || self.neurons > 0.0
+    }
+
+    /// Its family's name, marked when healed.
+    pub fn label(&self) -> String {
+        if self.healed.is_some() {
+            format!("{}+recover", self.family.name())
+        } else {
+            self.family.name().to_string()
+        }
     }
 }
 
@@ -219,8 +280,30 @@ pub struct FitReport {
     pub seconds: f64,
 }
 
-/// The steps that build `c` (not the start candidate: it is the input as it is).
-fn steps_for(c: &Candidate, calib: &CalibSpec) -> Result<Vec<Box<dyn Step>>> {
+/// The steps that build `c` (not the start candidate: it is the input as it is), healed on
+/// `heal`'s training text for its tokens when given.
+fn steps_for(c: &Candidate, calib: &CalibSpec, heal: Option<(&FitRecover, usize)>) -> Result<Vec<Box<dyn Step>>> {
+    let mut steps = structural_steps(c, calib)?;
+    if let Some((r, tokens)) = heal {
+        steps.push(Box::new(heal_step(r, calib, tokens)));
+    }
+    let embed = c.embed.as_deref().unwrap_or("Q8_0");
+    steps.push(Box::new(QuantizeStep::new(c.bpw, "lim", false, None, embed, None, calib.clone())?));
+    Ok(steps)
+}
+
+/// The recovery fit runs: kd from the start model, every parameter, on `r`'s text.
+fn heal_step(r: &FitRecover, calib: &CalibSpec, tokens: usize) -> RecoverStep {
+    let mut step = RecoverStep::defaults(r.train.clone());
+    step.tokens = tokens;
+    step.seq_len = calib.seq_len;
+    step.lr = r.lr;
+    step.seed = calib.seed;
+    step
+}
+
+/// The cut of `c`: its dropped blocks and removed neurons.
+fn structural_steps(c: &Candidate, calib: &CalibSpec) -> Result<Vec<Box<dyn Step>>> {
     let mut steps: Vec<Box<dyn Step>> = Vec::new();
     if !c.blocks.is_empty() {
         let mut l = LearnedOptions::default();
@@ -230,9 +313,45 @@ fn steps_for(c: &Candidate, calib: &CalibSpec) -> Result<Vec<Box<dyn Step>>> {
     if c.neurons > 0.0 {
         steps.push(Box::new(ShrinkStep { opts: shrink_options(c.neurons), calib: calib.clone() }));
     }
-    let embed = c.embed.as_deref().unwrap_or("Q8_0");
-    steps.push(Box::new(QuantizeStep::new(c.bpw, "lim", false, None, embed, None, calib.clone())?));
     Ok(steps)
+}
+
+/// Steady training tokens/s of healing `c`'s cut of `input`: the cut made in memory, then
+/// [`PROBE_WINDOWS`] windows of the same recovery, the rate over those after the first.
+fn heal_throughput(input: &Path, c: &Candidate, calib: &CalibSpec, r: &FitRecover, progress: &mut dyn Progress) -> Result<f64> {
+    let mut s = Session::new(crate::model::io::load(input)?, input.to_path_buf());
+    for step in structural_steps(c, calib)? {
+        step.apply(&mut s, progress).with_context(|| step.kind().to_string())?;
+    }
+    let probe = heal_step(r, calib, PROBE_WINDOWS * calib.seq_len);
+    let report = probe.apply(&mut s, &mut super::Quiet).context("the recovery probe")?;
+    let steps = report.json["steps"].as_array().cloned().unwrap_or_default();
+    let at = |i: usize, k: &str| steps.get(i).and_then(|x| x[k].as_f64());
+    match (at(0, "tokens"), at(0, "seconds"), at(steps.len().wrapping_sub(1), "tokens"), at(steps.len().wrapping_sub(1), "seconds")) {
+        (Some(t0), Some(s0), Some(t1), Some(s1)) if steps.len() > 1 && s1 > s0 => Ok((t1 - t0) / (s1 - s0)),
+        _ => bail!("the recovery probe recorded no steady updates"),
+    }
+}
+
+/// The structural candidates worth healing, best first: under a size or speed budget those that
+/// meet it by prediction with the least predicted KL; under a KL budget the smallest predicted
+/// within [`HEAL_REACH`] times it (healing is what brings them under).
+fn to_heal(t: Target, all: &[Candidate], heal: usize) -> Vec<Candidate> {
+    let mut pool: Vec<&Candidate> = match t {
+        Target::Kl(k) => all.iter().filter(|c| c.structural() && c.predicted_kl <= HEAL_REACH * k).collect(),
+        _ => all.iter().filter(|c| c.structural() && meets_predicted(t, c)).collect(),
+    };
+    pool.sort_by(|a, b| better_predicted(t, a, b));
+    let mut out: Vec<Candidate> = Vec::new();
+    for c in pool {
+        if out.len() == heal {
+            break;
+        }
+        if !out.iter().any(|o| o.same_plan(c)) {
+            out.push(c.clone());
+        }
+    }
+    out
 }
 
 fn shrink_options(neurons: f64) -> ShrinkOptions {
@@ -434,7 +553,7 @@ fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool, ta
     let base_embed = costs.embed.iter().find(|e| e.written == "Q8_0");
     let mut all = Vec::new();
     if input_is_gguf {
-        all.push(Candidate { family: Family::Start, blocks: vec![], neurons: 0.0, bpw: None, embed: None, predicted_kl: 0.0, predicted_bytes: costs.start_bytes, predicted_speedup: 1.0, measured: None });
+        all.push(Candidate { family: Family::Start, blocks: vec![], neurons: 0.0, bpw: None, embed: None, predicted_kl: 0.0, predicted_bytes: costs.start_bytes, predicted_speedup: 1.0, healed: None, measured: None });
     }
     for d in 0..=costs.key.max_depth.min(order.len()) {
         let blocks: Vec<usize> = order[..d].to_vec();
@@ -475,6 +594,7 @@ fn predict(dense: &Llama, costs: &Costs, seq_len: usize, input_is_gguf: bool, ta
                         predicted_kl: (depth_kl + wkl + q.kl + dkl).max(0.0),
                         predicted_bytes: bytes.max(0.0) as u64,
                         predicted_speedup,
+                        healed: None,
                         measured: None,
                     });
                 }
@@ -531,6 +651,26 @@ fn to_check(t: Target, all: &[Candidate], check: usize) -> Vec<Candidate> {
     out
 }
 
+/// The healing options' checks, before any measuring.
+fn check_recover(r: &FitRecover, opts: &FitOptions) -> Result<()> {
+    if !(r.minutes.is_finite() && r.minutes > 0.0 && r.minutes <= 10_000.0) {
+        bail!("--recover-budget is minutes in (0, 10000], not {}", r.minutes);
+    }
+    if r.heal == 0 || r.heal > 16 {
+        bail!("--heal must be in 1..=16, not {}", r.heal);
+    }
+    heal_step(r, &opts.calib, opts.calib.seq_len).check()?;
+    let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    let check: Vec<PathBuf> = opts.check_data.files.iter().map(canonical).collect();
+    if let Some(t) = r.train.iter().find(|t| check.contains(&canonical(t))) {
+        bail!(
+            "{} is both recovery training text and fit's check text: healed candidates would be measured on what they trained on; pass --recover-train or --check-data other text",
+            t.display()
+        );
+    }
+    Ok(())
+}
+
 /// Searches, checks and (unless a dry run) writes the chosen model to `output`.
 pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Progress) -> Result<FitReport> {
     let t0 = Instant::now();
@@ -558,6 +698,9 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     if !opts.dry_run {
         // Before minutes of measuring, not after.
         crate::util::probe_writable(output)?;
+    }
+    if let Some(r) = &opts.recover {
+        check_recover(r, opts)?;
     }
     let loaded = crate::model::io::load_decoded(input)?;
     let input_is_gguf = loaded.path.is_file();
@@ -602,23 +745,53 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     let candidate_path = |i: usize| scratch.path().join(format!("candidate-{i}.gguf"));
     let checks = checked.len();
     // Loaded once, only when some candidate is built.
-    let start = if checked.iter().any(|c| c.family != Family::Start) { Some(crate::model::io::load_quantized(input)?) } else { None };
-    for (i, c) in checked.iter_mut().enumerate() {
+    let start = if checked.iter().any(|c| c.family != Family::Start) || opts.recover.is_some() { Some(crate::model::io::load_quantized(input)?) } else { None };
+    let measure = |c: &Candidate, i: usize, heal: Option<(&FitRecover, usize)>, progress: &mut dyn Progress| -> Result<Measured> {
         let t = Instant::now();
+        let path = candidate_path(i);
+        super::run::execute(input, steps_for(c, &opts.calib, heal)?, crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
+        let (kl, perplexity) = quality(&path, &dense, &check_windows)?;
+        let start = &start.as_ref().context("the start model is loaded before any build")?.model;
+        let (start_now, tps) = speeds(start, &path, &check_windows[..1])?;
+        Ok(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start_now, seconds: t.elapsed().as_secs_f64() })
+    };
+    for (i, c) in checked.iter_mut().enumerate() {
         progress.begin(&format!("fit: check {}/{checks} ({})", i + 1, c.family.name()), "windows", check_windows.len());
         if c.family == Family::Start {
             c.measured = Some(Measured { kl: 0.0, perplexity: start_perplexity, bytes: costs.start_bytes, tokens_per_second: costs.start_tokens_per_second, speedup: 1.0, seconds: 0.0 });
             progress.end();
             continue;
         }
-        let path = candidate_path(i);
-        super::run::execute(input, steps_for(c, &opts.calib)?, crate::formats::gguf::WriteDType::F32, None, &path, progress)?;
-        let (kl, perplexity) = quality(&path, &dense, &check_windows)?;
-        let start = &start.as_ref().context("the start model is loaded before any build")?.model;
-        let (start_now, tps) = speeds(start, &path, &check_windows[..1])?;
+        let m = measure(c, i, None, progress)?;
         progress.end();
-        c.measured = Some(Measured { kl, perplexity, bytes: file_bytes(&path), tokens_per_second: tps, speedup: tps / start_now, seconds: t.elapsed().as_secs_f64() });
+        c.measured = Some(m);
     }
+    // Healing: the budget split evenly over the candidates left, each share turned into tokens
+    // at its measured throughput.
+    if let Some(r) = opts.recover.as_ref().filter(|_| !opts.dry_run) {
+        let heal = to_heal(opts.target, &all, r.heal);
+        let budget = r.minutes * 60.0;
+        let t_heal = Instant::now();
+        for (j, mut c) in heal.iter().cloned().enumerate() {
+            let share = (budget - t_heal.elapsed().as_secs_f64()).max(0.0) / (heal.len() - j) as f64;
+            let tp = Instant::now();
+            progress.begin(&format!("fit: heal {}/{} ({}): throughput", j + 1, heal.len(), c.family.name()), "windows", PROBE_WINDOWS);
+            let tps = heal_throughput(input, &c, &opts.calib, r, progress)?;
+            progress.end();
+            let probe_seconds = tp.elapsed().as_secs_f64();
+            let most = super::MAX_CALIB_TOKENS / opts.calib.seq_len;
+            let windows = (((share - probe_seconds).max(0.0) * tps) as usize / opts.calib.seq_len).clamp(1, most);
+            let tokens = windows * opts.calib.seq_len;
+            c.healed = Some(Healed { tokens, budget_seconds: share, probe_tokens_per_second: tps, probe_seconds });
+            let i = checked.len();
+            progress.begin(&format!("fit: heal {}/{} ({}): {tokens} tokens", j + 1, heal.len(), c.family.name()), "windows", check_windows.len());
+            let m = measure(&c, i, Some((r, tokens)), progress)?;
+            progress.end();
+            c.measured = Some(m);
+            checked.push(c);
+        }
+    }
+    let checks = checked.len();
     // The best measured candidate that meets the budget when measured.
     let chosen = checked
         .iter()
@@ -637,7 +810,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
             if c.family == Family::Start || !src.exists() {
                 continue;
             }
-            let dst = dir.join(format!("candidate-{i}-{}.gguf", c.family.name()));
+            let dst = dir.join(format!("candidate-{i}-{}.gguf", c.label()));
             if chosen == Some(i) {
                 std::fs::copy(&src, &dst).with_context(|| format!("cannot write {}", dst.display()))?;
             } else {

@@ -203,7 +203,7 @@ pub fn fit_html(r: &FitReport, model: &str, output: Option<&str>) -> String {
             body,
             "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{:.1} %</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{:.2}</td><td>{}</td></tr>",
             if r.chosen == Some(i) { "chosen" } else { "" },
-            c.family.name(),
+            c.label(),
             c.blocks,
             100.0 * c.neurons,
             c.bpw.map(|b| b.to_string()).unwrap_or_else(|| "as stored".into()),
@@ -218,7 +218,7 @@ pub fn fit_html(r: &FitReport, model: &str, output: Option<&str>) -> String {
         );
     }
     body.push_str("</table>");
-    let label = |c: &super::fit::Candidate| format!("{} d{} n{:.0}% {}", c.family.name(), c.blocks.len(), 100.0 * c.neurons, c.bpw.map(|b| b.to_string()).unwrap_or_default());
+    let label = |c: &super::fit::Candidate| format!("{} d{} n{:.0}% {}", c.label(), c.blocks.len(), 100.0 * c.neurons, c.bpw.map(|b| b.to_string()).unwrap_or_default());
     let measured: Vec<(&super::fit::Candidate, &super::fit::Measured)> = r.checked.iter().filter_map(|c| c.measured.as_ref().map(|m| (c, m))).collect();
     let kl_points: Vec<Point> = measured.iter().map(|(c, m)| Point { x: c.predicted_kl, y: m.kl, label: label(c) }).collect();
     body.push_str(&svg_scatter_diagonal("KL: predicted (calibration windows) against measured (check windows)", "predicted KL", "measured KL", &kl_points));
