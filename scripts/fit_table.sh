@@ -5,7 +5,9 @@
 #   scripts/fit_table.sh [MODEL] [OUT_DIR] [BUDGET...]
 #   a budget: size=MB, size=q4km, size=q3km, size=f32/5, speedup=X
 #   (default: size=q4km size=q3km size=f32/5 speedup=1.3 speedup=1.6)
-# Env: HELD_OUT_WINDOWS (8), CHECK (2: the best predicted checked besides each family's best).
+# Env: HELD_OUT_WINDOWS (8), CHECK (2: the best predicted checked besides each family's best),
+# RECOVER (minutes of `--recover-budget`, none by default; training text: emma, prideprejudice,
+# sensesensibility — never the check text mansfieldpark or the held-out persuasion).
 # Needs .venv-llama (scripts/llama_cpp_check.sh builds it) for llama.cpp's quantizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,9 @@ F32_5=$(python3 -c "import os; print(f'{os.path.getsize(\"$OUT/f32.gguf\")/5e6:.
 echo "start $(mb "$MODEL") MB; f32 $(mb "$OUT/f32.gguf") MB; llama.cpp Q4_K_M $Q4KM MB, Q3_K_M $Q3KM MB; 20 % of f32 $F32_5 MB" >&2
 
 cal=(--calib assets/austen/emma.txt --calib-windows 2 --seq-len 256 --check-data assets/austen/mansfieldpark.txt --check-windows 4 --check "${CHECK:-2}" --costs "$OUT/costs.json" --threads 2)
+if [ -n "${RECOVER:-}" ]; then
+    cal+=(--recover-budget "$RECOVER" --recover-train assets/austen/emma.txt assets/austen/prideprejudice.txt assets/austen/sensesensibility.txt)
+fi
 rows=()
 for b in "${BUDGETS[@]}"; do
     kind=${b%%=*}; val=${b#*=}
@@ -73,9 +78,10 @@ for name in rows:
         elif chosen:
             path = f"{d}/chosen.gguf"
         else:
-            path = f"{d}/candidate-{i}-{c['family']}.gguf"
+            path = f"{d}/candidate-{i}-{c['family']}{'+recover' if c.get('healed') else ''}.gguf"
         who = "**fit**" if chosen else "checked"
         bpw = c["bpw"] if c["bpw"] is not None else "as stored"
         emb = c["embed"] or "as stored"
-        print(f"| {name} | {who} | {c['family']} | {c['blocks']} | {100*c['neurons']:.1f} % | {bpw} | {emb} | {m['bytes']/1e6:.1f} | {c['predicted_kl']:.4f} → {m['kl']:.4f} | {c['predicted_speedup']:.2f} → {m['speedup']:.2f}× | {held(path)} |")
+        fam = c['family'] + (f" + recover {c['healed']['tokens']} tokens" if c.get('healed') else "")
+        print(f"| {name} | {who} | {fam} | {c['blocks']} | {100*c['neurons']:.1f} % | {bpw} | {emb} | {m['bytes']/1e6:.1f} | {c['predicted_kl']:.4f} → {m['kl']:.4f} | {c['predicted_speedup']:.2f} → {m['speedup']:.2f}× | {held(path)} |")
 PY

@@ -7,7 +7,9 @@
 //! update needs one at a time.
 
 use anyhow::{bail, Result};
-use candle_core::{backprop::GradStore, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{backprop::GradStore, CpuStorage, InplaceOp1, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::model::kernels::with_f32_slice;
@@ -146,37 +148,86 @@ impl AdamW {
         self.step += 1;
         let h = self.hyper;
         let t = self.step as i32;
-        let (bc1, bc2) = (1.0 - h.beta1.powi(t), 1.0 - h.beta2.powi(t));
+        // PyTorch's single-tensor AdamW in f32, its order of operations: decay, the moments, then
+        // w -= (lr / bc1) · m / (√v / √bc2 + eps).
+        let coeffs = Coeffs {
+            scale: scale as f32,
+            beta1: h.beta1 as f32,
+            beta2: h.beta2 as f32,
+            step_size: (lr / (1.0 - h.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - h.beta2.powi(t)).sqrt() as f32,
+            eps: h.eps as f32,
+            decay: 0.0,
+        };
         for p in &mut self.params {
-            let decay = if p.decay { lr * h.weight_decay } else { 0.0 };
-            let mut w: Vec<f32> = with_f32_slice(p.var.as_tensor(), |w| w.to_vec())?;
-            let keep = p.keep.as_deref();
-            w.par_chunks_mut(CHUNK)
-                .zip(p.m.par_chunks_mut(CHUNK).zip(p.v.par_chunks_mut(CHUNK)))
-                .zip(p.grad.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(c, ((w, (m, v)), g))| {
-                    for i in 0..w.len() {
-                        if keep.is_some_and(|k| !k[c * CHUNK + i]) {
-                            w[i] = 0.0;
-                            g[i] = 0.0;
-                            continue;
-                        }
-                        let gi = g[i] as f64 * scale;
-                        let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * gi;
-                        let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * gi * gi;
-                        m[i] = mi as f32;
-                        v[i] = vi as f32;
-                        let wi = w[i] as f64 * (1.0 - decay);
-                        w[i] = (wi - lr * (mi / bc1) / ((vi / bc2).sqrt() + h.eps)) as f32;
-                        g[i] = 0.0;
-                    }
-                });
-            let shape = p.var.as_tensor().shape().clone();
-            p.var.set(&Tensor::from_vec(w, shape, p.var.as_tensor().device())?)?;
+            let c = Coeffs { decay: if p.decay { (lr * h.weight_decay) as f32 } else { 0.0 }, ..coeffs };
+            // In place in the Var's own storage: no copy of the weights out and back in.
+            let op = InPlaceStep { m: RefCell::new(&mut p.m), v: RefCell::new(&mut p.v), grad: RefCell::new(&mut p.grad), keep: p.keep.as_deref(), c };
+            p.var.as_tensor().inplace_op1(&op)?;
         }
         self.accumulated = 0;
         Ok(norm)
+    }
+}
+
+/// One update's scalars.
+#[derive(Clone, Copy)]
+struct Coeffs {
+    /// Applied to the accumulated gradient: the mean over micro-batches, times the clip factor.
+    scale: f32,
+    beta1: f32,
+    beta2: f32,
+    /// lr over the first moment's bias correction.
+    step_size: f32,
+    /// √ of the second moment's bias correction.
+    bc2_sqrt: f32,
+    eps: f32,
+    /// lr × weight decay (0 for tensors that do not decay).
+    decay: f32,
+}
+
+/// AdamW's update of one parameter, run by candle on the Var's storage in place. The moment and
+/// gradient buffers are borrowed for the one call (`cpu_fwd` takes `&self`).
+struct InPlaceStep<'a> {
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+    grad: RefCell<&'a mut Vec<f32>>,
+    keep: Option<&'a [bool]>,
+    c: Coeffs,
+}
+
+impl InplaceOp1 for InPlaceStep<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(all) = storage else { return Err(candle_core::Error::Msg("AdamW trains f32 weights".into())) };
+        let Some((a, b)) = layout.contiguous_offsets() else { return Err(candle_core::Error::Msg("AdamW needs a contiguous weight".into())) };
+        let (mut m, mut v, mut g) = (self.m.borrow_mut(), self.v.borrow_mut(), self.grad.borrow_mut());
+        let w = &mut all[a..b];
+        if w.len() != m.len() {
+            return Err(candle_core::Error::Msg(format!("AdamW state of {} entries for a weight of {}", m.len(), w.len())));
+        }
+        let (c, keep) = (self.c, self.keep);
+        w.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).zip(g.par_chunks_mut(CHUNK)).enumerate().for_each(|(i, ((w, (m, v)), g))| {
+            // Written without branches so it vectorizes; masked entries have a zero gradient (never
+            // accumulated), so their moments stay zero, and are set back to exactly zero.
+            for j in 0..w.len() {
+                let gi = g[j] * c.scale;
+                m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gi;
+                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gi * gi;
+                let denom = v[j].sqrt() / c.bc2_sqrt + c.eps;
+                w[j] = w[j] * (1.0 - c.decay) - c.step_size * m[j] / denom;
+                g[j] = 0.0;
+            }
+            if let Some(k) = keep {
+                for (w, &k) in w.iter_mut().zip(&k[i * CHUNK..]) {
+                    *w = if k { *w } else { 0.0 };
+                }
+            }
+        });
+        Ok(())
     }
 }
 
