@@ -386,3 +386,37 @@ fn gemv_matches_the_gemm() {
     }
     assert!(gemv(&Tensor::zeros((5, 8), candle_core::DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((3, 8), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
 }
+
+/// The tiled GEMM under every f32 product: equal to candle's matmul for shapes that cut into
+/// 64-column runs, row bands (few runs) and ragged tails, with a transposed left operand, and the
+/// same bits whatever the thread count (each element is one reduction over all of k).
+#[test]
+fn tiled_gemm_matches_matmul_and_ignores_the_thread_count() {
+    use dropwise::model::kernels::{gemm_strided, Strided};
+    for (m, n, k) in [(512usize, 576usize, 64usize), (96, 192, 40), (33, 100, 17), (3, 1000, 9), (70, 64, 5), (1, 1, 1)] {
+        let mut r = dropwise::data::SplitMix64((m * n + k) as u64);
+        let mut v = |len: usize| -> Vec<f32> { (0..len).map(|_| (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect() };
+        let (a, b) = (v(m * k), v(k * n));
+        let at = Tensor::from_vec(a.clone(), (m, k), &Device::Cpu).unwrap();
+        let bt = Tensor::from_vec(b.clone(), (k, n), &Device::Cpu).unwrap();
+        let want = at.matmul(&bt).unwrap();
+        // A given transposed: Aᵀ stored row-major `[k, m]`, read with row stride 1.
+        let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let mut runs: Vec<Vec<f32>> = Vec::new();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (plain, transposed) = pool.install(|| {
+                (
+                    gemm_strided(m, n, k, Strided { data: &a, rs: k, cs: 1 }, Strided { data: &b, rs: n, cs: 1 }).unwrap(),
+                    gemm_strided(m, n, k, Strided { data: &a_t, rs: 1, cs: m }, Strided { data: &b, rs: n, cs: 1 }).unwrap(),
+                )
+            });
+            let got = Tensor::from_vec(plain.clone(), (m, n), &Device::Cpu).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "[{m}x{k}]·[{k}x{n}] on {threads} threads differs from matmul by {d}");
+            assert!(plain == transposed, "[{m}x{k}]·[{k}x{n}]: a transposed operand gives other bits");
+            runs.push(plain);
+        }
+        assert!(runs.windows(2).all(|w| w[0] == w[1]), "[{m}x{k}]·[{k}x{n}]: the thread count changes the bits");
+    }
+}

@@ -320,34 +320,31 @@ pub fn gemm_strided(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Res
     }
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     if m * n > 0 && k > 0 {
-        // Four runs per thread rather than one: when the hypervisor stalls one vCPU (this VM sees
-        // seconds of steal per minute), the other thread takes its remaining runs instead of
-        // waiting; on an idle machine 2 and 8 runs measured the same.
-        let parts = (4 * rayon::current_num_threads()).min(n / SPLIT_MIN_COLUMNS).max(1);
-        // Runs of whole 16-float cache lines, so no two threads write into one line.
-        let width = n.div_ceil(parts).div_ceil(16) * 16;
+        let tiles = Tiles::of(m, n, rayon::current_num_threads());
         let dst = SendPtr(out.as_mut_ptr());
-        (0..parts).into_par_iter().for_each(|p| {
-            let (j0, j1) = (p * width, ((p + 1) * width).min(n));
-            if j0 >= j1 {
+        (0..tiles.runs * tiles.bands).into_par_iter().for_each(|q| {
+            let (p, band) = (q / tiles.bands, q % tiles.bands);
+            let (j0, j1) = (p * tiles.width, ((p + 1) * tiles.width).min(n));
+            let (i0, i1) = (band * tiles.height, ((band + 1) * tiles.height).min(m));
+            if j0 >= j1 || i0 >= i1 {
                 return;
             }
             let dst = &dst;
-            // SAFETY: dst is `[m, n]` row-major with capacity m·n; this call writes columns j0..j1
-            // of every row (row stride n, column stride 1) and nothing else, so the threads'
+            // SAFETY: dst is `[m, n]` row-major with capacity m·n; this call writes rows i0..i1 of
+            // columns j0..j1 (row stride n, column stride 1) and nothing else, so the threads'
             // writes are disjoint. `a` and `b` were checked above to hold every element the
-            // strides reach; b's columns j0..j1 start at `j0·b.cs`. `read_dst = false`: the
-            // uninitialized output is only written.
+            // strides reach; a's rows i0.. start at `i0·a.rs`, b's columns j0.. at `j0·b.cs`.
+            // `read_dst = false`: the uninitialized output is only written.
             unsafe {
                 gemm::gemm(
-                    m,
+                    i1 - i0,
                     j1 - j0,
                     k,
-                    dst.0.add(j0),
+                    dst.0.add(i0 * n + j0),
                     1,
                     n as isize,
                     false,
-                    a.data.as_ptr(),
+                    a.data.as_ptr().add(i0 * a.rs),
                     a.cs as isize,
                     a.rs as isize,
                     b.data.as_ptr().add(j0 * b.cs),
@@ -368,6 +365,37 @@ pub fn gemm_strided(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Res
     // SAFETY: every element was written above (each column run covers all m rows), or zeroed.
     unsafe { out.set_len(m * n) };
     Ok(out)
+}
+
+/// How [`gemm_strided`] cuts an `[m, n]` output over the threads: `runs` runs of `width`
+/// columns, each cut into `bands` bands of `height` rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Tiles {
+    runs: usize,
+    width: usize,
+    bands: usize,
+    height: usize,
+}
+
+impl Tiles {
+    fn of(m: usize, n: usize, threads: usize) -> Tiles {
+        // Four runs per thread rather than one: when the hypervisor stalls one vCPU (this VM sees
+        // seconds of steal per minute), the other thread takes its remaining runs instead of
+        // waiting; on an idle machine 2 and 8 runs measured the same.
+        let parts = (4 * threads).min(n / SPLIT_MIN_COLUMNS).max(1);
+        // Runs of whole 64-column tiles: in this layout gemm's f32 AVX-512 microkernel covers 64
+        // output columns per tile, so a run of 80 (SmolLM2's 576 in eight) ends in a 16-wide tail
+        // on its slowest kernel; 64-wide runs took its products from ~213 to ~247 GFLOP/s
+        // (`examples/gemmsplit.rs`). Narrower outputs keep whole cache lines (16 floats), so no
+        // two threads write into one line.
+        let round = if n >= SPLIT_MIN_COLUMNS { SPLIT_MIN_COLUMNS } else { 16 };
+        let width = n.div_ceil(parts).div_ceil(round) * round;
+        let runs = n.div_ceil(width);
+        // Too few runs to share evenly (192 columns: three runs on two threads): cut each into
+        // row bands as well (185 → 236 GFLOP/s at 192 columns).
+        let bands = if runs % threads != 0 && runs < 4 * threads && m >= 2 * threads { threads } else { 1 };
+        Tiles { runs, width, bands, height: m.div_ceil(bands) }
+    }
 }
 
 /// A raw output pointer the column-run threads of [`gemm_x_wt`] share (each writes its own run).
