@@ -9,6 +9,10 @@
 # DEPTH=1 the 9 blocks chosen by bi and by learned depth (TinyFusion) beside additive's (which
 # ppl also chooses on SmolLM2), each healed by the same kd budget.
 #   scripts/recover_table.sh [W=64] [KD_TOKENS=16384] [LOCAL_TOKENS=32768] [OUT=/tmp/dropwise-recover-table]
+# Another model: MODEL=FILE with STRUCTURAL=1 (its structural rows only: blocks and attention
+# sub-blocks chosen by the additive criterion, DROP_N and ATTN_N of them, and 40 % of neurons),
+# e.g. MODEL=assets/gemma-3-270m-q4_k_m.gguf STRUCTURAL=1 DROP_N=5 ATTN_N=7 (30 % and 40 % of
+# its 18, as 9 and 12 are of SmolLM2's 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-64}
@@ -19,7 +23,8 @@ LONG=${LONG:-0}
 DEPTH=${DEPTH:-0}
 mkdir -p "$OUT"
 python3 scripts/fetch_assets.py > /dev/null
-M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
+M=${MODEL:-assets/SmolLM2-135M-Instruct.Q4_1.gguf}
+STRUCTURAL=${STRUCTURAL:-0}
 D=assets/austen/persuasion.txt
 C=assets/austen/emma.txt
 TRAIN="assets/austen/emma.txt assets/austen/mansfieldpark.txt assets/austen/prideprejudice.txt assets/austen/sensesensibility.txt"
@@ -56,13 +61,20 @@ evaluate() { # group name, model names...: one eval call with the dense model as
     mv "$OUT/$group.eval.tmp" "$OUT/$group.eval.json"
 }
 
-cut drop9 drop-layers $M --layers 4,5,12,13,14,15,16,17,18 --calib $C
-cut attn12 drop-layers $M --count 12 --metric additive --part attn --calib $C --calib-windows 4
-cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
-cut wanda50 prune $M --method wanda --sparsity 0.5 --calib $C --calib-windows 32
-cut sparsegpt24 prune $M --method sparsegpt --pattern 2:4 --calib $C --calib-windows 32
-
-CUTS="drop9 attn12 neurons40 wanda50 sparsegpt24"
+if [ "$STRUCTURAL" = 1 ]; then
+    DROP_N=${DROP_N:?STRUCTURAL=1 needs DROP_N} ATTN_N=${ATTN_N:?STRUCTURAL=1 needs ATTN_N}
+    cut drop$DROP_N drop-layers $M --count $DROP_N --metric additive --calib $C --calib-windows 4
+    cut attn$ATTN_N drop-layers $M --count $ATTN_N --metric additive --part attn --calib $C --calib-windows 4
+    cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
+    CUTS="drop$DROP_N attn$ATTN_N neurons40"
+else
+    cut drop9 drop-layers $M --layers 4,5,12,13,14,15,16,17,18 --calib $C
+    cut attn12 drop-layers $M --count 12 --metric additive --part attn --calib $C --calib-windows 4
+    cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
+    cut wanda50 prune $M --method wanda --sparsity 0.5 --calib $C --calib-windows 32
+    cut sparsegpt24 prune $M --method sparsegpt --pattern 2:4 --calib $C --calib-windows 32
+    CUTS="drop9 attn12 neurons40 wanda50 sparsegpt24"
+fi
 for c in $CUTS; do
     heal $c-kd $c --loss kd --tokens $KD --lr 2e-4
     heal $c-kdf $c --loss kd+features --tokens $KD --lr 2e-4
@@ -87,6 +99,11 @@ import json, os, sys
 out, kd, local, long_, depth, cuts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6:]
 label = {"drop9": "9 blocks dropped", "attn12": "12 attention sub-blocks dropped", "neurons40": "40 % of MLP neurons removed",
          "wanda50": "Wanda 50 %", "sparsegpt24": "SparseGPT 2:4"}
+for c in cuts:
+    if c.startswith("drop") and c not in label:
+        label[c] = "%s blocks dropped (additive)" % c[4:]
+    if c.startswith("attn") and c not in label:
+        label[c] = "%s attention sub-blocks dropped (additive)" % c[4:]
 legs = [("", "one-shot", None), ("-kd", "kd, %d tokens" % kd, None), ("-kdf", "kd+features, %d tokens" % kd, None), ("-local", "local, %d tokens" % local, None)]
 print("| cut | model | wall (2 threads) | perplexity | KL | top-1 | KL cut |")
 print("|---|---|---|---|---|---|---|")
