@@ -11,8 +11,9 @@
 #   scripts/recover_table.sh [W=64] [KD_TOKENS=16384] [LOCAL_TOKENS=32768] [OUT=/tmp/dropwise-recover-table]
 # Another model: MODEL=FILE with STRUCTURAL=1 (its structural rows only: blocks and attention
 # sub-blocks chosen by the additive criterion, DROP_N and ATTN_N of them, and 40 % of neurons),
-# e.g. MODEL=assets/gemma-3-270m-q4_k_m.gguf STRUCTURAL=1 DROP_N=5 ATTN_N=7 (30 % and 40 % of
-# its 18, as 9 and 12 are of SmolLM2's 30).
+# e.g. MODEL=assets/gemma-3-270m-q4_k_m.gguf STRUCTURAL=1 DROP_N=5 (30 % of its 18 blocks, as 9
+# are of SmolLM2's 30; ATTN_N stays unset for Gemma 3: a Gemma 3 with uneven blocks has no GGUF
+# form, and this table works on GGUF files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-64}
@@ -62,11 +63,17 @@ evaluate() { # group name, model names...: one eval call with the dense model as
 }
 
 if [ "$STRUCTURAL" = 1 ]; then
-    DROP_N=${DROP_N:?STRUCTURAL=1 needs DROP_N} ATTN_N=${ATTN_N:?STRUCTURAL=1 needs ATTN_N}
+    DROP_N=${DROP_N:?STRUCTURAL=1 needs DROP_N}
     cut drop$DROP_N drop-layers $M --count $DROP_N --metric additive --calib $C --calib-windows 4
-    cut attn$ATTN_N drop-layers $M --count $ATTN_N --metric additive --part attn --calib $C --calib-windows 4
+    CUTS="drop$DROP_N"
+    # ATTN_N empty: no attention rows (Gemma 3 with uneven blocks has no GGUF form llama.cpp runs,
+    # and this table works on GGUF files).
+    if [ -n "${ATTN_N:-}" ]; then
+        cut attn$ATTN_N drop-layers $M --count $ATTN_N --metric additive --part attn --calib $C --calib-windows 4
+        CUTS="$CUTS attn$ATTN_N"
+    fi
     cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
-    CUTS="drop$DROP_N attn$ATTN_N neurons40"
+    CUTS="$CUTS neurons40"
 else
     cut drop9 drop-layers $M --layers 4,5,12,13,14,15,16,17,18 --calib $C
     cut attn12 drop-layers $M --count 12 --metric additive --part attn --calib $C --calib-windows 4
