@@ -11,7 +11,7 @@
 #   scripts/recover_table.sh [W=64] [KD_TOKENS=16384] [LOCAL_TOKENS=32768] [OUT=/tmp/dropwise-recover-table]
 # Another model: MODEL=FILE with STRUCTURAL=1 (its structural rows only: blocks and attention
 # sub-blocks chosen by the additive criterion, DROP_N and ATTN_N of them, and 40 % of neurons),
-# e.g. MODEL=assets/gemma-3-270m-q4_k_m.gguf STRUCTURAL=1 DROP_N=5 (30 % of its 18 blocks, as 9
+# e.g. MODEL=assets/gemma-3-270m-q4_k_m.gguf STRUCTURAL=1 DROP_N=5 NEURONS=0.40625 (30 % of its 18 blocks, as 9
 # are of SmolLM2's 30; ATTN_N stays unset for Gemma 3: a Gemma 3 with uneven blocks has no GGUF
 # form, and this table works on GGUF files).
 set -euo pipefail
@@ -72,8 +72,12 @@ if [ "$STRUCTURAL" = 1 ]; then
         cut attn$ATTN_N drop-layers $M --count $ATTN_N --metric additive --part attn --calib $C --calib-windows 4
         CUTS="$CUTS attn$ATTN_N"
     fi
-    cut neurons40 shrink $M --neurons 0.4 --calib $C --calib-windows 4
-    CUTS="$CUTS neurons40"
+    # NEURONS: a fraction whose runs of 32 divide evenly over the blocks keeps every block the
+    # same width (uniform allocation hands a remainder to some blocks, and only llama has an
+    # uneven GGUF form): Gemma-3-270M, 18 blocks × 64 runs, 0.40625 = 26 runs from each.
+    NEURONS=${NEURONS:-0.4}
+    cut neurons-$NEURONS shrink $M --neurons $NEURONS --calib $C --calib-windows 4
+    CUTS="$CUTS neurons-$NEURONS"
 else
     cut drop9 drop-layers $M --layers 4,5,12,13,14,15,16,17,18 --calib $C
     cut attn12 drop-layers $M --count 12 --metric additive --part attn --calib $C --calib-windows 4
@@ -109,6 +113,8 @@ label = {"drop9": "9 blocks dropped", "attn12": "12 attention sub-blocks dropped
 for c in cuts:
     if c.startswith("drop") and c not in label:
         label[c] = "%s blocks dropped (additive)" % c[4:]
+    if c.startswith("neurons-"):
+        label[c] = "%.1f %% of MLP neurons removed" % (100 * float(c[8:]))
     if c.startswith("attn") and c not in label:
         label[c] = "%s attention sub-blocks dropped (additive)" % c[4:]
 legs = [("", "one-shot", None), ("-kd", "kd, %d tokens" % kd, None), ("-kdf", "kd+features, %d tokens" % kd, None), ("-local", "local, %d tokens" % local, None)]
