@@ -1,7 +1,7 @@
 //! How `kernels::gemm_strided` should split `x Wᵀ` over the threads: runs of output columns
 //! rounded to 16 (whole cache lines), rounded to 64 (gemm's f32 AVX-512 microkernel covers 64
 //! output columns per tile in this layout, so a run of 80 leaves a 16-wide tail that runs the
-//! x1 kernel), or runs of rows. Times each on the linear shapes of SmolLM2 (512 tokens), best of
+//! x1 kernel), runs of 64-multiples cut into row bands, or runs of rows. Times each on the linear shapes of SmolLM2 (512 tokens), best of
 //! 7, GFLOP/s.
 //!
 //!   cargo run --release --example gemmsplit -p dropwise
@@ -79,7 +79,7 @@ fn product(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], split: Split) -> 
 fn main() {
     let m = 512;
     let shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (2048, 512)];
-    let splits = [Split::Columns(16), Split::Columns(64), Split::Grid(2), Split::Grid(4)];
+    let splits = [Split::Columns(16), Split::Columns(64), Split::Grid(2), Split::Grid(4), Split::Rows];
     println!("threads {}", rayon::current_num_threads());
     for &(n, k) in &shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
