@@ -292,9 +292,13 @@ fn fit_heals_structural_candidates_within_the_budget() {
     assert!(std::fs::read(&file).unwrap() == std::fs::read(&again).unwrap(), "run of the healed candidate's recipe writes other bytes");
     let o_path = d.join("o.gguf");
     let o = o_path.to_str().unwrap();
-    for (what, extra, needle) in [("budget 0", ["--recover-budget", "0"], "--recover-budget"), ("heal 0", ["--recover-budget", "1"], "--heal")] {
-        let heal = if what == "heal 0" { "0" } else { "1" };
-        let args = [&["fit", m, "--recover-train", t, "--heal", heal, "-o", o][..], &common, &extra[..]].concat();
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("budget 0", &["--recover-budget", "0", "--heal", "1"], "--recover-budget"),
+        ("heal 0", &["--recover-budget", "1", "--heal", "0"], "--heal"),
+        ("lr 0", &["--recover-budget", "1", "--recover-lr", "0"], "--recover-lr"),
+    ];
+    for (what, extra, needle) in cases {
+        let args = [&["fit", m, "--recover-train", t, "-o", o][..], &common, extra].concat();
         assert_clean_error(what, &dropwise(args), &[needle]);
         assert!(!o_path.exists());
     }

@@ -175,8 +175,14 @@ pub struct Healed {
 }
 
 impl Candidate {
+    /// Same blocks, widths, bit budget and embedding type: the same shapes and types (healed or
+    /// not), so the same speed.
+    fn same_shapes(&self, o: &Candidate) -> bool {
+        self.blocks == o.blocks && self.neurons == o.neurons && self.bpw == o.bpw && self.embed == o.embed
+    }
+
     fn same_plan(&self, o: &Candidate) -> bool {
-        self.blocks == o.blocks && self.neurons == o.neurons && self.bpw == o.bpw && self.embed == o.embed && self.healed.is_some() == o.healed.is_some()
+        self.same_shapes(o) && self.healed.is_some() == o.healed.is_some()
     }
 
     /// Whether it removes blocks or neurons (what recovery heals).
@@ -659,6 +665,10 @@ fn check_recover(r: &FitRecover, opts: &FitOptions) -> Result<()> {
     if r.heal == 0 || r.heal > 16 {
         bail!("--heal must be in 1..=16, not {}", r.heal);
     }
+    if !(r.lr.is_finite() && r.lr > 0.0 && r.lr <= 1.0) {
+        // Checked here so the error names fit's flag, not recover's `--lr`.
+        bail!("--recover-lr must be a number in (0, 1], not {}", r.lr);
+    }
     heal_step(r, &opts.calib, opts.calib.seq_len).check()?;
     let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
     let check: Vec<PathBuf> = opts.check_data.files.iter().map(canonical).collect();
@@ -745,7 +755,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
     let candidate_path = |i: usize| scratch.path().join(format!("candidate-{i}.gguf"));
     let checks = checked.len();
     // Loaded once, only when some candidate is built.
-    let start = if checked.iter().any(|c| c.family != Family::Start) || opts.recover.is_some() { Some(crate::model::io::load_quantized(input)?) } else { None };
+    let start = if checked.iter().any(|c| c.family != Family::Start) || (opts.recover.is_some() && !opts.dry_run) { Some(crate::model::io::load_quantized(input)?) } else { None };
     let measure = |c: &Candidate, i: usize, heal: Option<(&FitRecover, usize)>, progress: &mut dyn Progress| -> Result<Measured> {
         let t = Instant::now();
         let path = candidate_path(i);
@@ -790,7 +800,7 @@ pub fn fit(input: &Path, opts: &FitOptions, output: &Path, progress: &mut dyn Pr
             // Healing changes values, not shapes: a one-shot twin checked before has the same
             // blocks, widths and bit budget, and its timing is more of the same measurement (the
             // best round counts, as in every timing here).
-            let twin = checked.iter().filter(|o| o.healed.is_none() && o.blocks == c.blocks && o.neurons == c.neurons && o.bpw == c.bpw && o.embed == c.embed).find_map(|o| o.measured.as_ref());
+            let twin = checked.iter().filter(|o| o.healed.is_none() && o.same_shapes(&c)).find_map(|o| o.measured.as_ref());
             if let Some(t) = twin.filter(|t| t.speedup > m.speedup) {
                 m.speedup = t.speedup;
                 m.tokens_per_second = t.tokens_per_second;
